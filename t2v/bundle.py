@@ -1,0 +1,249 @@
+"""Diffusers-format video bundles: `model_index.json` + one folder per component, safetensors only.
+
+A bundle is the reference diffusers pipeline's folder (WanPipeline or TextToVideoSDPipeline), so real
+Wan2.1 and ModelScope checkpoints load here and t2v's bundles load in diffusers. t2v's own generation
+defaults and limits ride along in model_index.json under "_t2v" (diffusers ignores keys starting with _).
+A bundle whose text_encoder entry is null uses the packaged all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import storage
+from .errors import BundleError, InputError
+from .families import FAMILIES, Family, family_of
+from .text import DEFAULT_TEXT_ENCODER, load_default_text_encoder
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.qint8}
+DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
+
+
+@dataclass
+class BundleConfig:
+    """Generation defaults and limits of one bundle (model_index.json's "_t2v")."""
+
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+    max_frames: int
+    min_size: int
+    max_size: int
+    negative_prompt: str = ""
+    text_encoder: str | None = None  # DEFAULT_TEXT_ENCODER when the packaged MiniLM is used
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, family: Family, values: dict | None) -> "BundleConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**family.defaults, **{k: v for k, v in (values or {}).items() if k in names}})
+
+
+@dataclass
+class Bundle:
+    family: Family
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: Any
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    config: BundleConfig
+    precision: str = "fp32"
+    source: str | None = None
+    extra: dict = field(default_factory=dict)  # other model_index.json entries, written back on save
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def uses_packaged_text_encoder(self) -> bool:
+        return self.config.text_encoder == DEFAULT_TEXT_ENCODER
+
+    def save(self, uri: str) -> None:
+        """Write a diffusers-format folder (locally or to s3://) that diffusers' pipeline class loads."""
+        if self.precision == "int8":
+            raise InputError("precision", "an int8 (dynamically quantized) bundle cannot be saved; "
+                             "save the fp32/bf16/fp16 bundle", "fp32, bf16, fp16")
+        import diffusers
+
+        packaged = self.uses_packaged_text_encoder
+        pipeline_cls = getattr(diffusers, self.family.pipeline_class)
+        with _quiet_diffusers():
+            pipe = pipeline_cls(**{
+                self.family.denoiser_key: self.denoiser, "vae": self.vae, "scheduler": self.scheduler,
+                "tokenizer": None if packaged else self.tokenizer,
+                "text_encoder": None if packaged else self.text_encoder,
+            })
+        with tempfile.TemporaryDirectory(prefix="t2v-save-") as tmp:
+            target = Path(tmp) if storage.is_s3(uri) else Path(uri)
+            with _quiet_diffusers():
+                pipe.save_pretrained(target, safe_serialization=True)
+            index = json.loads((target / "model_index.json").read_text())
+            index["_t2v"] = dataclasses.asdict(self.config)
+            (target / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            if storage.is_s3(uri):
+                storage.upload_dir(target, uri)
+
+    def num_parameters(self) -> dict[str, int]:
+        out = {}
+        for name in ("text_encoder", "denoiser", "vae"):
+            module = getattr(self, name)
+            out[name] = sum(p.numel() for p in module.parameters()) if module is not None else 0
+        return out
+
+
+def load(uri: str | Path | None = None, precision: str = "fp32", device: str | torch.device | None = None) -> Bundle:
+    """Load a bundle from a local folder or s3:// URI (default: the embedded model)."""
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"unknown precision {precision!r}", ", ".join(PRECISIONS))
+    uri = str(uri or DEFAULT_MODEL)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "int8" and device.type != "cpu":
+        raise InputError("precision", "int8 dynamic quantization runs on the CPU only", "fp32, bf16, fp16 on GPU")
+    try:
+        index = json.loads(storage.read_bytes(storage.join(uri, "model_index.json")))
+    except FileNotFoundError:
+        raise BundleError(uri, "no such bundle (a folder with model_index.json)") from None
+    except NotADirectoryError:
+        raise BundleError(uri, "not a folder") from None
+    except Exception as e:  # botocore errors, bad JSON
+        if type(e).__name__ in ("NoSuchKey", "ClientError", "NoSuchBucket"):
+            raise BundleError(uri, "no such bundle (no model_index.json at that URI)") from None
+        if isinstance(e, json.JSONDecodeError):
+            raise BundleError(uri, f"model_index.json is not valid JSON: {e}") from None
+        raise
+    family = family_of(index, uri)
+    with storage.local_copy(uri) as folder:
+        bundle = _load_folder(Path(folder), index, family, uri)
+    bundle.source = uri
+    return to_precision(bundle, precision, device)
+
+
+def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
+    import diffusers
+
+    config_values = dict(index.get("_t2v") or {})
+    kwargs: dict[str, Any] = {}
+    packaged = not (index.get("text_encoder") or [None])[0]
+    if packaged:
+        kwargs["tokenizer"], kwargs["text_encoder"] = load_default_text_encoder()
+        config_values["text_encoder"] = DEFAULT_TEXT_ENCODER
+    missing = [k for k in (family.denoiser_key, "vae", "scheduler") if not (folder / k).is_dir()]
+    if missing:
+        raise BundleError(uri, f"missing component folder(s): {', '.join(missing)}")
+    pipeline_cls = getattr(diffusers, family.pipeline_class)
+    try:
+        with _quiet_diffusers():
+            pipe = pipeline_cls.from_pretrained(folder, use_safetensors=True, **kwargs)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise BundleError(uri, f"cannot load ({e}); bundles hold safetensors weights only") from None
+    if "max_sequence_length" not in config_values and not packaged:
+        config_values["max_sequence_length"] = min(int(pipe.tokenizer.model_max_length),
+                                                  family.defaults["max_sequence_length"])
+    config = BundleConfig.from_dict(family, config_values)
+    if family is FAMILIES["unet3d"]:
+        # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
+        pipe.tokenizer.model_max_length = config.max_sequence_length
+    known = {family.denoiser_key, "vae", "scheduler", "tokenizer", "text_encoder"}
+    extra = {k: v for k, v in index.items() if not k.startswith("_") and k not in known}
+    return Bundle(
+        family=family, denoiser=getattr(pipe, family.denoiser_key).eval(), vae=pipe.vae.eval(),
+        scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),
+        config=config, extra=extra,
+    )
+
+
+def from_components(family: str | Family, components: dict, config: dict | None = None,
+                    text_encoder=None, tokenizer=None) -> Bundle:
+    """A bundle from models built in memory (see each family's `build`); MiniLM unless given an encoder."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    values = dict(config or {})
+    if text_encoder is None:
+        tokenizer, text_encoder = load_default_text_encoder()
+        values["text_encoder"] = DEFAULT_TEXT_ENCODER
+    return Bundle(
+        family=family, denoiser=components[family.denoiser_key].eval(), vae=components["vae"].eval(),
+        scheduler=components["scheduler"], tokenizer=tokenizer, text_encoder=text_encoder.eval(),
+        config=BundleConfig.from_dict(family, values),
+    )
+
+
+def to_precision(bundle: Bundle, precision: str, device: torch.device | str = "cpu") -> Bundle:
+    """Cast (or quantize) the denoiser and text encoder; the VAE stays fp32, where colour is decided.
+
+    int8 is dynamic quantization of the denoiser's Linear layers (CPU). Returns the bundle, changed in place.
+    """
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"unknown precision {precision!r}", ", ".join(PRECISIONS))
+    device = torch.device(device)
+    _cast(bundle.vae, device, torch.float32)
+    if precision == "int8":
+        _cast(bundle.denoiser, device, torch.float32)
+        _cast(bundle.text_encoder, device, torch.float32)
+        bundle.denoiser = _quantize_int8(bundle.denoiser)
+    else:
+        dtype = PRECISIONS[precision]
+        _cast(bundle.denoiser, device, dtype)
+        _cast(bundle.text_encoder, device, dtype)
+    bundle.precision = precision
+    return bundle
+
+
+def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantization of Linear layers, except those the model keeps in fp32 (its forward reads
+    their parameters' dtype, e.g. Wan's time embedder)."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    spec = {name: default_dynamic_qconfig for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not keep & set(name.split("."))}
+    return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8)
+
+
+def _cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """`.to(dtype)` that keeps a model's `_keep_in_fp32_modules` (norms, time embeddings) in fp32, as
+    diffusers' `from_pretrained(torch_dtype=...)` does."""
+    for p in module.parameters():
+        p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
+    for b in module.buffers():
+        b.data = b.data.to(device, dtype if b.is_floating_point() else b.dtype)
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    if dtype != torch.float32 and keep:
+        for name, sub in module.named_modules():
+            if keep & set(name.split(".")):
+                for p in sub.parameters(recurse=False):
+                    p.data = p.data.float()
+
+
+class _quiet_diffusers:
+    """diffusers warns that a BertModel is not the UMT5 its pipeline names; that is by design here."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as dlog
+
+        from transformers.utils import logging as tlog
+
+        self._level = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity(self._level)
+        dlog.enable_progress_bar()

@@ -1,0 +1,110 @@
+"""The `t2v` command: argument parsing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .errors import T2VError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2v", description="Text-to-video with diffusers-format video bundles.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make a video from a sentence")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.mp4", help="output file: .mp4, .webm or .gif (default out.mp4)")
+    gen.add_argument("--model", default=None, help="bundle folder or s3:// URI (default: the embedded model)")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--frames", type=int, default=None)
+    gen.add_argument("--fps", type=float, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--sampler", default=None)
+    gen.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    info = sub.add_parser("info", help="components, parameter counts and supported sizes of a bundle")
+    info.add_argument("--model", default=None)
+    return parser
+
+
+def _resolve_model(uri: str | None) -> str:
+    from .bundle import DEFAULT_MODEL
+    from .errors import BundleError
+
+    if uri is None and not (DEFAULT_MODEL / "model_index.json").exists():
+        raise BundleError(str(DEFAULT_MODEL), "no embedded default model is installed yet; pass --model PATH|URI")
+    return uri or str(DEFAULT_MODEL)
+
+
+def generate(args) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import TextToVideoPipeline
+    from .video import _format, write_video
+
+    _format(args.output)  # an unknown extension fails before any work
+    start = time.perf_counter()
+    pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision)
+    bars = []
+
+    def progress(pipe_, i, t, tensors):
+        if not bars:  # created on the first step: inputs are valid by then
+            bars.append(tqdm(total=args.steps or pipe.bundle.config.num_inference_steps, desc="denoising",
+                             unit="step", disable=args.quiet, file=sys.stderr))
+        bars[0].update(1)
+        return tensors
+
+    try:
+        out = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
+                   width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                   sampler=args.sampler, fps=args.fps, callback_on_step_end=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    p = out.params
+    write_video(args.output, out.frames[0], p.fps)
+    print(f"{os.path.abspath(args.output)}: {p.num_frames} frames, {p.width}x{p.height} at {p.fps:g} fps, "
+          f"seed {p.seed}, {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def info(args) -> int:
+    from .bundle import load
+
+    b = load(_resolve_model(args.model))
+    fam, cfg = b.family, b.config
+    print(f"model: {b.source}")
+    print(f"family: {fam.name} ({fam.pipeline_class})")
+    for name, n in b.num_parameters().items():
+        module = getattr(b, name)
+        print(f"  {name:<13} {type(module).__name__:<28} {n / 1e6:9.2f} M parameters")
+    print(f"  {'scheduler':<13} {type(b.scheduler).__name__}")
+    print(f"  {'tokenizer':<13} {type(b.tokenizer).__name__} (max {cfg.max_sequence_length} tokens)")
+    t, m = fam.temporal_factor(b), fam.size_multiple(b)
+    frames = f"1 + {t}k, up to {cfg.max_frames}" if t > 1 else f"1..{cfg.max_frames}"
+    print(f"sizes: height/width {max(m, cfg.min_size)}..{cfg.max_size} in multiples of {m}; frames {frames}")
+    print(f"defaults: {cfg.num_frames} frames, {cfg.width}x{cfg.height} at {cfg.fps:g} fps, "
+          f"{cfg.num_inference_steps} steps, guidance {cfg.guidance_scale:g}")
+    print(f"samplers: {', '.join(sorted(fam.samplers))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"generate": generate, "info": info}[args.command](args)
+    except T2VError as e:
+        print(f"t2v: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

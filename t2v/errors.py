@@ -1,0 +1,26 @@
+"""Errors a user can act on: each names the field and what it allows."""
+
+
+class T2VError(Exception):
+    """Base class for t2v errors."""
+
+
+class InputError(T2VError, ValueError):
+    """A request field outside what the model or the library supports."""
+
+    def __init__(self, field: str, message: str, allowed: str | None = None):
+        self.field = field
+        self.allowed = allowed
+        text = f"{field}: {message}"
+        if allowed:
+            text += f" (allowed: {allowed})"
+        super().__init__(text)
+
+
+class BundleError(T2VError, ValueError):
+    """A model path or URI that is missing or is not a diffusers-format video bundle."""
+
+    def __init__(self, uri: str, message: str):
+        self.field = "model"
+        self.uri = uri
+        super().__init__(f"model: {uri!s}: {message}")

@@ -1,0 +1,112 @@
+"""`unet3d`: UNet3DConditionModel + per-frame AutoencoderKL + DDPM/DDIM (the ModelScope / zeroscope layout).
+
+Conventions follow diffusers' TextToVideoSDPipeline: prompts padded to the tokenizer's model_max_length,
+the scheduler steps frames as a batch of images, the VAE decodes frame by frame.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..sampling import DIFFUSION_SAMPLERS
+from .base import Family
+
+PRESETS = {
+    "tiny": {
+        "unet": dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=4,
+                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D")),
+        "vae": dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1),
+    },
+    "small": {
+        "unet": dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=8,
+                     norm_num_groups=8,
+                     down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+                     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D")),
+        "vae": dict(block_out_channels=(32, 64, 64), norm_num_groups=8, layers_per_block=1),
+    },
+}
+
+
+class UNet3DFamily(Family):
+    def spatial_factor(self, bundle) -> int:
+        return 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+
+    def temporal_factor(self, bundle) -> int:
+        return 1
+
+    def size_multiple(self, bundle) -> int:
+        return self.spatial_factor(bundle) * 2 ** (len(bundle.denoiser.config.block_out_channels) - 1)
+
+    def latent_shape(self, bundle, batch, num_frames, height, width):
+        s = self.spatial_factor(bundle)
+        return (batch, bundle.denoiser.config.in_channels, num_frames, height // s, width // s)
+
+    def encode_prompt(self, bundle, prompts, max_length):
+        tok = bundle.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                               return_tensors="pt")
+        te = bundle.text_encoder
+        use_mask = getattr(te.config, "use_attention_mask", False)
+        mask = tok.attention_mask.to(te.device) if use_mask else None
+        return te(tok.input_ids.to(te.device), attention_mask=mask)[0]
+
+    def init_latents(self, noise, scheduler):
+        return noise * scheduler.init_noise_sigma
+
+    def predict(self, bundle, latents, t, embeds, scheduler):
+        model = bundle.denoiser
+        x = scheduler.scale_model_input(latents, t)
+        return model(x.to(model.dtype), t, encoder_hidden_states=embeds.to(model.dtype), return_dict=False)[0]
+
+    def step(self, scheduler, pred, t, latents, generator=None, eta=0.0):
+        # ModelScope steps each frame as an image; stochastic samplers then draw noise in that layout.
+        b, c, f, h, w = latents.shape
+        as_images = lambda x: x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # noqa: E731
+        params = inspect.signature(scheduler.step).parameters
+        kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+        out = scheduler.step(as_images(pred), t, as_images(latents), **kwargs).prev_sample
+        return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+    def decode(self, bundle, latents):
+        vae = bundle.vae
+        b, c, f, h, w = latents.shape
+        x = (latents / vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        frames = vae.decode(x.to(vae.device, vae.dtype)).sample
+        return frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4).float()
+
+    def encode(self, bundle, video, sample=False, generator=None):
+        vae = bundle.vae
+        b, c, f, h, w = video.shape
+        x = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(vae.device, vae.dtype)
+        dist = vae.encode(x).latent_dist
+        z = (dist.sample(generator) if sample else dist.mode()) * vae.config.scaling_factor
+        return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def build(self, preset: str = "tiny", text_dim: int = 384, **overrides):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+
+        cfg = {k: dict(v) for k, v in PRESETS[preset].items()}
+        for part, values in overrides.items():
+            cfg.setdefault(part, {}).update(values)
+        n = len(cfg["vae"]["block_out_channels"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                            **cfg["vae"])
+        unet = UNet3DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=text_dim, **cfg["unet"])
+        scheduler = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                     "clip_sample": False, "set_alpha_to_one": False, **cfg.get("scheduler", {})})
+        return {"unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+UNET3D = UNet3DFamily(
+    name="unet3d",
+    pipeline_class="TextToVideoSDPipeline",
+    denoiser_key="unet",
+    samplers=DIFFUSION_SAMPLERS,
+    flow=False,
+    # ModelScope text-to-video-ms-1.7b's settings.
+    defaults=dict(num_frames=16, height=256, width=256, fps=8, num_inference_steps=50, guidance_scale=9.0,
+                  max_sequence_length=77, max_frames=64, min_size=32, max_size=1024),
+)

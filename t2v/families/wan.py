@@ -1,0 +1,111 @@
+"""`wan`: WanTransformer3DModel + causal AutoencoderKLWan + flow matching (the Wan2.1 layout).
+
+Conventions follow diffusers' WanPipeline: prompts are cleaned, tokenized to max_sequence_length and
+zeroed past their length; latents are normalized per channel by the VAE's latents_mean/std.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import FLOW_SAMPLERS
+from .base import Family
+
+# Sizes built from config (tests, the embedded default). The VAE keeps Wan's 4x temporal / 8x spatial
+# compression; the transformer patch is Wan's (1, 2, 2).
+PRESETS = {
+    "tiny": {
+        "transformer": dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2,
+                            freq_dim=32, rope_max_seq_len=32),
+        "vae": dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+    },
+    "small": {
+        "transformer": dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=384, num_layers=6,
+                            freq_dim=64, rope_max_seq_len=64),
+        "vae": dict(base_dim=32, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+    },
+}
+
+
+class WanFamily(Family):
+    def spatial_factor(self, bundle) -> int:
+        return int(bundle.vae.config.scale_factor_spatial)
+
+    def temporal_factor(self, bundle) -> int:
+        return int(bundle.vae.config.scale_factor_temporal)
+
+    def size_multiple(self, bundle) -> int:
+        return self.spatial_factor(bundle) * int(bundle.denoiser.config.patch_size[1])
+
+    def latent_shape(self, bundle, batch, num_frames, height, width):
+        s, t = self.spatial_factor(bundle), self.temporal_factor(bundle)
+        return (batch, bundle.denoiser.config.in_channels, (num_frames - 1) // t + 1, height // s, width // s)
+
+    def encode_prompt(self, bundle, prompts, max_length):
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        tok = bundle.tokenizer(
+            [prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        device = bundle.text_encoder.device
+        mask = tok.attention_mask.to(device)
+        embeds = bundle.text_encoder(tok.input_ids.to(device), mask).last_hidden_state
+        # WanPipeline trims each prompt to its length and pads with zeros: the same as masking.
+        return embeds * mask[..., None].to(embeds.dtype)
+
+    def predict(self, bundle, latents, t, embeds, scheduler):
+        model = bundle.denoiser
+        return model(
+            hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
+            encoder_hidden_states=embeds.to(model.dtype), return_dict=False,
+        )[0]
+
+    def step(self, scheduler, pred, t, latents, generator=None, eta=0.0):
+        return scheduler.step(pred, t, latents, return_dict=False)[0]
+
+    def _stats(self, vae, latents):
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        return mean, std
+
+    def decode(self, bundle, latents):
+        vae = bundle.vae
+        latents = latents.to(vae.device, vae.dtype)
+        mean, std = self._stats(vae, latents)
+        return vae.decode(latents * std + mean, return_dict=False)[0]
+
+    def encode(self, bundle, video, sample=False, generator=None):
+        vae = bundle.vae
+        dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+        mean, std = self._stats(vae, latents)
+        return (latents - mean) / std
+
+    def build(self, preset: str = "tiny", text_dim: int = 384, **overrides):
+        """Random-initialised components of a preset size: {transformer, vae, scheduler}."""
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+        cfg = {k: dict(v) for k, v in PRESETS[preset].items()}
+        for part, values in overrides.items():
+            cfg.setdefault(part, {}).update(values)
+        vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True], **cfg["vae"])
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=vae.config.z_dim, out_channels=vae.config.z_dim, text_dim=text_dim,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", **cfg["transformer"],
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **cfg.get("scheduler", {})})
+        return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+
+
+WAN = WanFamily(
+    name="wan",
+    pipeline_class="WanPipeline",
+    denoiser_key="transformer",
+    samplers=FLOW_SAMPLERS,
+    flow=True,
+    # Wan2.1-T2V-1.3B's recommended settings.
+    defaults=dict(num_frames=81, height=480, width=832, fps=16, num_inference_steps=50, guidance_scale=5.0,
+                  max_sequence_length=512, max_frames=161, min_size=16, max_size=1280),
+)

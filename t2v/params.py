@@ -1,0 +1,105 @@
+"""Generation parameters: defaults from the bundle, limits from the model, one clear error per field."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+from .errors import InputError
+
+MAX_PROMPT_CHARS = 2000
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0
+MAX_FPS = 120.0
+
+
+@dataclass
+class GenerationParams:
+    prompts: list[str]
+    negative_prompts: list[str]
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    sampler: str | None  # None: the bundle's own scheduler
+    fps: float
+    seed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _prompts(field: str, value, bundle, required: bool) -> list[str]:
+    if value is None and not required:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
+        raise InputError(field, "must be a non-empty string or a non-empty list of strings")
+    limit = bundle.config.max_sequence_length
+    for p in items:
+        if required and not p.strip():
+            raise InputError(field, "is empty", "1 to 2000 characters")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise InputError(field, f"is {len(p)} characters long", f"at most {MAX_PROMPT_CHARS}")
+        n = len(bundle.tokenizer(p, add_special_tokens=True)["input_ids"])
+        if n > limit:
+            raise InputError(field, f"is {n} tokens long; this model reads at most {limit}", f"≤ {limit} tokens")
+    return list(items)
+
+
+def _int(field: str, value, lo: int, hi: int, multiple: int = 1, offset: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise InputError(field, f"must be an integer, got {value!r}")
+    value = int(value)
+    if not lo <= value <= hi or (value - offset) % multiple:
+        allowed = f"{lo}..{hi}"
+        if multiple > 1:
+            allowed += f", {offset} + a multiple of {multiple}" if offset else f", a multiple of {multiple}"
+        raise InputError(field, f"{value} is not supported by this model", allowed)
+    return value
+
+
+def _float(field: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InputError(field, f"must be a number, got {value!r}")
+    if value > hi or value < lo or (lo_open and value == lo):
+        raise InputError(field, f"{value} is out of range", f"{'>' if lo_open else '≥'} {lo} and ≤ {hi}")
+    return float(value)
+
+
+def resolve(bundle, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
+            num_inference_steps=None, guidance_scale=None, sampler=None, fps=None, seed=None) -> GenerationParams:
+    """Fill unset fields from the bundle's defaults and check every field against the model's limits."""
+    cfg, fam = bundle.config, bundle.family
+    prompts = _prompts("prompt", prompt, bundle, required=True)
+    negatives = _prompts("negative_prompt", negative_prompt, bundle, required=False)
+    if len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    if negatives and len(negatives) != len(prompts):
+        raise InputError("negative_prompt", f"has {len(negatives)} entries for {len(prompts)} prompts",
+                         "one, or one per prompt")
+    negatives = negatives or [cfg.negative_prompt] * len(prompts)
+    t = fam.temporal_factor(bundle)
+    m = fam.size_multiple(bundle)
+    lo_size = max(cfg.min_size, m)
+    if sampler is not None and sampler not in fam.samplers:
+        raise InputError("sampler", f"unknown sampler {sampler!r} for the {fam.name} family",
+                         ", ".join(sorted(fam.samplers)))
+    if seed is None:
+        seed = random.randrange(2**31)
+    return GenerationParams(
+        prompts=prompts,
+        negative_prompts=negatives,
+        num_frames=_int("num_frames", cfg.num_frames if num_frames is None else num_frames, 1, cfg.max_frames,
+                        t, 1 if t > 1 else 0),
+        height=_int("height", cfg.height if height is None else height, lo_size, cfg.max_size, m),
+        width=_int("width", cfg.width if width is None else width, lo_size, cfg.max_size, m),
+        num_inference_steps=_int("num_inference_steps", cfg.num_inference_steps if num_inference_steps is None
+                                 else num_inference_steps, 1, MAX_STEPS),
+        guidance_scale=_float("guidance_scale", cfg.guidance_scale if guidance_scale is None else guidance_scale,
+                              0.0, MAX_GUIDANCE),
+        sampler=sampler,
+        fps=_float("fps", cfg.fps if fps is None else fps, 0.0, MAX_FPS, lo_open=True),
+        seed=_int("seed", seed, 0, 2**63 - 1),
+    )

@@ -1,0 +1,129 @@
+"""TextToVideoPipeline: prompt -> frames, in the diffusers call convention."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from . import bundle as bundle_lib
+from .errors import InputError
+from .params import GenerationParams, resolve
+from .sampling import classifier_free_guidance, make_scheduler
+
+OUTPUT_TYPES = ("np", "pt", "latent")
+
+
+@dataclass
+class VideoOutput:
+    """frames: "np" uint8 [B, T, H, W, 3]; "pt" float [B, T, 3, H, W] in [0, 1]; "latent" [B, C, F, h, w]."""
+
+    frames: Any
+    params: GenerationParams
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
+
+class TextToVideoPipeline:
+    def __init__(self, bundle: bundle_lib.Bundle):
+        self.bundle = bundle
+        self.video_processor = VideoProcessor(vae_scale_factor=bundle.family.spatial_factor(bundle))
+
+    @classmethod
+    def from_pretrained(cls, uri=None, precision: str = "fp32", device=None) -> "TextToVideoPipeline":
+        return cls(bundle_lib.load(uri, precision=precision, device=device))
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        b = self.bundle
+        return b.family.encode_prompt(b, prompts, b.config.max_sequence_length)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        output_type: str = "np",
+        fps: float | None = None,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[["TextToVideoPipeline", int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+    ) -> VideoOutput:
+        b, fam = self.bundle, self.bundle.family
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        # 1. Check inputs; unset fields take the bundle's defaults.
+        if output_type not in OUTPUT_TYPES:
+            raise InputError("output_type", f"unknown output type {output_type!r}", ", ".join(OUTPUT_TYPES))
+        p = resolve(b, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+                    sampler, fps, seed if generator is None else (seed or 0))
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(p.seed)
+        batch = len(p.prompts)
+        cfg = p.guidance_scale > 1.0
+
+        # 2. Encode the prompts; with guidance the negative prompts ride in the same batch, first.
+        embeds = self.encode_prompt(p.negative_prompts + p.prompts if cfg else p.prompts)
+        timings["encode_s"] = time.perf_counter() - start
+
+        # 3. A fresh scheduler for this call, and its timesteps.
+        scheduler = make_scheduler(dict(b.scheduler.config), fam.samplers, p.sampler, fam.flow)
+        scheduler.set_timesteps(p.num_inference_steps, device=b.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+
+        # 4. Initial noise, drawn on the CPU so a seed gives the same video on any device.
+        shape = fam.latent_shape(b, batch, p.num_frames, p.height, p.width)
+        if latents is None:
+            latents = fam.init_latents(randn_tensor(shape, generator=generator, device=b.device,
+                                                    dtype=torch.float32), scheduler)
+        elif tuple(latents.shape) != shape:
+            raise InputError("latents", f"shape {tuple(latents.shape)} does not match the request", str(shape))
+
+        # 5. Denoising loop: one batched forward per step for both guidance halves.
+        t0 = time.perf_counter()
+        for i, t in enumerate(scheduler.timesteps):
+            x = torch.cat([latents, latents]) if cfg else latents
+            pred = fam.predict(b, x, t, embeds, scheduler)
+            if cfg:
+                pred = classifier_free_guidance(*pred.chunk(2), p.guidance_scale)
+            latents = fam.step(scheduler, pred, t, latents, generator=generator, eta=eta)
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "prompt_embeds": embeds}
+                outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                latents = (outputs or {}).get("latents", latents)
+        timings["denoise_s"] = time.perf_counter() - t0
+
+        # 6. Decode to frames.
+        t0 = time.perf_counter()
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.video_processor.postprocess_video(fam.decode(b, latents), output_type="pt")
+            frames = video if output_type == "pt" else to_uint8(video)
+        timings["decode_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - start
+        return VideoOutput(frames=frames, params=p, timings=timings)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[B, T, 3, H, W] floats in [0, 1] -> [B, T, H, W, 3] uint8."""
+    return (video.permute(0, 1, 3, 4, 2).float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -1,0 +1,131 @@
+"""One URI layer for everything t2v stores: local paths and s3:// (boto3).
+
+S3-compatible stores are reached through the standard `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`)
+environment variable, which boto3 reads itself, so the same URIs work on AWS, MinIO or a local server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
+    rest = str(uri)[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"not an s3 URI with a bucket: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(uri, *parts))
+
+
+def exists(uri: str) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(uri)
+    client = s3_client()
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except client.exceptions.ClientError:
+        pass
+    resp = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
+    return resp.get("KeyCount", 0) > 0
+
+
+def list_files(uri: str) -> list[str]:
+    """Relative paths of all files under a folder URI, sorted."""
+    if not is_s3(uri):
+        root = Path(uri)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    bucket, prefix = split_s3(uri)
+    prefix = prefix + "/" if prefix else ""
+    out = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+    return sorted(out)
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    bucket, key = split_s3(uri)
+    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: readers never see a half-written local file."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_dir(uri: str, local: str | os.PathLike) -> Path:
+    """Copy every object under an s3:// folder into a local folder."""
+    bucket, prefix = split_s3(uri)
+    local = Path(local)
+    client = s3_client()
+    files = list_files(uri)
+    if not files:
+        raise FileNotFoundError(uri)
+    for rel in files:
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, f"{prefix}/{rel}" if prefix else rel, str(dest))
+    return local
+
+
+def upload_dir(local: str | os.PathLike, uri: str) -> None:
+    bucket, prefix = split_s3(uri)
+    client = s3_client()
+    root = Path(local)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        client.upload_file(str(path), bucket, f"{prefix}/{rel}" if prefix else rel)
+
+
+class local_copy:
+    """Context manager: a local folder holding the contents of a folder URI (a temp copy for s3://)."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri)
+        self._tmp: str | None = None
+
+    def __enter__(self) -> Path:
+        if not is_s3(self.uri):
+            return Path(self.uri)
+        self._tmp = tempfile.mkdtemp(prefix="t2v-s3-")
+        return download_dir(self.uri, self._tmp)
+
+    def __exit__(self, *exc):
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)

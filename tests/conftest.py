@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny bundles built from config, bundles in the exact layouts of real checkpoints,
+and a real S3 endpoint (moto's server) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import t2v
+from t2v.families import UNET3D, WAN
+
+# Small enough that a whole generation takes well under a second on 2 cores.
+WAN_TINY = dict(max_sequence_length=32, num_frames=9, height=32, width=32, num_inference_steps=3, fps=8)
+UNET3D_TINY = dict(max_sequence_length=32, num_frames=4, height=32, width=32, num_inference_steps=3, fps=8)
+
+
+def build_tiny(family, seed: int = 0) -> t2v.Bundle:
+    torch.manual_seed(seed)
+    config = WAN_TINY if family is WAN else UNET3D_TINY
+    return t2v.from_components(family, family.build("tiny"), config=config)
+
+
+@pytest.fixture(scope="session")
+def wan_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundles") / "wan-tiny"
+    build_tiny(WAN).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def unet3d_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundles") / "unet3d-tiny"
+    build_tiny(UNET3D).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def wan_pipe(wan_dir):
+    return t2v.TextToVideoPipeline.from_pretrained(wan_dir)
+
+
+@pytest.fixture(scope="session")
+def unet3d_pipe(unet3d_dir):
+    return t2v.TextToVideoPipeline.from_pretrained(unet3d_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port; boto3 finds it through AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    import boto3
+
+    name = "t2v-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,87 @@
+"""Folders in the exact layouts of real checkpoints, built from config with tiny sizes:
+Wan-AI/Wan2.1-T2V-1.3B-Diffusers (UMT5 + T5 tokenizer, sharded transformer, UniPC flow scheduler) and
+damo-vilab/text-to-video-ms-1.7b (CLIP text model + tokenizer, UNet3D, DDIM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["a", "red", "ball", "blue", "square", "bouncing", "on", "black", "background", "the", "moving", "left"]
+
+
+def t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0 - i * 0.1) for i, w in enumerate(WORDS)]
+    vocab += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("▁", -5.0)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_wan21(path: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    # Wan2.1's shipped scheduler config.
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000, solver_order=2)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=scheduler)
+    pipe.save_pretrained(path, safe_serialization=True)
+    # The real checkpoint shards its big components: do the same so sharded loading is exercised.
+    transformer.save_pretrained(path / "transformer", safe_serialization=True, max_shard_size="100KB")
+    return path
+
+
+def build_modelscope(path: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=1, num_attention_heads=4,
+                                                max_position_embeddings=77, bos_token_id=0, eos_token_id=1))
+    unet = UNet3DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, in_channels=4, out_channels=4, cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    )
+    vae = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, layers_per_block=1)
+    # text-to-video-ms-1.7b's shipped scheduler config.
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                 scheduler=scheduler)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def model_index(path: Path) -> dict:
+    return json.loads((Path(path) / "model_index.json").read_text())
