@@ -1,0 +1,80 @@
+"""The `t2v` console script, run as a user runs it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from t2v.video import probe, read_video
+
+T2V = shutil.which("t2v")
+
+
+def run(*args, cwd=None):
+    assert T2V, "the t2v console script is not installed (pip install -e .)"
+    return subprocess.run([T2V, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_generate_writes_the_video_and_a_summary(tmp_path, wan_dir):
+    out = tmp_path / "ball.mp4"
+    r = run("generate", "a red ball bouncing", "--model", wan_dir, "-o", out, "--frames", 13, "--fps", 12,
+            "--height", 48, "--width", 64, "--steps", 2, "--guidance", 3, "--seed", 5, "--sampler", "unipc",
+            "--negative", "blurry")
+    assert r.returncode == 0, r.stderr
+    info = probe(out)
+    assert (info.codec, info.num_frames, info.width, info.height, info.fps) == ("h264", 13, 64, 48, 12.0)
+    assert str(out) in r.stdout and "13 frames" in r.stdout and "64x48" in r.stdout and "seed 5" in r.stdout
+    assert "denoising" in r.stderr and "2/2" in r.stderr  # the progress bar
+    # Same seed from the CLI -> same pixels.
+    again = tmp_path / "again.mp4"
+    run("generate", "a red ball bouncing", "--model", wan_dir, "-o", again, "--frames", 13, "--fps", 12,
+        "--height", 48, "--width", 64, "--steps", 2, "--guidance", 3, "--seed", 5, "--sampler", "unipc",
+        "--negative", "blurry", "--quiet")
+    assert (read_video(out) == read_video(again)).all()
+
+
+@pytest.mark.parametrize("ext, codec", [(".webm", "vp9"), (".gif", "gif")])
+def test_generate_other_formats(tmp_path, unet3d_dir, ext, codec):
+    out = tmp_path / f"v{ext}"
+    r = run("generate", "a blue square", "--model", unet3d_dir, "-o", out, "--quiet", "--precision", "int8")
+    assert r.returncode == 0, r.stderr
+    assert probe(out).codec == codec
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", ], "prompt: is empty"),
+    (["x", "--frames", "10"], "num_frames: 10 is not supported"),
+    (["x", "--height", "50"], "height:"),
+    (["x", "--steps", "0"], "num_inference_steps:"),
+    (["x", "--guidance", "-2"], "guidance_scale:"),
+    (["x", "--sampler", "lms"], "sampler: unknown sampler 'lms'"),
+    (["x", "--precision", "fp8"], "precision: unknown precision 'fp8'"),
+    (["x", "-o", "OUT.avi"], "output: unknown video format '.avi'"),
+])
+def test_bad_input_exits_2_with_the_field_and_leaves_no_file(tmp_path, wan_dir, args, message):
+    target = tmp_path / "out.mp4"
+    full = ["generate", *args, "--model", wan_dir]
+    if "-o" not in args:
+        full += ["-o", target]
+    r = run(*full, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_exits_2(tmp_path):
+    r = run("generate", "x", "--model", tmp_path / "none", "-o", tmp_path / "o.mp4")
+    assert r.returncode == 2 and "model:" in r.stderr and "no such bundle" in r.stderr
+
+
+def test_info_lists_components_and_sizes(wan_dir, unet3d_dir):
+    r = run("info", "--model", wan_dir)
+    assert r.returncode == 0, r.stderr
+    for text in ("family: wan (WanPipeline)", "WanTransformer3DModel", "AutoencoderKLWan", "BertModel",
+                 "FlowMatchEulerDiscreteScheduler", "multiples of 16", "frames 1 + 4k", "unipc"):
+        assert text in r.stdout
+    r = run("info", "--model", unet3d_dir)
+    assert "UNet3DConditionModel" in r.stdout and "AutoencoderKL " in r.stdout and "frames 1..64" in r.stdout
