@@ -1,0 +1,8 @@
+"""The synthetic captioned-video world: scenes, rendering, captions, splits (and the pixel analyzer)."""
+
+from .captions import caption
+from .render import render
+from .scene import Scene, WorldObject, random_scene
+from .splits import sample_scene, split_of
+
+__all__ = ["Scene", "WorldObject", "caption", "random_scene", "render", "sample_scene", "split_of"]

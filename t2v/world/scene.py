@@ -1,0 +1,119 @@
+"""The synthetic world's vocabulary and scenes: what a clip shows, as exact ground truth."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+
+SHAPES = ("circle", "square", "triangle", "star", "heart")
+COLORS = {
+    "red": (220, 35, 35), "orange": (245, 140, 20), "yellow": (245, 225, 30), "green": (30, 185, 60),
+    "blue": (35, 80, 235), "purple": (140, 50, 200), "pink": (250, 120, 200), "white": (250, 250, 250),
+}
+SIZES = {"small": 0.10, "large": 0.20}  # radius as a fraction of the frame's shorter side
+MOTIONS = ("left", "right", "up", "down", "bounce", "spin", "grow", "shrink", "still")
+TRANSLATIONS = ("left", "right", "up", "down")
+SPEEDS = {"slowly": 0.22, "normal": 0.40, "quickly": 0.62}  # translation over the clip, fraction of the frame
+BACKGROUNDS = ("black", "white", "gray", "night", "sky", "sunset")
+STRUCTURED = ("night", "sky", "sunset")  # camera motion is only visible over structure
+CAMERAS = ("static", "pan left", "pan right", "zoom in", "zoom out")
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+@dataclass
+class WorldObject:
+    shape: str
+    color: str
+    size: str
+    motion: str = "still"
+    speed: str = "normal"  # only translations have a speed
+    x: float = 0.5  # start centre, fractions of the frame (0 = left/top)
+    y: float = 0.5
+    angle: float = 0.0  # start rotation, degrees
+
+
+@dataclass
+class Scene:
+    background: str
+    objects: list[WorldObject]
+    camera: str = "static"
+    relation: str | None = None  # with two objects: objects[0] is <relation> objects[1]
+    num_frames: int = 17
+    fps: float = 8.0
+    width: int = 128
+    height: int = 128
+    seed: int = 0  # background texture (stars, clouds)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | dict) -> "Scene":
+        d = json.loads(text) if isinstance(text, str) else dict(text)
+        d["objects"] = [WorldObject(**o) for o in d["objects"]]
+        return cls(**d)
+
+
+def _contrast_ok(color: str, background: str) -> bool:
+    from .render import background_palette
+
+    c = COLORS[color]
+    return all(sum((a - b) ** 2 for a, b in zip(c, bg)) ** 0.5 > 90 for bg in background_palette(background))
+
+
+def _place(rng: random.Random, obj: WorldObject, r: float, lo: float = 0.0, hi: float = 1.0) -> None:
+    """A start position that keeps the whole path inside the frame."""
+    travel = SPEEDS[obj.speed] if obj.motion in TRANSLATIONS else 0.0
+    margin = r * (1.35 if obj.motion == "grow" else 1.0) + 0.03
+    def span(axis_motion_neg: str, axis_motion_pos: str, lo_: float, hi_: float) -> float:
+        a, b = lo_ + margin, hi_ - margin
+        if obj.motion == axis_motion_pos:
+            b -= travel
+        elif obj.motion == axis_motion_neg:
+            a += travel
+        return rng.uniform(a, max(a, b))
+    obj.x = span("left", "right", lo, hi)
+    if obj.motion == "bounce":  # the bounce rises from the start point by up to 0.3
+        obj.y = rng.uniform(min(0.3 + margin + 0.05, 1 - margin), 1 - margin)
+    else:
+        obj.y = span("up", "down", 0.0, 1.0)
+
+
+def random_scene(rng: random.Random, num_objects: int | None = None, **fixed) -> Scene:
+    """A random scene over the whole vocabulary; `fixed` pins attributes (background, camera, ...)."""
+    background = fixed.get("background") or rng.choice(BACKGROUNDS)
+    camera = fixed.get("camera") or (rng.choice(CAMERAS) if background in STRUCTURED else "static")
+    n = num_objects or rng.choice((1, 1, 2))
+    colors = [c for c in COLORS if _contrast_ok(c, background)]
+    rng.shuffle(colors)
+    relation = rng.choice(RELATIONS) if n == 2 else None
+    objects = []
+    for i in range(n):
+        shape = rng.choice(SHAPES)
+        motions = [m for m in MOTIONS if not (m == "spin" and shape == "circle")]  # a spinning disc looks still
+        if relation in ("left of", "right of"):
+            motions = [m for m in motions if m not in ("left", "right")]
+        elif relation in ("above", "below"):
+            motions = [m for m in motions if m not in ("up", "down", "bounce")]
+        motion = rng.choice(motions)
+        speed = rng.choice(tuple(SPEEDS)) if motion in TRANSLATIONS else "normal"
+        objects.append(WorldObject(shape=shape, color=colors[i], size=rng.choice(tuple(SIZES)), motion=motion,
+                                   speed=speed, angle=rng.uniform(0, 360) if shape != "circle" else 0.0))
+    short = 1.0
+    if relation is None:
+        _place(rng, objects[0], SIZES[objects[0].size] * short)
+    else:
+        # Each object in its own half, so the relation holds for the whole clip.
+        first, second = ((0.0, 0.5), (0.5, 1.0)) if relation in ("left of", "above") else ((0.5, 1.0), (0.0, 0.5))
+        for obj, (lo, hi) in zip(objects, (first, second)):
+            r = SIZES[obj.size]
+            if relation in ("left of", "right of"):
+                _place(rng, obj, r, lo, hi)
+            else:
+                _place(rng, obj, r)
+                margin = r * (1.35 if obj.motion == "grow" else 1.0) + 0.03
+                obj.y = rng.uniform(lo + margin, max(lo + margin, hi - margin))
+    return Scene(background=background, objects=objects, camera=camera, relation=relation,
+                 seed=rng.randrange(2**31), **{k: v for k, v in fixed.items() if k in ("num_frames", "fps", "width",
+                                                                                      "height")})
