@@ -1,13 +1,24 @@
-"""t2v: text-to-video on Ray. `t2v.load(uri)` -> Bundle; `TextToVideoPipeline(bundle)(prompt)` -> frames."""
+"""t2v: text-to-video on Ray. `t2v.load(uri)` -> Bundle; `TextToVideoPipeline(bundle)(prompt)` -> frames.
 
-from .bundle import DEFAULT_MODEL, PRECISIONS, Bundle, BundleConfig, from_components, load, to_precision
-from .errors import BundleError, InputError, T2VError
-from .families import FAMILIES
-from .pipeline import TextToVideoPipeline, VideoOutput
+Names are imported on first use, so `t2v.world` or `t2v.data` in a Ray worker does not pay for torch and
+diffusers.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Bundle", "BundleConfig", "BundleError", "DEFAULT_MODEL", "FAMILIES", "InputError", "PRECISIONS", "T2VError",
-    "TextToVideoPipeline", "VideoOutput", "from_components", "load", "to_precision",
-]
+_EXPORTS = {
+    "Bundle": "bundle", "BundleConfig": "bundle", "DEFAULT_MODEL": "bundle", "PRECISIONS": "bundle",
+    "from_components": "bundle", "load": "bundle", "to_precision": "bundle",
+    "BundleError": "errors", "InputError": "errors", "T2VError": "errors",
+    "FAMILIES": "families",
+    "TextToVideoPipeline": "pipeline", "VideoOutput": "pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 't2v' has no attribute {name!r}")

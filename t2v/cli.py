@@ -32,6 +32,27 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="components, parameter counts and supported sizes of a bundle")
     info.add_argument("--model", default=None)
+
+    data = sub.add_parser("data", help="make video-text parquet shards").add_subparsers(dest="data_command",
+                                                                                       required=True)
+    world = data.add_parser("world", help="render the synthetic world into shards (parallel on Ray)")
+    world.add_argument("--out", required=True, help="folder or s3:// URI")
+    world.add_argument("--clips", type=int, required=True)
+    world.add_argument("--shards", type=int, default=1)
+    world.add_argument("--split", default="train", choices=["train", "heldout"])
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--size", type=int, default=128, help="width and height")
+    world.add_argument("--frames", type=int, default=17)
+    world.add_argument("--fps", type=float, default=8.0)
+    world.add_argument("--no-ray", action="store_true", help="render in this process")
+    ingest = data.add_parser("ingest", help="real videos + a WebVid-style captions CSV -> shards")
+    ingest.add_argument("--videos", required=True, help="folder of <videoid>.mp4 files")
+    ingest.add_argument("--captions", required=True, help="CSV with videoid,name columns")
+    ingest.add_argument("--out", required=True)
+    ingest.add_argument("--shards", type=int, default=1)
+    ingest.add_argument("--size", type=int, default=128)
+    ingest.add_argument("--frames", type=int, default=17)
+    ingest.add_argument("--fps", type=float, default=8.0)
     return parser
 
 
@@ -97,10 +118,44 @@ def info(args) -> int:
     return 0
 
 
+def data(args) -> int:
+    from .errors import InputError
+
+    for name in ("clips", "shards", "size", "frames"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise InputError(name, f"{value} is not allowed", "≥ 1")
+    if getattr(args, "clips", 1) < args.shards:
+        raise InputError("shards", f"{args.shards} shards for {args.clips} clips", f"≤ clips ({args.clips})")
+    start = time.perf_counter()
+    if args.data_command == "world":
+        from .data.shards import WorldSpec, write_world
+
+        if not args.no_ray:
+            import ray
+
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+        spec = WorldSpec(clips=args.clips, shards=args.shards, split=args.split, seed=args.seed, width=args.size,
+                         height=args.size, num_frames=args.frames, fps=args.fps)
+        shards = write_world(args.out, spec, parallel=not args.no_ray)
+        print(f"{args.out}: {sum(shards.values())} clips ({args.split}) in {len(shards)} shards, "
+              f"{time.perf_counter() - start:.1f} s")
+    else:
+        from .data.ingest import IngestSpec, ingest
+
+        spec = IngestSpec(num_frames=args.frames, fps=args.fps, width=args.size, height=args.size, shards=args.shards)
+        result = ingest(args.videos, args.captions, args.out, spec)
+        print(f"{args.out}: {result['rows']} clips in {len(result['shards'])} shards, "
+              f"{len(result['skipped'])} skipped, {time.perf_counter() - start:.1f} s")
+        for videoid, why in result["skipped"]:
+            print(f"  skipped {videoid}: {why}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": generate, "info": info}[args.command](args)
+        return {"generate": generate, "info": info, "data": data}[args.command](args)
     except T2VError as e:
         print(f"t2v: error: {e}", file=sys.stderr)
         return 2

@@ -83,6 +83,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; stored files are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -129,3 +130,18 @@ class local_copy:
     def __exit__(self, *exc):
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow FileSystem, path) for a URI; S3 honours AWS_ENDPOINT_URL like boto3 does."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).absolute())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    bucket, key = split_s3(uri)
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")

@@ -74,3 +74,14 @@ def s3_bucket(s3_server, request):
     name = "t2v-" + request.node.name.lower().replace("_", "-")[:40]
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A real local Ray (2 CPUs). Started after the S3 server so workers inherit its endpoint."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
