@@ -12,6 +12,7 @@ COLORS = {
     "blue": (35, 80, 235), "purple": (140, 50, 200), "pink": (250, 120, 200), "white": (250, 250, 250),
 }
 SIZES = {"small": 0.10, "large": 0.20}  # radius as a fraction of the frame's shorter side
+EXTENT = {"circle": 1.0, "square": 1.0, "triangle": 1.1, "star": 1.15, "heart": 1.25}  # reach past the radius
 MOTIONS = ("left", "right", "up", "down", "bounce", "spin", "grow", "shrink", "still")
 TRANSLATIONS = ("left", "right", "up", "down")
 SPEEDS = {"slowly": 0.22, "normal": 0.40, "quickly": 0.62}  # translation over the clip, fraction of the frame
@@ -62,10 +63,17 @@ def _contrast_ok(color: str, background: str) -> bool:
     return all(sum((a - b) ** 2 for a, b in zip(c, bg)) ** 0.5 > 90 for bg in background_palette(background))
 
 
+def _margin(obj: WorldObject, r: float) -> float:
+    """Distance from the centre to the frame edge that keeps the whole shape in view all clip long."""
+    from .render import GROW
+
+    return r * EXTENT[obj.shape] * (GROW if obj.motion == "grow" else 1.0) + 0.02
+
+
 def _place(rng: random.Random, obj: WorldObject, r: float, lo: float = 0.0, hi: float = 1.0) -> None:
     """A start position that keeps the whole path inside the frame."""
     travel = SPEEDS[obj.speed] if obj.motion in TRANSLATIONS else 0.0
-    margin = r * (1.35 if obj.motion == "grow" else 1.0) + 0.03
+    margin = _margin(obj, r)
     def span(axis_motion_neg: str, axis_motion_pos: str, lo_: float, hi_: float) -> float:
         a, b = lo_ + margin, hi_ - margin
         if obj.motion == axis_motion_pos:
@@ -91,29 +99,39 @@ def random_scene(rng: random.Random, num_objects: int | None = None, **fixed) ->
     objects = []
     for i in range(n):
         shape = rng.choice(SHAPES)
+        size = rng.choice(tuple(SIZES))
         motions = [m for m in MOTIONS if not (m == "spin" and shape == "circle")]  # a spinning disc looks still
+        if n == 2 and size == "large":
+            motions.remove("grow")  # a large grown shape would not fit in its half of the frame
         if relation in ("left of", "right of"):
             motions = [m for m in motions if m not in ("left", "right")]
         elif relation in ("above", "below"):
             motions = [m for m in motions if m not in ("up", "down", "bounce")]
         motion = rng.choice(motions)
         speed = rng.choice(tuple(SPEEDS)) if motion in TRANSLATIONS else "normal"
-        objects.append(WorldObject(shape=shape, color=colors[i], size=rng.choice(tuple(SIZES)), motion=motion,
+        objects.append(WorldObject(shape=shape, color=colors[i], size=size, motion=motion,
                                    speed=speed, angle=rng.uniform(0, 360) if shape != "circle" else 0.0))
     short = 1.0
     if relation is None:
         _place(rng, objects[0], SIZES[objects[0].size] * short)
     else:
-        # Each object in its own half, so the relation holds for the whole clip.
+        # Each object in its own half, so the relation holds for the whole clip; the second one close to the
+        # first across the relation's axis, so that no other relation holds at the start.
         first, second = ((0.0, 0.5), (0.5, 1.0)) if relation in ("left of", "above") else ((0.5, 1.0), (0.0, 0.5))
-        for obj, (lo, hi) in zip(objects, (first, second)):
-            r = SIZES[obj.size]
-            if relation in ("left of", "right of"):
+        horizontal = relation in ("left of", "right of")
+        for i, (obj, (lo, hi)) in enumerate(zip(objects, (first, second))):
+            r, margin = SIZES[obj.size], _margin(obj, SIZES[obj.size])
+            if horizontal:
                 _place(rng, obj, r, lo, hi)
             else:
                 _place(rng, obj, r)
-                margin = r * (1.35 if obj.motion == "grow" else 1.0) + 0.03
                 obj.y = rng.uniform(lo + margin, max(lo + margin, hi - margin))
+            if i == 1:
+                a = objects[0]
+                if horizontal and obj.motion not in ("up", "down", "bounce"):
+                    obj.y = min(max(a.y + rng.uniform(-0.12, 0.12), margin), 1 - margin)
+                elif not horizontal and obj.motion not in ("left", "right"):
+                    obj.x = min(max(a.x + rng.uniform(-0.12, 0.12), margin), 1 - margin)
     return Scene(background=background, objects=objects, camera=camera, relation=relation,
                  seed=rng.randrange(2**31), **{k: v for k, v in fixed.items() if k in ("num_frames", "fps", "width",
                                                                                       "height")})

@@ -1,0 +1,35 @@
+"""Training job, for `ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/<name>.yaml`.
+
+Runs t2v's training loop on Ray Train (TorchTrainer, num_workers/use_gpu from the config). Checkpoints go to
+`checkpoint_dir` (local path or s3://); submitting the same config again resumes from its latest checkpoint.
+"""
+
+import argparse
+import logging
+
+import ray
+import yaml
+
+from t2v.train.config import TrainConfig
+from t2v.train.ray import fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--name", default=None, help="run name (default: the config file's name)")
+    ap.add_argument("overrides", nargs="*", help="key=value (YAML values) on top of the config")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with open(args.config) as f:
+        values = yaml.safe_load(f) or {}
+    values.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)})
+    cfg = TrainConfig.from_dict(values)
+    name = args.name or args.config.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    ray.init(ignore_reinit_error=True)
+    result = fit(cfg, storage_path=cfg.checkpoint_dir, name=name)
+    print(f"finished: {result.metrics}; model saved to {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

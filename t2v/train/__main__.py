@@ -1,0 +1,22 @@
+"""python -m t2v.train --config jobs/configs/NAME.yaml [key=value ...]: the plain loop, no Ray."""
+
+import argparse
+import logging
+
+import yaml
+
+from .config import TrainConfig
+from .loop import FolderCheckpoints, shard_batches, train
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--config", required=True)
+ap.add_argument("overrides", nargs="*", help="key=value (YAML values)")
+args = ap.parse_args()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+with open(args.config) as f:
+    values = yaml.safe_load(f) or {}
+values.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)})
+cfg = TrainConfig.from_dict(values)
+train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, num_frames=cfg.num_frames, width=cfg.size,
+                                       height=cfg.size), FolderCheckpoints(cfg.checkpoint_dir))
+print(f"saved {cfg.out}")

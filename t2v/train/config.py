@@ -1,0 +1,64 @@
+"""Training configuration: one dataclass, read from YAML (jobs/configs/*.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "denoiser"  # "vae": reconstruction + KL; "denoiser": flow matching (wan) / DDPM (unet3d)
+    family: str = "wan"
+    preset: str = "small"  # size built from config when `init` is None
+    overrides: dict = field(default_factory=dict)  # {"transformer": {...}, "vae": {...}} on top of the preset
+    init: str | None = None  # a bundle to start from (a trained VAE for the denoiser stage)
+    data: str = ""  # shard folder or s3:// URI
+    out: str = "out/model"  # the trained bundle (EMA weights) is saved here
+    checkpoint_dir: str = "out/checkpoints"  # plain loop; Ray Train uses RunConfig.storage_path
+    bundle_config: dict = field(default_factory=dict)  # "_t2v" defaults for the saved bundle
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    num_frames: int = 17
+    size: int = 128
+    crop: int | None = None  # VAE stage: random square crops of this size (cheaper, same kernels)
+    crop_frames: int | None = None  # VAE stage: random windows of this many frames (1 + 4k for wan)
+
+    text_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance has an unconditional model
+    prediction: str = "epsilon"  # unet3d: "epsilon" or "v_prediction"
+    flow_shift: float = 3.0  # wan: training timesteps sampled with the same shift as inference
+    temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
+    smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
+    kl_weight: float = 1e-6  # VAE stage
+
+    log_every: int = 10
+    checkpoint_every: int = 200
+    sample_every: int = 0  # 0: never; else write sample videos to <out>/samples
+    eval_every: int = 0  # 0: never; else adherence of sample prompts by the world analyzer
+    num_workers: int = 1  # Ray Train
+    use_gpu: bool = False
+    max_failures: int = 2
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown training config field(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "TrainConfig":
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})

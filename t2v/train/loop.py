@@ -1,0 +1,288 @@
+"""One plain PyTorch training loop for both stages and both families. Ray Train (`ray.py`) runs this same
+function on N workers; without Ray it runs as is (`python -m t2v.train --config ...`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import itertools
+import logging
+import math
+import random
+import time
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import storage
+from ..bundle import Bundle, from_components, load
+from ..families import FAMILIES
+from .config import TrainConfig
+from .losses import flow_matching_pair, flow_x0, shifted_sigmas, temporal_difference_loss, vae_loss
+
+log = logging.getLogger("t2v.train")
+
+
+class CheckpointStore(Protocol):
+    def latest(self) -> dict | None: ...
+    def save(self, state: dict, step: int, metrics: dict) -> None: ...
+    def report(self, metrics: dict) -> None: ...
+
+
+class FolderCheckpoints:
+    """Checkpoints as `step-000123.pt` files in a local folder or s3:// prefix; keeps the newest `keep`."""
+
+    def __init__(self, uri: str, keep: int = 2):
+        self.uri, self.keep = uri, keep
+
+    def _steps(self) -> list[int]:
+        if not storage.exists(self.uri):
+            return []
+        return sorted(int(n[5:-3]) for n in storage.list_files(self.uri) if n.startswith("step-") and n.endswith(".pt"))
+
+    def latest(self) -> dict | None:
+        steps = self._steps()
+        if not steps:
+            return None
+        data = storage.read_bytes(storage.join(self.uri, f"step-{steps[-1]:06d}.pt"))
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    def save(self, state: dict, step: int, metrics: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(storage.join(self.uri, f"step-{step:06d}.pt"), buf.getvalue())
+        for old in self._steps()[: -self.keep]:
+            path = storage.join(self.uri, f"step-{old:06d}.pt")
+            if storage.is_s3(path):
+                bucket, key = storage.split_s3(path)
+                storage.s3_client().delete_object(Bucket=bucket, Key=key)
+            else:
+                from pathlib import Path
+
+                Path(path).unlink(missing_ok=True)
+
+    def report(self, metrics: dict) -> None:
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point weights (with the usual warm-up)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        model.load_state_dict({k: self.shadow[k].to(state[k].dtype) if k in self.shadow else v for k, v in state.items()})
+
+
+# --- building blocks --------------------------------------------------------------------------------
+
+def build_bundle(cfg: TrainConfig) -> Bundle:
+    if cfg.init:
+        bundle = load(cfg.init, device="cpu")
+        bundle.config = dataclasses.replace(bundle.config, **cfg.bundle_config)
+        return bundle
+    family = FAMILIES[cfg.family]
+    overrides = copy.deepcopy(cfg.overrides)
+    if family.name == "unet3d":
+        overrides.setdefault("scheduler", {})["prediction_type"] = cfg.prediction
+    else:
+        overrides.setdefault("scheduler", {})["shift"] = cfg.flow_shift
+    return from_components(family, family.build(cfg.preset, **overrides), config=cfg.bundle_config)
+
+
+def video_tensor(batch: dict, device) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
+    v = torch.as_tensor(np.asarray(batch["video"]), device=device)
+    return v.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def random_crop(video: torch.Tensor, size: int | None, frames: int | None, rng: random.Random) -> torch.Tensor:
+    _, _, t, h, w = video.shape
+    f0 = rng.randrange(t - frames + 1) if frames and frames < t else 0
+    f1 = f0 + (frames or t)
+    if size and size < min(h, w):
+        y, x = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
+        return video[:, :, f0:f1, y:y + size, x:x + size]
+    return video[:, :, f0:f1]
+
+
+def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Random, device) -> tuple:
+    x = random_crop(video_tensor(batch, device), cfg.crop, cfg.crop_frames, rng)
+    if bundle.family.name == "unet3d":  # a per-frame image VAE
+        x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    return vae_loss(recon, x, posterior, cfg.kl_weight)
+
+
+def denoiser_step(bundle: Bundle, model, batch: dict, cfg: TrainConfig, rng: random.Random, device) -> tuple:
+    fam = bundle.family
+    captions = ["" if rng.random() < cfg.text_dropout else str(c) for c in batch["caption"]]
+    with torch.no_grad():
+        text = fam.encode_prompt(bundle, captions, bundle.config.max_sequence_length)
+        if batch.get("latents") is not None:
+            x0 = torch.as_tensor(np.asarray(batch["latents"]), device=device).float()
+        else:
+            x0 = fam.encode(bundle, video_tensor(batch, device))
+    noise = torch.randn_like(x0)
+    b = x0.shape[0]
+    if fam.flow:
+        sigma = shifted_sigmas(torch.rand(b, device=device).clamp(1e-4, 1 - 1e-4), cfg.flow_shift)
+        x_t, target = flow_matching_pair(x0, noise, sigma)
+        pred = model(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        pred_x0 = flow_x0(x_t, pred, sigma)
+    else:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(bundle.scheduler.config)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=device)
+        x_t = sched.add_noise(x0, noise, t)
+        target = noise if cfg.prediction == "epsilon" else sched.get_velocity(x0, noise, t)
+        pred = model(x_t, t, encoder_hidden_states=text, return_dict=False)[0]
+        a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1, 1)
+        eps = pred if cfg.prediction == "epsilon" else a.sqrt() * pred + (1 - a).sqrt() * x_t
+        pred_x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    mse = F.mse_loss(pred.float(), target.float())
+    loss, parts = mse, {"mse": mse.item()}
+    if cfg.temporal_loss_weight:
+        tl = temporal_difference_loss(pred_x0.float(), x0, order=1)
+        loss, parts["temporal"] = loss + cfg.temporal_loss_weight * tl, tl.item()
+    if cfg.smoothness_loss_weight:
+        sl = temporal_difference_loss(pred_x0.float(), x0, order=2)
+        loss, parts["smoothness"] = loss + cfg.smoothness_loss_weight * sl, sl.item()
+    return loss, parts
+
+
+@torch.no_grad()
+def latent_statistics(bundle: Bundle, batches: Iterator[dict], n: int, device) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a trained VAE's latents over about n clips (the pipeline normalizes with them)."""
+    zs, seen = [], 0
+    vae = bundle.vae
+    for batch in batches:
+        x = video_tensor(batch, device)
+        if bundle.family.name == "unet3d":
+            x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        z = vae.encode(x).latent_dist.mode().float()
+        zs.append(z.transpose(0, 1).flatten(1))
+        seen += len(batch["video"])
+        if seen >= n:
+            break
+    z = torch.cat(zs, 1)
+    return z.mean(1).tolist(), z.std(1).tolist()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store: CheckpointStore,
+          rank: int = 0, world_size: int = 1, sync_grads: Callable[[torch.nn.Module], None] | None = None,
+          device=None, on_step: Callable[[int, dict], None] | None = None) -> Bundle:
+    """Train `cfg.stage` for cfg.steps optimizer steps. `make_batches(start)` yields this worker's batches
+    from sample `start` on (the data position, so a resumed run sees no sample twice). Returns the bundle with
+    EMA weights; rank 0 saves it to cfg.out."""
+    device = torch.device(device or ("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker
+    bundle = build_bundle(cfg)
+    torch.manual_seed(cfg.seed * 1000 + rank)  # different noise and text dropout per worker
+    rng = random.Random(cfg.seed * 1000 + rank)
+    for module in (bundle.text_encoder, bundle.vae, bundle.denoiser):
+        module.to(device).requires_grad_(False).eval()
+    trained = bundle.vae if cfg.stage == "vae" else bundle.denoiser
+    trained.requires_grad_(True).train()
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ema = EMA(trained, cfg.ema_decay)
+    step, samples_seen = 0, 0
+    state = store.latest()
+    if state is not None:
+        trained.load_state_dict(state["model"])
+        ema.shadow = state["ema"]
+        opt.load_state_dict(state["optimizer"])
+        step, samples_seen = state["step"], state["samples_seen"]
+        log.info("resumed from step %d (%d samples seen)", step, samples_seen)
+    batches = make_batches(samples_seen // world_size)
+    step_fn = vae_step if cfg.stage == "vae" else denoiser_step
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    t0, window = time.perf_counter(), []
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        parts: dict = {}
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            with autocast:
+                loss, parts = step_fn(bundle, trained, batch, cfg, rng, device)
+            (loss / cfg.grad_accum).backward()
+            samples_seen += len(batch["caption"]) * world_size
+        if sync_grads:
+            sync_grads(trained)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(trained, step)
+        step += 1
+        window.append(loss.item())
+        metrics = {"step": step, "loss": window[-1], "loss_avg": float(np.mean(window)), "grad_norm": float(grad_norm),
+                   "lr": opt.param_groups[0]["lr"], "samples_seen": samples_seen,
+                   "samples_per_s": samples_seen / max(1e-9, time.perf_counter() - t0), **parts}
+        if on_step:
+            on_step(step, metrics)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state = {"model": trained.state_dict(), "ema": ema.shadow, "optimizer": opt.state_dict(), "step": step,
+                     "samples_seen": samples_seen, "config": dataclasses.asdict(cfg)}
+            store.save(state, step, metrics)
+            window = []
+        elif step % cfg.log_every == 0:
+            store.report(metrics)
+            window = []
+    ema.copy_to(trained)
+    trained.eval().requires_grad_(False)
+    if cfg.stage == "vae":
+        set_latent_statistics(bundle, make_batches(0), device)
+    if rank == 0:
+        bundle.save(cfg.out)
+    return bundle
+
+
+def set_latent_statistics(bundle: Bundle, batches: Iterator[dict], device, n: int = 256) -> None:
+    mean, std = latent_statistics(bundle, batches, n, device)
+    if bundle.family.name == "wan":
+        bundle.vae.register_to_config(latents_mean=mean, latents_std=std)
+    else:
+        bundle.vae.register_to_config(scaling_factor=1.0 / float(np.mean(std)))
+
+
+def shard_batches(uri: str, batch_size: int, start: int = 0, **decode) -> Iterator[dict]:
+    """Endless batches over a shard folder, epoch after epoch, from sample `start` (plain, no Ray)."""
+    from ..data.stream import iter_batches
+
+    def rows():
+        for _ in itertools.count():
+            for batch in iter_batches(uri, batch_size=batch_size, columns=["key", "video", "caption"], **decode):
+                for i in range(len(batch["key"])):
+                    yield {k: v[i] for k, v in batch.items()}
+
+    it = itertools.islice(rows(), start, None)
+    while True:
+        chunk = list(itertools.islice(it, batch_size))
+        yield {k: np.stack([r[k] for r in chunk]) if k == "video" else np.array([r[k] for r in chunk]) for k in chunk[0]}
