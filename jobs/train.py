@@ -11,13 +11,14 @@ import ray
 import yaml
 
 from t2v.train.config import TrainConfig
-from t2v.train.ray import fit
+from t2v.train.ray import fit, metrics_log
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--name", default=None, help="run name (default: the config file's name)")
+    ap.add_argument("--metrics-log", default=None, help="append every report to this JSON-lines file")
     ap.add_argument("overrides", nargs="*", help="key=value (YAML values) on top of the config")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -27,7 +28,8 @@ def main() -> None:
     cfg = TrainConfig.from_dict(values)
     name = args.name or args.config.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     ray.init(ignore_reinit_error=True)
-    result = fit(cfg, storage_path=cfg.checkpoint_dir, name=name)
+    callbacks = [metrics_log(args.metrics_log)] if args.metrics_log else []
+    result = fit(cfg, storage_path=cfg.checkpoint_dir, name=name, callbacks=callbacks)
     print(f"finished: {result.metrics}; model saved to {cfg.out}")
 
 

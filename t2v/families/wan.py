@@ -22,7 +22,8 @@ PRESETS = {
     "small": {
         "transformer": dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=384, num_layers=6,
                             freq_dim=64, rope_max_seq_len=64),
-        "vae": dict(base_dim=32, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+        # base 16: ~0.7 s per training step of 4 crops and ~1.5 s to decode a 17x128x128 clip on 2 CPU cores.
+        "vae": dict(base_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
     },
 }
 

@@ -48,6 +48,21 @@ class RayCheckpoints:
         ray.train.report(metrics)
 
 
+def metrics_log(path: str):
+    """A Ray Train callback appending every report (rank 0's metrics, and whether it carried a checkpoint) to a
+    JSON-lines file on the driver's machine: the run's history, across worker restarts."""
+    import json
+
+    import ray.train
+
+    class MetricsLog(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps({**metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    return MetricsLog()
+
+
 def _allreduce_grads(module: torch.nn.Module) -> None:
     """Average gradients across workers (what DDP does, but for any call pattern, e.g. vae.encode/decode)."""
     import torch.distributed as dist
@@ -82,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
           sync_grads=_allreduce_grads if world > 1 else None)
 
 
-def fit(cfg: TrainConfig, storage_path: str, name: str = "t2v-train"):
+def fit(cfg: TrainConfig, storage_path: str, name: str = "t2v-train", callbacks: list | None = None):
     """Run the loop on Ray Train; rerunning with the same storage_path and name resumes from its latest checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -91,18 +106,19 @@ def fit(cfg: TrainConfig, storage_path: str, name: str = "t2v-train"):
     from ..data.stream import dataset
 
     ds = dataset(cfg.data, num_frames=cfg.num_frames, width=cfg.size, height=cfg.size,
-                 columns=["key", "video", "caption"])
+                 columns=["key", "video", "caption"], decode_cpus=cfg.data_cpus)
     fs, path = storage.arrow_filesystem(storage_path)
     if not storage.is_s3(storage_path):
         os.makedirs(path, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or [],
         ),
         datasets={"train": ds},
     )
