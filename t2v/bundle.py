@@ -129,6 +129,8 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
     with storage.local_copy(uri) as folder:
         bundle = _load_folder(Path(folder), index, family, uri)
     bundle.source = uri
+    for module in (bundle.denoiser, bundle.vae, bundle.text_encoder):
+        module.requires_grad_(False)  # inference; the training loop turns on what it trains
     return to_precision(bundle, precision, device)
 
 

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     world.add_argument("--frames", type=int, default=17)
     world.add_argument("--fps", type=float, default=8.0)
     world.add_argument("--no-ray", action="store_true", help="render in this process")
+    latents = data.add_parser("latents", help="add precomputed VAE latents to a copy of the shards")
+    latents.add_argument("--data", required=True, help="shard folder or s3:// URI")
+    latents.add_argument("--model", required=True, help="bundle whose VAE encodes the clips")
+    latents.add_argument("--out", required=True)
+    latents.add_argument("--no-ray", action="store_true")
     ingest = data.add_parser("ingest", help="real videos + a WebVid-style captions CSV -> shards")
     ingest.add_argument("--videos", required=True, help="folder of <videoid>.mp4 files")
     ingest.add_argument("--captions", required=True, help="CSV with videoid,name columns")
@@ -122,10 +127,12 @@ def data(args) -> int:
     from .errors import InputError
 
     for name in ("clips", "shards", "size", "frames"):
+        if not hasattr(args, name):
+            continue
         value = getattr(args, name, 1)
         if value < 1:
             raise InputError(name, f"{value} is not allowed", "≥ 1")
-    if getattr(args, "clips", 1) < args.shards:
+    if hasattr(args, "clips") and args.clips < args.shards:
         raise InputError("shards", f"{args.shards} shards for {args.clips} clips", f"≤ clips ({args.clips})")
     start = time.perf_counter()
     if args.data_command == "world":
@@ -139,6 +146,16 @@ def data(args) -> int:
                          height=args.size, num_frames=args.frames, fps=args.fps)
         shards = write_world(args.out, spec, parallel=not args.no_ray)
         print(f"{args.out}: {sum(shards.values())} clips ({args.split}) in {len(shards)} shards, "
+              f"{time.perf_counter() - start:.1f} s")
+    elif args.data_command == "latents":
+        from .data.latents import add_latents
+
+        if not args.no_ray:
+            import ray
+
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+        counts = add_latents(args.data, args.model, args.out, parallel=not args.no_ray)
+        print(f"{args.out}: latents for {sum(counts.values())} clips in {len(counts)} shards, "
               f"{time.perf_counter() - start:.1f} s")
     else:
         from .data.ingest import IngestSpec, ingest

@@ -9,7 +9,7 @@ import torch
 import t2v
 from t2v.data.shards import WorldSpec, write_world
 from t2v.train import EMA, FolderCheckpoints, TrainConfig, shard_batches, train
-from t2v.train.loop import build_bundle, video_tensor
+from t2v.train.loop import build_bundle, data_columns, video_tensor
 from t2v.train.losses import flow_matching_pair, flow_x0, shifted_sigmas, temporal_difference_loss
 
 TINY_BUNDLE = dict(num_frames=9, height=32, width=32, fps=8, num_inference_steps=4, max_sequence_length=64)
@@ -34,8 +34,8 @@ def run(cfg, losses=None, **kw):
         if losses is not None:
             losses.append(metrics["loss"])
 
-    return train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, num_frames=cfg.num_frames,
-                                                  width=cfg.size, height=cfg.size),
+    return train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, columns=data_columns(cfg),
+                                                  num_frames=cfg.num_frames, width=cfg.size, height=cfg.size),
                  FolderCheckpoints(cfg.checkpoint_dir), on_step=record, **kw)
 
 
@@ -112,3 +112,30 @@ def test_grad_accumulation_counts_samples(tmp_path, world32):
     cfg = config(tmp_path, world32, steps=4, grad_accum=2, checkpoint_every=4)
     run(cfg)
     assert FolderCheckpoints(cfg.checkpoint_dir).latest()["samples_seen"] == 4 * 2 * cfg.batch_size
+
+
+def test_denoiser_trains_on_precomputed_latents(tmp_path, world32):
+    from t2v.data.latents import add_latents
+    from t2v.data.shards import latents_from_bytes
+    from t2v.data.stream import iter_batches
+
+    torch.manual_seed(0)
+    vae_bundle = str(tmp_path / "vae")
+    t2v.from_components("wan", t2v.FAMILIES["wan"].build("tiny"), config=TINY_BUNDLE).save(vae_bundle)
+    out = str(tmp_path / "latents")
+    counts = add_latents(world32, vae_bundle, out, parallel=False)
+    assert sum(counts.values()) == 32
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(tmp_path / "latents" / "shard-00000-of-00002.parquet").to_pylist()[0]
+    bundle = t2v.load(vae_bundle)
+    video = next(iter_batches(world32, batch_size=1))
+    with torch.no_grad():
+        expect = bundle.family.encode(bundle, video_tensor(video, "cpu"))[0].numpy()
+    assert row["key"] == video["key"][0]
+    np.testing.assert_allclose(latents_from_bytes(row["latents"]), expect, atol=2e-2, rtol=1e-2)
+
+    losses = []
+    cfg = config(tmp_path, out, init=vae_bundle, use_latents=True, steps=40, checkpoint_every=40)
+    run(cfg, losses)
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4])

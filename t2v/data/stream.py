@@ -44,6 +44,11 @@ class Decode:
         return frames
 
     def __call__(self, batch: dict) -> dict:
+        if "video" not in batch:  # training on precomputed latents: nothing to decode
+            out = {k: np.asarray(v) for k, v in batch.items() if k != "latents"}
+            if "latents" in batch:
+                out["latents"] = np.stack([latents_from_bytes(b) for b in batch["latents"]])
+            return out
         keep, clips = [], []
         for i, (key, data) in enumerate(zip(batch["key"], batch["video"])):
             try:

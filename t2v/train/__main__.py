@@ -6,7 +6,7 @@ import logging
 import yaml
 
 from .config import TrainConfig
-from .loop import FolderCheckpoints, shard_batches, train
+from .loop import FolderCheckpoints, data_columns, shard_batches, train
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--config", required=True)
@@ -17,6 +17,7 @@ with open(args.config) as f:
     values = yaml.safe_load(f) or {}
 values.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)})
 cfg = TrainConfig.from_dict(values)
-train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, num_frames=cfg.num_frames, width=cfg.size,
-                                       height=cfg.size), FolderCheckpoints(cfg.checkpoint_dir))
+train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, columns=data_columns(cfg),
+                                       num_frames=cfg.num_frames, width=cfg.size, height=cfg.size),
+      FolderCheckpoints(cfg.checkpoint_dir))
 print(f"saved {cfg.out}")

@@ -30,6 +30,7 @@ class TrainConfig:
 
     num_frames: int = 17
     size: int = 128
+    use_latents: bool = False  # denoiser stage: train on the shards' precomputed `latents` column
     crop: int | None = None  # VAE stage: random square crops of this size (cheaper, same kernels)
     crop_frames: int | None = None  # VAE stage: random windows of this many frames (1 + 4k for wan)
 

@@ -272,17 +272,23 @@ def set_latent_statistics(bundle: Bundle, batches: Iterator[dict], device, n: in
         bundle.vae.register_to_config(scaling_factor=1.0 / float(np.mean(std)))
 
 
-def shard_batches(uri: str, batch_size: int, start: int = 0, **decode) -> Iterator[dict]:
+def data_columns(cfg: TrainConfig) -> list[str]:
+    return ["key", "caption", "latents"] if cfg.use_latents else ["key", "video", "caption"]
+
+
+def shard_batches(uri: str, batch_size: int, start: int = 0, columns=("key", "video", "caption"),
+                  **decode) -> Iterator[dict]:
     """Endless batches over a shard folder, epoch after epoch, from sample `start` (plain, no Ray)."""
     from ..data.stream import iter_batches
 
     def rows():
         for _ in itertools.count():
-            for batch in iter_batches(uri, batch_size=batch_size, columns=["key", "video", "caption"], **decode):
+            for batch in iter_batches(uri, batch_size=batch_size, columns=list(columns), **decode):
                 for i in range(len(batch["key"])):
                     yield {k: v[i] for k, v in batch.items()}
 
     it = itertools.islice(rows(), start, None)
     while True:
         chunk = list(itertools.islice(it, batch_size))
-        yield {k: np.stack([r[k] for r in chunk]) if k == "video" else np.array([r[k] for r in chunk]) for k in chunk[0]}
+        yield {k: np.stack([r[k] for r in chunk]) if k in ("video", "latents") else np.array([r[k] for r in chunk])
+           for k in chunk[0]}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .loop import train
+from .loop import data_columns, train
 
 STATE_FILE = "state.pt"
 
@@ -106,7 +106,7 @@ def fit(cfg: TrainConfig, storage_path: str, name: str = "t2v-train", callbacks:
     from ..data.stream import dataset
 
     ds = dataset(cfg.data, num_frames=cfg.num_frames, width=cfg.size, height=cfg.size,
-                 columns=["key", "video", "caption"], decode_cpus=cfg.data_cpus)
+                 columns=data_columns(cfg), decode_cpus=cfg.data_cpus)
     fs, path = storage.arrow_filesystem(storage_path)
     if not storage.is_s3(storage_path):
         os.makedirs(path, exist_ok=True)
