@@ -33,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="components, parameter counts and supported sizes of a bundle")
     info.add_argument("--model", default=None)
 
+    ev = sub.add_parser("eval", help="prompt adherence on the synthetic world's held-out or training prompts")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    ev.add_argument("--n", type=int, default=200)
+    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
+    ev.add_argument("--precision", default="fp32")
+
     data = sub.add_parser("data", help="make video-text parquet shards").add_subparsers(dest="data_command",
                                                                                        required=True)
     world = data.add_parser("world", help="render the synthetic world into shards (parallel on Ray)")
@@ -123,6 +132,25 @@ def info(args) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from .errors import InputError
+    from .evaluate import contact_sheet
+    from .evaluate import evaluate as run_eval
+    from .pipeline import TextToVideoPipeline
+
+    if args.n < 1:
+        raise InputError("n", f"{args.n} prompts", "≥ 1")
+    pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision)
+    with tqdm(total=args.n, desc="evaluating", unit="prompt", file=sys.stderr) as bar:
+        result = run_eval(pipe, args.split, args.n, args.steps, args.seed, progress=lambda i: bar.update(1))
+    print(result.table())
+    contact_sheet(result.rows, args.sheet)
+    print(f"contact sheet: {os.path.abspath(args.sheet)}")
+    return 0
+
+
 def data(args) -> int:
     from .errors import InputError
 
@@ -172,7 +200,7 @@ def data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": generate, "info": info, "data": data}[args.command](args)
+        return {"generate": generate, "info": info, "eval": evaluate, "data": data}[args.command](args)
     except T2VError as e:
         print(f"t2v: error: {e}", file=sys.stderr)
         return 2
