@@ -47,7 +47,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: never; else adherence of sample prompts by the world analyzer
     num_workers: int = 1  # Ray Train
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # leave CPUs for Ray Data's decode tasks on small machines
+    cpus_per_worker: float = 1.0  # on small machines leave one whole CPU free: Ray Data lists files with one
     data_cpus: float = 1.0  # per Ray Data decode task
     max_failures: int = 2
 

@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         window.append(loss.item())
         metrics = {"step": step, "loss": window[-1], "loss_avg": float(np.mean(window)), "grad_norm": float(grad_norm),
                    "lr": opt.param_groups[0]["lr"], "samples_seen": samples_seen,
-                   "samples_per_s": samples_seen / max(1e-9, time.perf_counter() - t0), **parts}
+                   "wall_s": time.perf_counter() - t0, **parts}
         if on_step:
             on_step(step, metrics)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -1,0 +1,37 @@
+"""`t2v generate` wall time with default settings, process start and model load included: median of 5.
+
+    python bench/generate.py [--model PATH] [--runs 5] [-- extra generate args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: the embedded model")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt", default="a red ball bouncing on a black background")
+    ap.add_argument("extra", nargs="*")
+    args = ap.parse_args()
+    cmd = [shutil.which("t2v"), "generate", args.prompt, "--quiet", *args.extra]
+    if args.model:
+        cmd += ["--model", args.model]
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            t0 = time.perf_counter()
+            subprocess.run(cmd + ["-o", f"{tmp}/v{i}.mp4", "--seed", str(i)], check=True, capture_output=True)
+            times.append(time.perf_counter() - t0)
+    print(f"t2v generate ({args.model or 'embedded model'}, defaults): "
+          f"{', '.join(f'{t:.1f}' for t in times)} s; median {statistics.median(times):.1f} s (target ≤ 15 s)")
+
+
+if __name__ == "__main__":
+    main()
