@@ -8,7 +8,6 @@ import argparse
 import logging
 
 import ray
-import yaml
 
 from t2v.train.config import TrainConfig
 from t2v.train.ray import fit, metrics_log
@@ -22,10 +21,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value (YAML values) on top of the config")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    with open(args.config) as f:
-        values = yaml.safe_load(f) or {}
-    values.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)})
-    cfg = TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)
     name = args.name or args.config.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     ray.init(ignore_reinit_error=True)
     callbacks = [metrics_log(args.metrics_log)] if args.metrics_log else []

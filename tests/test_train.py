@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,15 @@ def test_denoiser_trains_on_precomputed_latents(tmp_path, world32):
     cfg = config(tmp_path, out, init=vae_bundle, use_latents=True, steps=40, checkpoint_every=40)
     run(cfg, losses)
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4])
+
+
+TINY_YAML = str(Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml")
+
+
+def test_config_from_yaml_with_overrides():
+    cfg = TrainConfig.from_yaml(TINY_YAML, ["steps=5", "lr=1e-4", "bundle_config={fps: 4}"])
+    assert (cfg.steps, cfg.lr, cfg.bundle_config) == (5, 1e-4, {"fps": 4}) and isinstance(cfg.lr, float)
+    with pytest.raises(ValueError, match="lr: expected float"):
+        TrainConfig.from_yaml(TINY_YAML, ["lr=fast"])
+    with pytest.raises(ValueError, match="unknown training config field.*lrr"):
+        TrainConfig.from_yaml(TINY_YAML, ["lrr=1"])

@@ -3,8 +3,6 @@
 import argparse
 import logging
 
-import yaml
-
 from .config import TrainConfig
 from .loop import FolderCheckpoints, data_columns, shard_batches, train
 
@@ -13,10 +11,7 @@ ap.add_argument("--config", required=True)
 ap.add_argument("overrides", nargs="*", help="key=value (YAML values)")
 args = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-with open(args.config) as f:
-    values = yaml.safe_load(f) or {}
-values.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)})
-cfg = TrainConfig.from_dict(values)
+cfg = TrainConfig.from_yaml(args.config, args.overrides)
 train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, columns=data_columns(cfg),
                                        num_frames=cfg.num_frames, width=cfg.size, height=cfg.size),
       FolderCheckpoints(cfg.checkpoint_dir))

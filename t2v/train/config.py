@@ -57,11 +57,27 @@ class TrainConfig:
         unknown = set(values) - names
         if unknown:
             raise ValueError(f"unknown training config field(s): {', '.join(sorted(unknown))}")
+        values = dict(values)
+        for f in dataclasses.fields(cls):
+            # YAML reads 1e-4 as a string: coerce numbers by the type of the field's default.
+            kind = type(f.default) if f.default is not dataclasses.MISSING else None
+            if f.name in values and kind in (int, float) and not isinstance(values[f.name], kind):
+                try:
+                    values[f.name] = kind(values[f.name])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{f.name}: expected {kind.__name__}, got {values[f.name]!r}") from None
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str) -> "TrainConfig":
+    def from_yaml(cls, path: str, overrides: list[str] = ()) -> "TrainConfig":
+        """A YAML config file, with `key=value` overrides (values parsed as YAML) on top."""
         import yaml
 
         with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+            values = yaml.safe_load(f) or {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not key=value")
+            values[key] = yaml.safe_load(value)
+        return cls.from_dict(values)
