@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class Bundle:
     config: BundleConfig
     precision: str = "fp32"
     source: str | None = None
-    extra: dict = field(default_factory=dict)  # other model_index.json entries, written back on save
 
     @property
     def device(self) -> torch.device:
@@ -159,12 +158,10 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
     if family is FAMILIES["unet3d"]:
         # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
         pipe.tokenizer.model_max_length = config.max_sequence_length
-    known = {family.denoiser_key, "vae", "scheduler", "tokenizer", "text_encoder"}
-    extra = {k: v for k, v in index.items() if not k.startswith("_") and k not in known}
     return Bundle(
         family=family, denoiser=getattr(pipe, family.denoiser_key).eval(), vae=pipe.vae.eval(),
         scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),
-        config=config, extra=extra,
+        config=config,
     )
 
 

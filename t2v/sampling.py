@@ -58,11 +58,6 @@ def make_scheduler(base_config: dict, samplers: dict[str, tuple[str, dict]], nam
     return getattr(diffusers, cls_name).from_config(base_config, **overrides)
 
 
-def sampler_name(scheduler_class: str, samplers: dict[str, tuple[str, dict]]) -> str:
-    """The first sampler name that maps to a scheduler class (for display), else the class name."""
-    return next((n for n, (c, _) in samplers.items() if c == scheduler_class), scheduler_class)
-
-
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Ho & Salimans: move the conditional prediction away from the unconditional one by `scale`."""
     return uncond + scale * (cond - uncond)

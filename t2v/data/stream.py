@@ -137,7 +137,7 @@ def dataset(uri: str, num_frames: int | None = None, width: int | None = None, h
     counter = _skip_counter(uri)
     ray.get(counter.get.remote())  # exists before any task reports to it
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns or COLUMNS,
-                               ray_remote_args={"num_cpus": decode_cpus})  # not a whole CPU each by default
+                               num_cpus=decode_cpus)  # not a whole CPU each, the default
     return ds.map_batches(_decode_in_ray, fn_kwargs=dict(uri=uri, num_frames=num_frames, width=width, height=height),
                           batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus)
 
