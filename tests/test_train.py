@@ -96,8 +96,7 @@ def test_vae_stage_learns_and_sets_latent_statistics(tmp_path, world32):
 
 def test_resume_continues_from_the_checkpoint(tmp_path, world32):
     cfg = config(tmp_path, world32, steps=20, checkpoint_every=10)
-    full = run(config(tmp_path / "full", world32, steps=20, checkpoint_every=10))
-    # Same run in two halves: stop after step 10, then a new process-like call resumes.
+    # One run in two halves: stop after step 10, then a new call with the same checkpoints resumes.
     first = []
     run(config(tmp_path, world32, steps=10, checkpoint_every=10), first)
     resumed = []
@@ -105,9 +104,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, world32):
     assert len(first) == 10 and len(resumed) == 10  # steps 11..20 only: no step redone
     state = FolderCheckpoints(cfg.checkpoint_dir).latest()
     assert state["step"] == 20 and state["samples_seen"] == 20 * cfg.batch_size
-    a, b = full.denoiser.state_dict(), t2v.load(cfg.out).denoiser.state_dict()
-    # Not bit-identical (the LR schedule depends on cfg.steps), but the resumed run trained on.
-    assert all(torch.isfinite(v).all() for v in b.values()) and set(a) == set(b)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000010.pt", "step-000020.pt"]
 
 
 def test_grad_accumulation_counts_samples(tmp_path, world32):

@@ -16,7 +16,9 @@ def encode_shard(src: str, dst: str, bundle_uri: str, batch_size: int = 4) -> in
     from .stream import decode_rows
 
     bundle = load(bundle_uri, device="cpu")
-    rows = pq.read_table(storage.arrow_filesystem(src)[0].open_input_file(storage.arrow_filesystem(src)[1])).to_pylist()
+    fs, path = storage.arrow_filesystem(src)
+    with fs.open_input_file(path) as f:
+        rows = pq.read_table(f).to_pylist()
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
