@@ -150,3 +150,16 @@ def test_config_from_yaml_with_overrides():
         TrainConfig.from_yaml(TINY_YAML, ["lr=fast"])
     with pytest.raises(ValueError, match="unknown training config field.*lrr"):
         TrainConfig.from_yaml(TINY_YAML, ["lrr=1"])
+
+
+def test_plain_loop_command_line(tmp_path, world32):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "t2v.train", "--config", TINY_YAML, f"data={world32}",
+                        f"out={tmp_path / 'model'}", f"checkpoint_dir={tmp_path / 'ckpt'}", "steps=3",
+                        "checkpoint_every=3", "num_workers=1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"saved {tmp_path / 'model'}" in r.stdout
+    assert t2v.load(tmp_path / "model").config.num_frames == 9
+    assert FolderCheckpoints(str(tmp_path / "ckpt")).latest()["step"] == 3
