@@ -118,12 +118,8 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
         raise BundleError(uri, "no such bundle (a folder with model_index.json)") from None
     except NotADirectoryError:
         raise BundleError(uri, "not a folder") from None
-    except Exception as e:  # botocore errors, bad JSON
-        if type(e).__name__ in ("NoSuchKey", "ClientError", "NoSuchBucket"):
-            raise BundleError(uri, "no such bundle (no model_index.json at that URI)") from None
-        if isinstance(e, json.JSONDecodeError):
-            raise BundleError(uri, f"model_index.json is not valid JSON: {e}") from None
-        raise
+    except json.JSONDecodeError as e:
+        raise BundleError(uri, f"model_index.json is not valid JSON: {e}") from None
     family = family_of(index, uri)
     with storage.local_copy(uri) as folder:
         bundle = _load_folder(Path(folder), index, family, uri)

@@ -155,21 +155,19 @@ def data(args) -> int:
     from .errors import InputError
 
     for name in ("clips", "shards", "size", "frames"):
-        if not hasattr(args, name):
-            continue
-        value = getattr(args, name, 1)
+        value = getattr(args, name, 1)  # not every data command has every field
         if value < 1:
             raise InputError(name, f"{value} is not allowed", "≥ 1")
     if hasattr(args, "clips") and args.clips < args.shards:
         raise InputError("shards", f"{args.shards} shards for {args.clips} clips", f"≤ clips ({args.clips})")
     start = time.perf_counter()
+    if not getattr(args, "no_ray", True):
+        import ray
+
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
     if args.data_command == "world":
         from .data.shards import WorldSpec, write_world
 
-        if not args.no_ray:
-            import ray
-
-            ray.init(ignore_reinit_error=True, log_to_driver=False)
         spec = WorldSpec(clips=args.clips, shards=args.shards, split=args.split, seed=args.seed, width=args.size,
                          height=args.size, num_frames=args.frames, fps=args.fps)
         shards = write_world(args.out, spec, parallel=not args.no_ray)
@@ -178,10 +176,6 @@ def data(args) -> int:
     elif args.data_command == "latents":
         from .data.latents import add_latents
 
-        if not args.no_ray:
-            import ray
-
-            ray.init(ignore_reinit_error=True, log_to_driver=False)
         counts = add_latents(args.data, args.model, args.out, parallel=not args.no_ray)
         print(f"{args.out}: latents for {sum(counts.values())} clips in {len(counts)} shards, "
               f"{time.perf_counter() - start:.1f} s")

@@ -68,7 +68,11 @@ def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         return Path(uri).read_bytes()
     bucket, key = split_s3(uri)
-    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    client = s3_client()
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (client.exceptions.NoSuchKey, client.exceptions.NoSuchBucket):
+        raise FileNotFoundError(uri) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:

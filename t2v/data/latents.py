@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import storage
-from .shards import latents_to_bytes, read_manifest, shard_uris, write_manifest, write_shard
+from .shards import latents_to_bytes, map_shards, read_manifest, shard_uris, write_manifest, write_shard
 
 
 def encode_shard(src: str, dst: str, bundle_uri: str, batch_size: int = 4) -> int:
@@ -36,13 +36,7 @@ def add_latents(src_uri: str, bundle_uri: str, out_uri: str, parallel: bool = Tr
     float16). One Ray task per shard when `parallel`."""
     names = [u.rsplit("/", 1)[-1] for u in shard_uris(src_uri)]
     jobs = [(storage.join(src_uri, n), storage.join(out_uri, n), bundle_uri) for n in names]
-    if parallel:
-        import ray
-
-        task = ray.remote(num_cpus=1)(encode_shard)
-        counts = ray.get([task.remote(*j) for j in jobs])
-    else:
-        counts = [encode_shard(*j) for j in jobs]
+    counts = map_shards(encode_shard, jobs, parallel)
     meta = {k: v for k, v in read_manifest(src_uri).items() if k != "shards"}
     write_manifest(out_uri, dict(zip(names, counts)), {**meta, "latents_model": bundle_uri})
     return dict(zip(names, counts))

@@ -66,10 +66,8 @@ def write_manifest(uri: str, shards: dict[str, int], meta: dict | None = None) -
 def read_manifest(uri: str) -> dict:
     try:
         return json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
-    except Exception as e:
-        if isinstance(e, FileNotFoundError) or type(e).__name__ in ("NoSuchKey", "ClientError"):
-            raise FileNotFoundError(f"{uri}: no {MANIFEST}; not a t2v dataset (write one with `t2v data`)") from None
-        raise
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no {MANIFEST}; not a t2v dataset (write one with `t2v data`)") from None
 
 
 def shard_uris(uri: str) -> list[str]:
@@ -81,6 +79,16 @@ def shard_uris(uri: str) -> list[str]:
     if missing:
         raise FileNotFoundError(f"{uri}: shard(s) listed in {MANIFEST} are missing: {', '.join(missing)}")
     return [storage.join(uri, n) for n in names]
+
+
+def map_shards(fn, jobs: list[tuple], parallel: bool) -> list:
+    """fn(*job) for every job: one Ray task (1 CPU) each when `parallel`, else in this process, in order."""
+    if not parallel:
+        return [fn(*job) for job in jobs]
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    return ray.get([task.remote(*job) for job in jobs])
 
 
 # --- the synthetic world -----------------------------------------------------------------------
@@ -126,13 +134,6 @@ def write_world_shard(uri: str, spec: WorldSpec, shard: int) -> tuple[str, int]:
 
 def write_world(uri: str, spec: WorldSpec, parallel: bool = True) -> dict:
     """Render and write a whole world dataset; shards in parallel Ray tasks when `parallel`."""
-    if parallel:
-        import ray
-
-        task = ray.remote(num_cpus=1)(write_world_shard)
-        results = ray.get([task.remote(uri, spec, i) for i in range(spec.shards)])
-    else:
-        results = [write_world_shard(uri, spec, i) for i in range(spec.shards)]
-    shards = dict(results)
+    shards = dict(map_shards(write_world_shard, [(uri, spec, i) for i in range(spec.shards)], parallel))
     write_manifest(uri, shards, {"source": f"world/{spec.split}", "spec": spec.__dict__})
     return shards
