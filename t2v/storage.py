@@ -94,6 +94,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def delete(uri: str) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
 def download_dir(uri: str, local: str | os.PathLike) -> Path:
     """Copy every object under an s3:// folder into a local folder."""
     bucket, prefix = split_s3(uri)

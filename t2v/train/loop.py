@@ -55,14 +55,7 @@ class FolderCheckpoints:
         torch.save(state, buf)
         storage.write_bytes(storage.join(self.uri, f"step-{step:06d}.pt"), buf.getvalue())
         for old in self._steps()[: -self.keep]:
-            path = storage.join(self.uri, f"step-{old:06d}.pt")
-            if storage.is_s3(path):
-                bucket, key = storage.split_s3(path)
-                storage.s3_client().delete_object(Bucket=bucket, Key=key)
-            else:
-                from pathlib import Path
-
-                Path(path).unlink(missing_ok=True)
+            storage.delete(storage.join(self.uri, f"step-{old:06d}.pt"))
 
     def report(self, metrics: dict) -> None:
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
