@@ -85,7 +85,9 @@ class TextToVideoPipeline:
         timings["encode_s"] = time.perf_counter() - start
 
         # 3. A fresh scheduler for this call, and its timesteps.
-        scheduler = make_scheduler(dict(b.scheduler.config), fam.samplers, p.sampler, fam.flow)
+        # (a scheduler built in memory has no _class_name in its config until saved)
+        config = {**b.scheduler.config, "_class_name": type(b.scheduler).__name__}
+        scheduler = make_scheduler(config, fam.samplers, p.sampler, fam.flow)
         scheduler.set_timesteps(p.num_inference_steps, device=b.device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)

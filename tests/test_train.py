@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import t2v
 from t2v.data.shards import WorldSpec, write_world
 from t2v.train import EMA, FolderCheckpoints, TrainConfig, shard_batches, train
+from t2v.video import probe
 from t2v.train.loop import build_bundle, data_columns, video_tensor
 from t2v.train.losses import flow_matching_pair, flow_x0, shifted_sigmas, temporal_difference_loss
 
@@ -163,3 +165,49 @@ def test_plain_loop_command_line(tmp_path, world32):
     assert f"saved {tmp_path / 'model'}" in r.stdout
     assert t2v.load(tmp_path / "model").config.num_frames == 9
     assert FolderCheckpoints(str(tmp_path / "ckpt")).latest()["step"] == 3
+
+
+def test_time_budget_fits_the_steps_to_the_measured_pace(tmp_path, world32):
+    from t2v.train.loop import BUDGET_PROBE_STEPS, fit_steps
+
+    cfg = config(tmp_path, world32, steps=10_000, time_budget_s=100.0)
+    # 30 steps done in 12 s, the last 20 at 0.5 s each (the first 10 included warm-up): 88 s left -> 176 more.
+    assert fit_steps(cfg, 30, 0, 12.0, 2.0) == 30 + 176
+    assert fit_steps(dataclasses.replace(cfg, steps=50), 30, 0, 12.0, 2.0) == 50  # never past cfg.steps
+    assert fit_steps(cfg, 30, 0, 120.0, 2.0) == 30  # over budget already: stop now
+    # A real run with a budget far too short for its 10,000 steps stops after the probe.
+    losses = []
+    run(config(tmp_path, world32, steps=10_000, time_budget_s=0.01, checkpoint_every=1000), losses)
+    assert len(losses) == 3 * BUDGET_PROBE_STEPS
+    assert FolderCheckpoints(str(tmp_path / "ckpt")).latest()["step"] == 3 * BUDGET_PROBE_STEPS
+
+
+def test_decoder_fine_tune_keeps_the_encoder_and_its_latents(tmp_path, world32):
+    first = config(tmp_path / "a", world32, stage="vae", steps=4, crop=16, crop_frames=5)
+    run(first)
+    cfg = config(tmp_path / "b", world32, stage="vae", vae_trainable="decoder", init=first.out, steps=6, lr=3e-3,
+                 crop=16, crop_frames=5)
+    run(cfg)
+    before, after = t2v.load(first.out).vae, t2v.load(cfg.out).vae
+    changed = {name for name, p in before.state_dict().items() if not torch.equal(p, after.state_dict()[name])}
+    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
+    assert after.config.latents_mean == before.config.latents_mean
+    with pytest.raises(ValueError, match="vae_trainable"):
+        run(config(tmp_path / "c", world32, vae_trainable="encoder", steps=1))
+
+
+def test_periodic_samples_and_adherence_eval(tmp_path, world32):
+    cfg = config(tmp_path, world32, steps=4, sample_every=4, eval_every=2, sample_prompts=2, sample_steps=2)
+    reports = []
+    train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, num_frames=9, width=32, height=32),
+          FolderCheckpoints(cfg.checkpoint_dir), on_step=lambda step, m: reports.append(m))
+    scored = [m for m in reports if any(k.startswith("adherence/") for k in m)]
+    assert [m["step"] for m in scored] == [2, 4]
+    assert all(0.0 <= v <= 1.0 for m in scored for k, v in m.items() if k.startswith("adherence/"))
+    assert "adherence/one/background" in scored[0] or "adherence/two/background" in scored[0]
+    folder = Path(cfg.out) / "samples" / "step-000004"
+    videos = sorted(folder.glob("*.mp4"))
+    assert len(videos) == 2 and (folder / "sheet.png").exists()
+    assert probe(videos[0]).num_frames == 9
+    assert len((folder / "prompts.txt").read_text().splitlines()) == 2
+    assert not (Path(cfg.out) / "samples" / "step-000002").exists()  # eval only at step 2: no files

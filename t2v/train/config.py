@@ -19,6 +19,7 @@ class TrainConfig:
     bundle_config: dict = field(default_factory=dict)  # "_t2v" defaults for the saved bundle
 
     steps: int = 1000
+    time_budget_s: float = 0.0  # > 0: stop early so this run's steps fit in that many seconds (see loop.fit_steps)
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-4
@@ -40,11 +41,15 @@ class TrainConfig:
     temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
     smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
     kl_weight: float = 1e-6  # VAE stage
+    vae_trainable: str = "all"  # VAE stage: "all", or "decoder" (fine-tune the decoder of an `init` bundle; its
+    # latents, and so a denoiser trained on them, stay valid)
 
     log_every: int = 10
     checkpoint_every: int = 200
     sample_every: int = 0  # 0: never; else write sample videos to <out>/samples
-    eval_every: int = 0  # 0: never; else adherence of sample prompts by the world analyzer
+    eval_every: int = 0  # 0: never; else adherence of sample prompts by the world analyzer (VAE: recon error)
+    sample_prompts: int = 4  # held-out prompts (or clips, VAE stage) per sample / eval
+    sample_steps: int = 25
     num_workers: int = 1  # Ray Train
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # on small machines leave one whole CPU free: Ray Data lists files with one

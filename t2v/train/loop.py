@@ -98,7 +98,7 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
 
 def video_tensor(batch: dict, device) -> torch.Tensor:
     """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
-    v = torch.as_tensor(np.asarray(batch["video"]), device=device)
+    v = torch.as_tensor(batch["video"], device=device)
     return v.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
@@ -127,7 +127,7 @@ def denoiser_step(bundle: Bundle, model, batch: dict, cfg: TrainConfig, rng: ran
     with torch.no_grad():
         text = fam.encode_prompt(bundle, captions, bundle.config.max_sequence_length)
         if batch.get("latents") is not None:
-            x0 = torch.as_tensor(np.asarray(batch["latents"]), device=device).float()
+            x0 = torch.as_tensor(batch["latents"], device=device).float()
         else:
             x0 = fam.encode(bundle, video_tensor(batch, device))
     noise = torch.randn_like(x0)
@@ -177,6 +177,17 @@ def latent_statistics(bundle: Bundle, batches: Iterator[dict], n: int, device) -
     return z.mean(1).tolist(), z.std(1).tolist()
 
 
+def fit_steps(cfg: TrainConfig, step: int, first_step: int, elapsed: float, probe_elapsed: float) -> int:
+    """Total steps that fit cfg.time_budget_s, from the pace between the probe step (after warm-up: kernel
+    autotuning, data start) and now; never more than cfg.steps. The cosine schedule then ends on time."""
+    done = step - first_step
+    per_step = (elapsed - probe_elapsed) / max(1, done - BUDGET_PROBE_STEPS)
+    return min(cfg.steps, step + max(0, int((cfg.time_budget_s - elapsed) / per_step)))
+
+
+BUDGET_PROBE_STEPS = 10  # steps after which the pace is measured; it is fixed after twice as many more
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -201,6 +212,12 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         module.to(device).requires_grad_(False).eval()
     trained = bundle.vae if cfg.stage == "vae" else bundle.denoiser
     trained.requires_grad_(True).train()
+    if cfg.stage == "vae" and cfg.vae_trainable == "decoder":
+        trained.requires_grad_(False)
+        for part in (trained.post_quant_conv, trained.decoder):
+            part.requires_grad_(True)
+    elif cfg.vae_trainable != "all":
+        raise ValueError(f"vae_trainable must be 'all' or 'decoder' (stage vae), got {cfg.vae_trainable!r}")
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = EMA(trained, cfg.ema_decay)
@@ -216,7 +233,7 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     step_fn = vae_step if cfg.stage == "vae" else denoiser_step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    t0, window = time.perf_counter(), []
+    t0, window, first_step, probe_elapsed = time.perf_counter(), [], step, 0.0
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -235,9 +252,22 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         ema.update(trained, step)
         step += 1
         window.append(loss.item())
+        if cfg.time_budget_s:
+            if step - first_step == BUDGET_PROBE_STEPS:
+                probe_elapsed = time.perf_counter() - t0
+            elif step - first_step == 3 * BUDGET_PROBE_STEPS:
+                steps = fit_steps(cfg, step, first_step, time.perf_counter() - t0, probe_elapsed)
+                log.info("time budget %.0f s: %d steps in all", cfg.time_budget_s, steps)
+                cfg = dataclasses.replace(cfg, steps=max(step, steps))
         metrics = {"step": step, "loss": window[-1], "loss_avg": float(np.mean(window)), "grad_norm": float(grad_norm),
                    "lr": opt.param_groups[0]["lr"], "samples_seen": samples_seen,
                    "wall_s": time.perf_counter() - t0, **parts}
+        want_samples = rank == 0 and cfg.sample_every and step % cfg.sample_every == 0
+        want_eval = rank == 0 and cfg.eval_every and step % cfg.eval_every == 0
+        if want_samples or want_eval:
+            from .samples import sample_and_eval
+
+            metrics.update(sample_and_eval(bundle, trained, ema, cfg, step, bool(want_samples), bool(want_eval)))
         if on_step:
             on_step(step, metrics)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -250,7 +280,7 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
             window = []
     ema.copy_to(trained)
     trained.eval().requires_grad_(False)
-    if cfg.stage == "vae":
+    if cfg.stage == "vae" and cfg.vae_trainable == "all":  # a frozen encoder keeps its latent statistics
         set_latent_statistics(bundle, make_batches(0), device)
     if rank == 0:
         bundle.save(cfg.out)

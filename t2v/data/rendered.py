@@ -1,0 +1,159 @@
+"""Synthetic-world clips rendered on the fly for training, without shards: a process pool renders N clips into
+chunk files (memory-mapped back), in the background, while training draws batches from the chunks done so
+far. Each draw gets a fresh caption of its scene, so the model sees many phrasings of one clip.
+
+Used where rendering is cheaper than moving shards (a GPU machine with idle CPU cores, see
+jobs/train_default.py); the shard path (`t2v data world` + `t2v.data.stream`) is the one for clusters.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    split: str = "train"
+    seed: int = 0
+    num_frames: int = 17
+    size: int = 128
+    fps: float = 8.0
+    chunk: int = 64  # clips per worker task and chunk file
+
+
+def scene_at(spec: RenderSpec, index: int):
+    """The index-th scene of a split: deterministic, so any worker renders any clip."""
+    from ..world import sample_scene
+
+    rng = random.Random(f"{spec.seed}/{spec.split}/{index}")
+    return sample_scene(rng, spec.split, width=spec.size, height=spec.size, num_frames=spec.num_frames, fps=spec.fps)
+
+
+def _render_chunk(args: tuple) -> tuple[int, list[str]]:
+    spec, folder, chunk_index, start, stop = args
+    from ..world import render
+
+    scenes = [scene_at(spec, i) for i in range(start, stop)]
+    video = np.stack([render(s) for s in scenes])
+    path = os.path.join(folder, f"chunk-{chunk_index:05d}.npy")
+    np.save(path + ".tmp.npy", video)
+    os.replace(path + ".tmp.npy", path)  # readers never see a half-written chunk
+    return chunk_index, [s.to_json() for s in scenes]
+
+
+class RenderedWorld:
+    """`clips` clips of one split, rendered by `workers` processes into `folder` (a temporary one by default)."""
+
+    def __init__(self, clips: int, spec: RenderSpec = RenderSpec(), workers: int | None = None,
+                 folder: str | None = None):
+        if clips < 1:
+            raise ValueError(f"clips must be >= 1, got {clips}")
+        self.clips, self.spec = clips, spec
+        self.workers = workers or max(1, (os.cpu_count() or 2) - 2)
+        self._own_folder = folder is None
+        need = clips * spec.num_frames * spec.size * spec.size * 3
+        self.folder = folder or tempfile.mkdtemp(prefix="t2v-world-", dir=_roomy_tmp(need))
+        self._chunks: dict[int, tuple[np.ndarray, list]] = {}  # chunk index -> (memmap [n, T, H, W, 3], scenes)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.render_seconds = 0.0
+
+    # -- rendering -------------------------------------------------------------------------------------
+    def start(self) -> "RenderedWorld":
+        """Start rendering in the background (fork the pool before any CUDA call: workers use numpy/PIL only)."""
+        import multiprocessing as mp
+
+        c = self.spec.chunk
+        jobs = [(self.spec, self.folder, k, s, min(s + c, self.clips)) for k, s in enumerate(range(0, self.clips, c))]
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = mp.get_context(method).Pool(self.workers)
+
+        def collect():
+            t0 = time.perf_counter()
+            try:
+                for k, scenes in pool.imap_unordered(_render_chunk, jobs):
+                    from ..world import Scene
+
+                    video = np.load(os.path.join(self.folder, f"chunk-{k:05d}.npy"), mmap_mode="r")
+                    with self._lock:
+                        self._chunks[k] = (video, [Scene.from_json(s) for s in scenes])
+            except BaseException as e:  # surfaced by batches()/wait()
+                self._error = e
+            finally:
+                pool.terminate()
+                self.render_seconds = time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=collect, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def ready(self) -> int:
+        with self._lock:
+            return sum(len(s) for _, s in self._chunks.values())
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until every clip is rendered (or `timeout` seconds pass); returns how many are ready."""
+        if self._thread:
+            self._thread.join(timeout)
+        self._raise()
+        return self.ready
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"rendering the world failed: {self._error!r}") from self._error
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def items(self) -> list[tuple[int, int]]:
+        """(chunk, row) of every clip ready now."""
+        with self._lock:
+            return [(k, i) for k in sorted(self._chunks) for i in range(len(self._chunks[k][1]))]
+
+    def clip(self, item: tuple[int, int]):
+        """(uint8 frames [T, H, W, 3], Scene) of one ready clip."""
+        video, scenes = self._chunks[item[0]]
+        return np.asarray(video[item[1]]), scenes[item[1]]
+
+    def batches(self, batch_size: int, seed: int = 0, min_ready: int = 1) -> Iterator[dict]:
+        """Endless random batches {"video": uint8 [B, T, H, W, 3], "caption": [B]} over the clips ready so far,
+        each caption freshly phrased."""
+        from ..world import caption
+
+        rng = random.Random(seed)
+        while self.ready < min(min_ready, self.clips):
+            self._raise()
+            time.sleep(0.05)
+        while True:
+            self._raise()
+            items = self.items()
+            picked = [items[rng.randrange(len(items))] for _ in range(batch_size)]
+            clips = [self.clip(it) for it in picked]
+            yield {"video": np.stack([v for v, _ in clips]),
+                   "caption": np.array([caption(s, rng, heldout=self.spec.split == "heldout") for _, s in clips])}
+
+    def close(self) -> None:
+        with self._lock:
+            self._chunks.clear()
+        if self._own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _roomy_tmp(needed_bytes: int) -> str | None:
+    """/dev/shm when it has room for the clips (RAM-backed), else the default temporary folder."""
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize > 1.25 * needed_bytes:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return None
