@@ -63,6 +63,8 @@ class TextToVideoPipeline:
         fps: float | None = None,
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         callback_on_step_end: Callable[["TextToVideoPipeline", int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
     ) -> VideoOutput:
@@ -80,8 +82,15 @@ class TextToVideoPipeline:
         batch = len(p.prompts)
         cfg = p.guidance_scale > 1.0
 
-        # 2. Encode the prompts; with guidance the negative prompts ride in the same batch, first.
-        embeds = self.encode_prompt(p.negative_prompts + p.prompts if cfg else p.prompts)
+        # 2. Encode the prompts (unless given, e.g. by a separate text-encoder stage); with guidance the negative
+        #    prompts ride in the same batch, first.
+        if prompt_embeds is None:
+            embeds = self.encode_prompt(p.negative_prompts + p.prompts if cfg else p.prompts)
+        else:
+            if cfg and negative_prompt_embeds is None:
+                negative_prompt_embeds = self.encode_prompt(p.negative_prompts)
+            embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+            embeds = embeds.to(b.device)
         timings["encode_s"] = time.perf_counter() - start
 
         # 3. A fresh scheduler for this call, and its timesteps.
@@ -116,14 +125,18 @@ class TextToVideoPipeline:
 
         # 6. Decode to frames.
         t0 = time.perf_counter()
-        if output_type == "latent":
-            frames = latents
-        else:
-            video = self.video_processor.postprocess_video(fam.decode(b, latents), output_type="pt")
-            frames = video if output_type == "pt" else to_uint8(video)
+        frames = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - start
         return VideoOutput(frames=frames, params=p, timings=timings)
+
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "np"):
+        """Latents [B, C, F, h, w] -> frames ("np": uint8 [B, T, H, W, 3]; "pt": [B, T, 3, H, W] in [0, 1])."""
+        video = self.video_processor.postprocess_video(self.bundle.family.decode(self.bundle, latents),
+                                                       output_type="pt")
+        return video if output_type == "pt" else to_uint8(video)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

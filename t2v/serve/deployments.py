@@ -1,0 +1,154 @@
+"""The Ray Serve graph: TextEncoder -> Denoiser -> Decoder, behind the job API's Ingress.
+
+    serve run serve_configs/t2v.yaml
+
+Each deployment is a thin shell over `stages.py`; replicas, autoscaling and `ray_actor_options` (GPUs, CPUs)
+come from the YAML config, not from here. The graph is bound once, in `build_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import torch
+from ray import serve
+
+from ..bundle import load
+from ..pipeline import TextToVideoPipeline
+from . import stages
+from .api import Settings, create_app
+from .jobs import JobStore
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pipeline(model: str | None, precision: str) -> TextToVideoPipeline:
+    return TextToVideoPipeline(load(model, precision=precision, device=_device()))
+
+
+@serve.deployment
+class TextEncoder:
+    """Checks requests against the model's limits and encodes prompts, batching concurrent requests."""
+
+    def __init__(self, model: str | None = None, precision: str = "fp32"):
+        self.pipe = _pipeline(model, precision)
+        self._version = stages.model_version(self.pipe.bundle)
+
+    def version(self) -> str:
+        return self._version
+
+    def validate(self, fields: dict) -> dict:
+        return stages.validate(self.pipe.bundle, fields)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def encode(self, requests: list[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # One forward for every prompt and negative prompt waiting now.
+        embeds = self.pipe.encode_prompt([p for p, _ in requests] + [n for _, n in requests]).cpu()
+        n = len(requests)
+        return [(embeds[i:i + 1], embeds[n + i:n + i + 1]) for i in range(n)]
+
+
+@serve.deployment
+class Denoiser:
+    """The denoiser and its scheduler; streams ("progress", step, total) events, then ("latents", tensor)."""
+
+    def __init__(self, model: str | None = None, precision: str = "fp32"):
+        self.pipe = _pipeline(model, precision)
+        self._lock = threading.Lock()  # one sampling loop at a time per replica
+
+    async def denoise(self, params: dict, embeds: torch.Tensor, negative: torch.Tensor):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def run():
+            with self._lock:
+                return stages.denoise(self.pipe, params, embeds, negative,
+                                      lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n)))
+
+        task = asyncio.ensure_future(asyncio.to_thread(run))
+        while not task.done() or not events.empty():
+            getter = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield ("progress", *getter.result())
+            else:
+                getter.cancel()
+        yield ("latents", task.result().cpu())
+
+
+@serve.deployment
+class Decoder:
+    """VAE decode, video encode, and the upload of the mp4 and its thumbnail to the job store."""
+
+    def __init__(self, model: str | None = None, precision: str = "fp32"):
+        self.pipe = _pipeline(model, precision)
+        self._lock = threading.Lock()
+
+    async def finish(self, latents: torch.Tensor, fps: float, store: str, job_id: str) -> dict:
+        def run():
+            with self._lock:
+                result = stages.finish(self.pipe, latents, fps)
+            JobStore(store).put_content(job_id, result.video, result.thumbnail)
+            return result.timings
+
+        return await asyncio.to_thread(run)
+
+
+class ServeGenerator:
+    """The job service's generator over the graph's handles (the Decoder stores the content itself)."""
+
+    def __init__(self, encoder, denoiser, decoder, store: str):
+        self.encoder, self.denoiser, self.decoder, self.store = encoder, denoiser, decoder, store
+        self.version = None
+
+    async def validate(self, fields: dict) -> dict:
+        if self.version is None:
+            self.version = await self.encoder.version.remote()
+        return await self.encoder.validate.remote(fields)
+
+    async def generate(self, params: dict, progress, job_id: str) -> stages.GeneratedVideo:
+        import time
+
+        t0 = time.perf_counter()
+        embeds, negative = await self.encoder.encode.remote((params["prompt"], params["negative_prompt"]))
+        t1 = time.perf_counter()
+        latents = None
+        async for event in self.denoiser.options(stream=True).denoise.remote(params, embeds, negative):
+            if event[0] == "progress":
+                progress(event[1], event[2])
+            else:
+                latents = event[1]
+        t2 = time.perf_counter()
+        timings = await self.decoder.finish.remote(latents, params["fps"], self.store, job_id)
+        return stages.GeneratedVideo(video=None, thumbnail=None,
+                                     timings={**timings, "encode_prompt_s": t1 - t0, "denoise_s": t2 - t1})
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The job API (FastAPI) and the web UI; the job queue lives here, so keep one replica."""
+
+    def __init__(self, encoder, denoiser, decoder, settings: dict | None = None):
+        self.settings = Settings.from_dict(settings)
+        self.generator = ServeGenerator(encoder, denoiser, decoder, self.settings.store)
+
+    def __serve_build_asgi_app__(self):
+        self.app = create_app(self.generator, self.settings)
+        return self.app
+
+    async def check_health(self):
+        # Serve calls this periodically in the replica's loop: (re)start the workers, which also re-queues
+        # jobs left unfinished by a previous run, even before the first request arrives.
+        self.app.state.service.ensure_started()
+
+
+def build_app(args: dict):
+    """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
+    args = dict(args or {})
+    model, precision = args.pop("model", None), args.pop("precision", "fp32")
+    return Ingress.bind(TextEncoder.bind(model, precision), Denoiser.bind(model, precision),
+                        Decoder.bind(model, precision), args.get("settings"))

@@ -1,0 +1,241 @@
+"""Video jobs in the OpenAI Videos API shape, without any web or Ray code: the request mapping, the durable
+job store (local folder or s3://), the priority queue, idempotency, the result cache and credit cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+
+from .. import storage
+from ..errors import InputError
+
+STATUSES = ("queued", "in_progress", "completed", "failed")
+T2V_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "fps", "sampler")
+MAX_PRIORITY = 9
+
+
+# --- the request ----------------------------------------------------------------------------------------
+
+def to_generation_kwargs(fields: dict, temporal_factor: int, default_fps: float) -> dict:
+    """OpenAI fields (seconds, size) and t2v fields -> TextToVideoPipeline keyword arguments. Values may be
+    strings (multipart forms); the pipeline's `resolve` checks every limit afterwards."""
+    kw: dict = {"prompt": fields.get("prompt")}
+    if not isinstance(kw["prompt"], str) or not kw["prompt"].strip():
+        raise InputError("prompt", "is required and must be a non-empty string")
+    for name in T2V_FIELDS:
+        if fields.get(name) not in (None, ""):
+            kw[name] = fields[name]
+    for name, kind in (("seed", int), ("num_inference_steps", int), ("guidance_scale", float), ("fps", float)):
+        if name in kw:
+            try:
+                kw[name] = kind(kw[name]) if kind is float or float(kw[name]).is_integer() else kw[name]
+            except (TypeError, ValueError):
+                raise InputError(name, f"must be a number, got {kw[name]!r}") from None
+    if fields.get("size") not in (None, ""):
+        try:
+            w, h = (int(v) for v in str(fields["size"]).lower().split("x"))
+        except ValueError:
+            raise InputError("size", f"must be WIDTHxHEIGHT, got {fields['size']!r}", "e.g. 128x128") from None
+        kw["width"], kw["height"] = w, h
+    if fields.get("seconds") not in (None, ""):
+        try:
+            seconds = float(fields["seconds"])
+        except (TypeError, ValueError):
+            raise InputError("seconds", f"must be a number, got {fields['seconds']!r}") from None
+        if not seconds > 0:
+            raise InputError("seconds", f"{seconds} is out of range", "> 0")
+        fps = float(kw.get("fps", default_fps))
+        # Frames come in 1 + k * temporal_factor (the causal VAE's chunks): the nearest count to seconds * fps.
+        k = max(1, round(seconds * fps / temporal_factor))
+        kw["num_frames"] = 1 + k * temporal_factor
+    return kw
+
+
+def parse_priority(value) -> int:
+    try:
+        p = int(value)
+    except (TypeError, ValueError):
+        raise InputError("priority", f"must be an integer, got {value!r}", f"0 to {MAX_PRIORITY}") from None
+    if not 0 <= p <= MAX_PRIORITY:
+        raise InputError("priority", f"{p} is out of range", f"0 to {MAX_PRIORITY}")
+    return p
+
+
+def canonical_hash(params: dict, model_version: str) -> str:
+    """The result-cache key: resolved parameters (seed included) and the model's version."""
+    text = json.dumps({"params": params, "model": model_version}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def credit_cost(num_frames: int, width: int, height: int, steps: int, guidance: bool = True) -> float:
+    """Credits of a job: frames x megapixels x denoising passes (x2 with guidance), 1 credit per 100 of them.
+    What a job costs the GPUs grows with each factor; the unit is arbitrary but stable."""
+    passes = steps * (2 if guidance else 1)
+    return round(num_frames * width * height / 1e6 * passes / 100, 4)
+
+
+# --- the job record ---------------------------------------------------------------------------------------
+
+@dataclass
+class VideoJob:
+    id: str
+    prompt: str
+    model: str
+    params: dict  # resolved generation parameters (GenerationParams.as_dict of one prompt)
+    seconds: str
+    size: str
+    created_at: int
+    status: str = "queued"
+    progress: int = 0
+    priority: int = 5
+    user_level: int = 0
+    cost: float = 0.0
+    request_hash: str = ""
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: dict | None = None
+    timings: dict = field(default_factory=dict)
+    cached_from: str | None = None
+    attempts: int = 0
+    created_ts: float = 0.0  # time.time() at creation: orders the list within a second
+    enqueued_at: float = 0.0  # for aging (time.time(); reset when a restart re-queues the job)
+
+    @staticmethod
+    def new_id() -> str:
+        return "video_" + secrets.token_hex(12)
+
+    def to_api(self) -> dict:
+        """The OpenAI `Video` object, with t2v's own fields under "t2v"."""
+        return {
+            "id": self.id, "object": "video", "created_at": self.created_at, "completed_at": self.completed_at,
+            "expires_at": self.expires_at, "status": self.status, "progress": self.progress, "model": self.model,
+            "prompt": self.prompt, "seconds": self.seconds, "size": self.size, "error": self.error,
+            "remixed_from_video_id": None,
+            "t2v": {"params": self.params, "priority": self.priority, "cost": self.cost, "timings": self.timings,
+                    "cached_from": self.cached_from},
+        }
+
+    @property
+    def frames_pixels(self) -> int:
+        p = self.params
+        return int(p.get("num_frames", 1)) * int(p.get("width", 1)) * int(p.get("height", 1))
+
+
+# --- durable storage ----------------------------------------------------------------------------------------
+
+class JobStore:
+    """Job records, results, idempotency keys and the cache index under one folder or s3:// prefix:
+
+        jobs/<id>.json   content/<id>.mp4   content/<id>.png   idempotency/<sha>.json   cache/<hash>.json
+    """
+
+    def __init__(self, root: str):
+        self.root = str(root)
+
+    def _uri(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    def _write_json(self, uri: str, value: dict) -> None:
+        storage.write_bytes(uri, json.dumps(value, sort_keys=True).encode())
+
+    def _read_json(self, uri: str) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(uri))
+        except FileNotFoundError:
+            return None
+
+    def save(self, job: VideoJob) -> None:
+        self._write_json(self._uri("jobs", f"{job.id}.json"), asdict(job))
+
+    def get(self, job_id: str) -> VideoJob | None:
+        if not job_id.replace("_", "").isalnum():
+            return None
+        value = self._read_json(self._uri("jobs", f"{job_id}.json"))
+        return VideoJob(**value) if value else None
+
+    def all(self) -> list[VideoJob]:
+        folder = self._uri("jobs")
+        if not storage.exists(folder):
+            return []
+        jobs = [self.get(name[:-5]) for name in storage.list_files(folder) if name.endswith(".json")]
+        return sorted((j for j in jobs if j), key=lambda j: (j.created_ts, j.id))
+
+    def delete(self, job_id: str) -> None:
+        for name in (f"jobs/{job_id}.json", f"content/{job_id}.mp4", f"content/{job_id}.png"):
+            storage.delete(self._uri(*name.split("/")))
+
+    def put_content(self, job_id: str, video: bytes, thumbnail: bytes) -> None:
+        storage.write_bytes(self._uri("content", f"{job_id}.mp4"), video)
+        storage.write_bytes(self._uri("content", f"{job_id}.png"), thumbnail)
+
+    def content(self, job_id: str, variant: str = "video") -> bytes:
+        return storage.read_bytes(self._uri("content", f"{job_id}.{'png' if variant == 'thumbnail' else 'mp4'}"))
+
+    # Idempotency-Key -> (job id, body hash): same key + same body is the same job.
+    def idempotent(self, key: str) -> dict | None:
+        return self._read_json(self._uri("idempotency", hashlib.sha256(key.encode()).hexdigest() + ".json"))
+
+    def remember_idempotent(self, key: str, job_id: str, body_hash: str) -> None:
+        self._write_json(self._uri("idempotency", hashlib.sha256(key.encode()).hexdigest() + ".json"),
+                         {"job_id": job_id, "body_hash": body_hash})
+
+    # Result cache: canonical request hash -> a completed job, until its TTL passes.
+    def cached(self, request_hash: str, now: float) -> VideoJob | None:
+        entry = self._read_json(self._uri("cache", f"{request_hash}.json"))
+        if not entry or entry["expires_at"] < now:
+            return None
+        job = self.get(entry["job_id"])
+        return job if job and job.status == "completed" else None
+
+    def remember_result(self, request_hash: str, job_id: str, expires_at: float) -> None:
+        self._write_json(self._uri("cache", f"{request_hash}.json"), {"job_id": job_id, "expires_at": expires_at})
+
+
+# --- the priority queue ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QueueWeights:
+    """score = priority * priority + user_level * level - length * megavoxels + aging * seconds waited.
+    Aging guarantees that a long, low-priority job is eventually served."""
+
+    priority: float = 10.0
+    level: float = 5.0
+    length: float = 2.0  # per million output voxels (frames x pixels): short first
+    aging: float = 1.0  # per second in the queue
+
+
+def queue_score(job: VideoJob, now: float, w: QueueWeights = QueueWeights()) -> float:
+    return (w.priority * job.priority + w.level * job.user_level - w.length * job.frames_pixels / 1e6
+            + w.aging * max(0.0, now - job.enqueued_at))
+
+
+class PriorityQueue:
+    """Jobs waiting for the generator; `pop` takes the highest score now (scores change with waiting time,
+    so they are computed at pop time; queues are short, a scan is cheap)."""
+
+    def __init__(self, weights: QueueWeights = QueueWeights()):
+        self.weights = weights
+        self._jobs: dict[str, VideoJob] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def push(self, job: VideoJob) -> None:
+        self._jobs[job.id] = job
+
+    def remove(self, job_id: str) -> bool:
+        return self._jobs.pop(job_id, None) is not None
+
+    def pop(self, now: float | None = None) -> VideoJob | None:
+        if not self._jobs:
+            return None
+        now = time.time() if now is None else now
+        best = max(self._jobs.values(), key=lambda j: (queue_score(j, now, self.weights), -j.enqueued_at))
+        return self._jobs.pop(best.id)
