@@ -319,6 +319,13 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "queued": len(service.queue), "running": len(service.running),
                 "model": settings.model_name, "version": generator.version}
 
+    @app.get("/v1/t2v/defaults")
+    async def defaults(request: Request):
+        """The served model's default parameters (the web UI starts from them)."""
+        user_level(request)
+        params = await generator.validate({"prompt": "-", "seed": 0})
+        return {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "seed")}
+
     @app.get("/", response_class=HTMLResponse)
     async def ui():
         return HTMLResponse(UI.read_text())
