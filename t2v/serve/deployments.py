@@ -137,13 +137,13 @@ class Ingress:
         self.generator = ServeGenerator(encoder, denoiser, decoder, self.settings.store)
 
     def __serve_build_asgi_app__(self):
-        self.app = create_app(self.generator, self.settings)
-        return self.app
+        self._asgi = create_app(self.generator, self.settings)  # ("app" is taken by serve.ingress)
+        return self._asgi
 
     async def check_health(self):
         # Serve calls this periodically in the replica's loop: (re)start the workers, which also re-queues
         # jobs left unfinished by a previous run, even before the first request arrives.
-        self.app.state.service.ensure_started()
+        self._asgi.state.service.ensure_started()
 
 
 def build_app(args: dict):
