@@ -3,17 +3,15 @@ store swapped in), driven over HTTP by the official openai client; and a restart
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from t2v.serve.process import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 openai = pytest.importorskip("openai")
@@ -44,37 +42,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServeRun:
-    """`serve run CONFIG` in a subprocess, until stopped with Ctrl-C like a user would."""
-
-    def __init__(self, config: Path, port: int, log: Path):
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        self.log = open(log, "ab")
-        serve = os.path.join(os.path.dirname(sys.executable), "serve")
-        self.proc = subprocess.Popen([serve, "run", str(config)], cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert self.proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(log.read_text()[-3000:])
-
-    def stop(self):
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
-
-
 @pytest.mark.slow
 def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir):
     config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
@@ -88,7 +55,7 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "serve.log"
 
-    serve = ServeRun(path, port, log)
+    serve = ServeProcess(path, f"http://127.0.0.1:{port}", log, cwd=ROOT)
     try:
         c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
         video = c.videos.create_and_poll(prompt="a red ball bouncing on a black background", size="32x32",
@@ -111,7 +78,7 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
         pending = c.videos.create(prompt="a green heart", size="32x32", extra_body={"num_inference_steps": 300})
     finally:
         serve.stop()
-    serve = ServeRun(path, port, log)
+    serve = ServeProcess(path, f"http://127.0.0.1:{port}", log, cwd=ROOT)
     try:
         c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
         assert pending.id in [v.id for v in c.videos.list().data]

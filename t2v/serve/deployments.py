@@ -25,7 +25,9 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _pipeline(model: str | None, precision: str) -> TextToVideoPipeline:
+def _pipeline(model: str | None, precision: str, threads: int | None) -> TextToVideoPipeline:
+    if threads:  # Ray gives a fractional-CPU actor one thread; a stage that runs alone may use more
+        torch.set_num_threads(threads)
     return TextToVideoPipeline(load(model, precision=precision, device=_device()))
 
 
@@ -33,8 +35,8 @@ def _pipeline(model: str | None, precision: str) -> TextToVideoPipeline:
 class TextEncoder:
     """Checks requests against the model's limits and encodes prompts, batching concurrent requests."""
 
-    def __init__(self, model: str | None = None, precision: str = "fp32"):
-        self.pipe = _pipeline(model, precision)
+    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
+        self.pipe = _pipeline(model, precision, threads)
         self._version = stages.model_version(self.pipe.bundle)
 
     def version(self) -> str:
@@ -55,8 +57,8 @@ class TextEncoder:
 class Denoiser:
     """The denoiser and its scheduler; streams ("progress", step, total) events, then ("latents", tensor)."""
 
-    def __init__(self, model: str | None = None, precision: str = "fp32"):
-        self.pipe = _pipeline(model, precision)
+    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
+        self.pipe = _pipeline(model, precision, threads)
         self._lock = threading.Lock()  # one sampling loop at a time per replica
 
     async def denoise(self, params: dict, embeds: torch.Tensor, negative: torch.Tensor):
@@ -83,8 +85,8 @@ class Denoiser:
 class Decoder:
     """VAE decode, video encode, and the upload of the mp4 and its thumbnail to the job store."""
 
-    def __init__(self, model: str | None = None, precision: str = "fp32"):
-        self.pipe = _pipeline(model, precision)
+    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
+        self.pipe = _pipeline(model, precision, threads)
         self._lock = threading.Lock()
 
     async def finish(self, latents: torch.Tensor, fps: float, store: str, job_id: str) -> dict:
@@ -149,6 +151,9 @@ class Ingress:
 def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
-    model, precision = args.pop("model", None), args.pop("precision", "fp32")
-    return Ingress.bind(TextEncoder.bind(model, precision), Denoiser.bind(model, precision),
-                        Decoder.bind(model, precision), args.get("settings"))
+    unknown = set(args) - {"model", "precision", "threads", "settings"}
+    if unknown:
+        raise ValueError(f"unknown application args: {', '.join(sorted(unknown))} "
+                         "(allowed: model, precision, threads, settings)")
+    stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
+    return Ingress.bind(TextEncoder.bind(*stage), Denoiser.bind(*stage), Decoder.bind(*stage), args.get("settings"))

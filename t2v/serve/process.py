@@ -1,0 +1,57 @@
+"""`serve run CONFIG` as a child process that is ready when its /healthz answers (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+class ServeProcess:
+    """Start `serve run config` (its own process group) and wait until the HTTP API answers; `stop()` sends
+    Ctrl-C like a user would, so Serve shuts down cleanly."""
+
+    def __init__(self, config: str | Path, url: str, log: str | Path, cwd: str | Path | None = None,
+                 timeout: float = 240):
+        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        serve = os.path.join(os.path.dirname(sys.executable), "serve")
+        self.log_path, self.url = Path(log), url.rstrip("/")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([serve, "run", str(config)], cwd=cwd, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"serve run did not answer within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
