@@ -1,0 +1,265 @@
+"""Videos longer than the model's native clip: temporal co-denoising of overlapping latent windows.
+
+At every sampler step each window's prediction is computed on its own (so windows can run in parallel, on
+different Denoiser replicas), then the overlapping predictions are fused with ramp weights before ONE
+scheduler step on the whole latent video (Gen-L-Video / MultiDiffusion). The initial noise repeats the
+first window's noise frames in shuffled order (FreeNoise), so every window starts from statistically the same
+noise and distant windows stay correlated. Continuity comes from the denoising itself: no finished clips are
+cross-faded. Each window may carry its own prompt (multi-shot plans, see `planner.py`).
+
+The pieces are short pure functions (`latent_windows`, `window_weights`, `fuse_windows`, `freenoise`,
+`seam_ratio`); `LongVideoPipeline` composes them with a `TextToVideoPipeline`, and the Serve graph reuses the
+same loop with a remote per-window predictor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .errors import InputError
+from .params import resolve
+from .pipeline import TextToVideoPipeline, VideoOutput, to_uint8
+from .sampling import classifier_free_guidance, make_scheduler
+
+MAX_WINDOWS = 32
+
+
+# --- pure pieces ------------------------------------------------------------------------------------------
+
+def latent_windows(total: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """Windows over `total` latent frames for a model whose clips have `window` latent frames. Every window is
+    the first latent frame (the anchor: the causal VAE and the model read frame 0 as a single image) followed
+    by a run [start, end) of later frames; neighbouring runs share >= `overlap` frames; the last run ends at
+    `total`. Returns the runs."""
+    body, run = total - 1, window - 1
+    if body <= run:
+        return [(1, total)]
+    if not 0 < overlap < run:
+        raise InputError("overlap", f"{overlap} latent frames for windows of {window}", f"1 to {run - 1}")
+    n = -(-(body - run) // (run - overlap)) + 1  # ceil
+    starts = np.linspace(1, total - run, n).round().astype(int)
+    return [(int(s), int(s) + run) for s in starts]
+
+
+def window_latents(latents: torch.Tensor, run: tuple[int, int]) -> torch.Tensor:
+    """A window's latents: the anchor frame, then its run."""
+    return torch.cat([latents[:, :, :1], latents[:, :, run[0]:run[1]]], dim=2)
+
+
+def window_weights(length: int, ramp: int) -> torch.Tensor:
+    """Per-frame fusion weights of one run: 1 in the middle, rising linearly over `ramp` frames at each end
+    (never 0, so a frame covered by one window keeps its prediction)."""
+    w = torch.ones(length)
+    for i in range(min(ramp, length)):
+        w[i] = w[length - 1 - i] = min(w[i], (i + 1) / (ramp + 1))
+    return w
+
+
+def fuse_windows(preds: Sequence[torch.Tensor], runs: Sequence[tuple[int, int]], total: int, ramp: int):
+    """Per-window predictions [B, C, 1 + run, h, w] -> one [B, C, total, h, w]: the anchor frame averaged over
+    all windows, each later frame a ramp-weighted average of the windows covering it."""
+    first = preds[0]
+    out = first.new_zeros(first.shape[0], first.shape[1], total, *first.shape[3:])
+    norm = first.new_zeros(total)
+    for pred, (s, e) in zip(preds, runs):
+        w = torch.cat([torch.ones(1), window_weights(e - s, ramp)]).to(pred)
+        if s == 1:
+            w[1:1 + ramp] = 1.0  # nothing before the first run to blend with
+        if e == total:
+            w[len(w) - ramp:] = 1.0
+        out[:, :, :1] += pred[:, :, :1] * w[0]
+        out[:, :, s:e] += pred[:, :, 1:] * w[1:].view(1, 1, -1, 1, 1)
+        norm[0] += w[0]
+        norm[s:e] += w[1:]
+    return out / norm.view(1, 1, -1, 1, 1)
+
+
+def freenoise(shape: tuple, window: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Initial noise [B, C, F, h, w] whose frames past the first window repeat the first window's frames,
+    shuffled in each repeat (FreeNoise's noise rescheduling)."""
+    base = randn_tensor((*shape[:2], min(window, shape[2]), *shape[3:]), generator=generator)
+    frames = [base]
+    while sum(f.shape[2] for f in frames) < shape[2]:
+        perm = torch.randperm(base.shape[2], generator=generator)
+        frames.append(base[:, :, perm])
+    return torch.cat(frames, dim=2)[:, :, : shape[2]]
+
+
+def seam_ratio(frames: np.ndarray, boundaries: Sequence[int]) -> float:
+    """Mean absolute frame-to-frame change across window boundaries / mean change within windows.
+    frames: [T, H, W, 3]; boundaries: pixel frame indices b where frames b-1 -> b cross a seam. ~1: seamless."""
+    diffs = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # diffs[i]: i -> i+1
+    at = {b - 1 for b in boundaries if 0 < b < len(frames)}
+    across = [diffs[i] for i in sorted(at)]
+    within = [d for i, d in enumerate(diffs) if i not in at]
+    return float(np.mean(across) / max(np.mean(within), 1e-6))
+
+
+def pixel_boundaries(runs: Sequence[tuple[int, int]], temporal_factor: int) -> list[int]:
+    """Pixel frames where ownership passes from one window to the next (the middle of each overlap). Latent
+    frame j >= 1 decodes to pixel frames 1 + tf (j - 1) ... tf j."""
+    out = []
+    for (_, e0), (s1, _) in zip(runs, runs[1:]):
+        latent = (s1 + e0 + 1) // 2 if e0 > s1 else s1
+        out.append(1 + (latent - 1) * temporal_factor)
+    return out
+
+
+class _Prescaled:
+    """Stands for the scheduler in `family.predict` when the caller already applied scale_model_input (the
+    scheduler lives with the loop; windows may be predicted elsewhere)."""
+
+    @staticmethod
+    def scale_model_input(x, t):
+        return x
+
+
+def predict_window(bundle, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float):
+    """One window's prediction (x already scaled by the scheduler), guided when guidance_scale > 1."""
+    fam = bundle.family
+    if guidance_scale > 1.0:
+        return classifier_free_guidance(*fam.predict(bundle, torch.cat([x, x]), t, embeds, _Prescaled).chunk(2),
+                                        guidance_scale)
+    return fam.predict(bundle, x, t, embeds, _Prescaled)
+
+
+def decode_windows(pipe: TextToVideoPipeline, latents: torch.Tensor, runs, overlap: int, output_type="np"):
+    """Decode each window (anchor + run) on its own, as the VAE was trained, and blend the overlapping pixel
+    frames with ramp weights (temporal tiling of the decoder; the latents are already continuous)."""
+    tf = pipe.bundle.family.temporal_factor(pipe.bundle)
+    total = latents.shape[2]
+    frames = 1 + (total - 1) * tf
+    out, norm = None, torch.zeros(frames)
+    for s, e in runs:
+        video = pipe.decode_latents(window_latents(latents, (s, e)), "pt")  # [B, 1 + tf (e - s), 3, H, W]
+        w = torch.cat([torch.ones(1), window_weights(video.shape[1] - 1, overlap * tf)])
+        if s == 1:
+            w[1:1 + overlap * tf] = 1.0
+        if e == total:
+            w[len(w) - overlap * tf:] = 1.0
+        if out is None:
+            out = video.new_zeros(video.shape[0], frames, *video.shape[2:])
+        index = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + (s - 1) * tf, 1 + (e - 1) * tf)])
+        out[:, index] += video * w.view(1, -1, 1, 1, 1).to(video)
+        norm[index] += w
+    out = out / norm.view(1, -1, 1, 1, 1).to(out)
+    return out if output_type == "pt" else to_uint8(out)
+
+
+def concatenated_clips(pipe: TextToVideoPipeline, prompt: str | list[str], num_frames: int, seed: int = 0,
+                       **kwargs) -> tuple[np.ndarray, list[int]]:
+    """The naive baseline: independent native-length clips (seed, seed+1, ...) cut to num_frames and joined.
+    Returns (frames [T, H, W, 3], the pixel frames where clips join)."""
+    native = kwargs.pop("window_frames", None) or pipe.bundle.config.num_frames
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    n = -(-num_frames // native)
+    clips = [pipe(prompts[i % len(prompts)], num_frames=native, seed=seed + i, **kwargs).frames[0] for i in range(n)]
+    return np.concatenate(clips)[:num_frames], [native * i for i in range(1, n)]
+
+
+# --- the pipeline ----------------------------------------------------------------------------------------
+
+WindowPredictor = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
+
+
+@dataclass
+class LongVideoOutput(VideoOutput):
+    windows: list = None  # latent [start, end) per window
+    boundaries: list = None  # pixel frames where windows hand over
+    window_prompts: list = None
+
+
+class LongVideoPipeline:
+    """A TextToVideoPipeline's model, sampled over overlapping windows of its native clip length."""
+
+    def __init__(self, pipe: TextToVideoPipeline):
+        self.pipe = pipe
+        self.bundle = pipe.bundle
+
+    def native_latent_frames(self) -> int:
+        b = self.bundle
+        return (b.config.num_frames - 1) // b.family.temporal_factor(b) + 1
+
+    def local_predictor(self, latents: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor],
+                        guidance_scale: float) -> list[torch.Tensor]:
+        """Each window's (guided) prediction, one batched forward per window."""
+        return [predict_window(self.bundle, x, t, e, guidance_scale) for x, e in zip(latents, embeds)]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_frames: int, negative_prompt: str | None = None,
+                 window_frames: int | None = None, overlap: int = 2, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, sampler: str | None = None,
+                 fps: float | None = None, output_type: str = "np",
+                 predictor: Callable | None = None,
+                 callback_on_step_end: Callable[[int, int], None] | None = None) -> LongVideoOutput:
+        """prompt: one prompt, or one per window (multi-shot)."""
+        b, fam = self.bundle, self.bundle.family
+        start = time.perf_counter()
+        tf = fam.temporal_factor(b)
+
+        # 1. Check inputs: every per-window field through the model's own limits; the length here.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        native = window_frames or b.config.num_frames
+        p = resolve(b, prompts[0], negative_prompt, native, height, width, num_inference_steps, guidance_scale,
+                    sampler, fps, seed)
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
+            raise InputError("num_frames", f"{num_frames} is not 1 + a multiple of {tf}", f"1 + {tf}k")
+        total = (num_frames - 1) // tf + 1
+        window = (native - 1) // tf + 1
+        windows = latent_windows(total, window, overlap)
+        if len(windows) > MAX_WINDOWS:
+            raise InputError("num_frames", f"{num_frames} frames need {len(windows)} windows",
+                             f"at most {MAX_WINDOWS} windows ({1 + (MAX_WINDOWS * (window - overlap)) * tf} frames)")
+        if len(prompts) not in (1, len(windows)):
+            raise InputError("prompt", f"{len(prompts)} prompts for {len(windows)} windows", f"1 or {len(windows)}")
+        window_prompts = prompts * len(windows) if len(prompts) == 1 else prompts
+        cfg = p.guidance_scale > 1.0
+
+        # 2. Encode each distinct prompt once; with guidance the negative prompt rides first.
+        distinct = list(dict.fromkeys(window_prompts))
+        encoded = self.pipe.encode_prompt(p.negative_prompts * cfg + distinct)
+        negative, positive = (encoded[:1], encoded[1:]) if cfg else (None, encoded)
+        embeds = [torch.cat([negative, positive[i:i + 1]]) if cfg else positive[i:i + 1]
+                  for i in (distinct.index(wp) for wp in window_prompts)]
+
+        # 3. Scheduler and timesteps.
+        config = {**b.scheduler.config, "_class_name": type(b.scheduler).__name__}
+        scheduler = make_scheduler(config, fam.samplers, p.sampler, fam.flow)
+        scheduler.set_timesteps(p.num_inference_steps, device=b.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+
+        # 4. Initial noise, FreeNoise-shared across windows.
+        generator = torch.Generator("cpu").manual_seed(p.seed)
+        shape = fam.latent_shape(b, 1, num_frames, p.height, p.width)
+        noise = freenoise(shape, window, generator)
+        latents = fam.init_latents(noise.to(b.device), scheduler)
+
+        # 5. Denoise: per-window predictions (in parallel where the predictor fans out), fused, one step.
+        predict = predictor or (lambda xs, t, es: self.local_predictor(xs, t, es, p.guidance_scale))
+        t0 = time.perf_counter()
+        for i, t in enumerate(scheduler.timesteps):
+            scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+            preds = predict([window_latents(scaled, run) for run in windows], t, embeds)
+            fused = fuse_windows(preds, windows, total, ramp=overlap)
+            latents = fam.step(scheduler, fused, t, latents, generator=generator)
+            if callback_on_step_end:
+                callback_on_step_end(i + 1, len(scheduler.timesteps))
+        denoise_s = time.perf_counter() - t0
+
+        # 6. Decode window by window (the VAE decodes the lengths it was trained on), blending the overlaps.
+        t0 = time.perf_counter()
+        frames = latents if output_type == "latent" else decode_windows(self.pipe, latents, windows, overlap,
+                                                                         output_type)
+        timings = {"denoise_s": denoise_s, "decode_s": time.perf_counter() - t0,
+                   "total_s": time.perf_counter() - start}
+        p.num_frames = num_frames
+        return LongVideoOutput(frames=frames, params=p, timings=timings, windows=windows,
+                               boundaries=pixel_boundaries(windows, tf), window_prompts=window_prompts)
