@@ -20,6 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="bundle folder or s3:// URI (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--frames", type=int, default=None)
+    gen.add_argument("--seconds", type=float, default=None, help="duration (sets --frames); longer than the "
+                     "model's clip: shots planned and co-denoised in overlapping windows")
+    gen.add_argument("--plan", action="store_true", help="print the shot plan")
+    gen.add_argument("--keyframe-fps", type=float, default=None, help="generate at this rate, interpolate to --fps")
+    gen.add_argument("--interpolate", default="flow", help="keyframe interpolation: flow (Farneback) | linear")
+    gen.add_argument("--motion-blur", type=float, default=0.0, help="0 to 1")
+    gen.add_argument("--smooth", type=int, default=1, help="temporal smoothing window (odd frames; 1 = off)")
+    gen.add_argument("--color-match", action="store_true", help="match every shot's colours to the first's")
     gen.add_argument("--fps", type=float, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
@@ -82,32 +90,43 @@ def _resolve_model(uri: str | None) -> str:
 def generate(args) -> int:
     from tqdm import tqdm
 
+    from .compose import PostOptions, compose
+    from .errors import InputError
     from .pipeline import TextToVideoPipeline
     from .video import _format, write_video
 
     _format(args.output)  # an unknown extension fails before any work
     start = time.perf_counter()
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision)
+    cfg = pipe.bundle.config
+    frames = args.frames
+    if args.seconds is not None:
+        if not args.seconds > 0:
+            raise InputError("seconds", f"{args.seconds}", "> 0")
+        tf = pipe.bundle.family.temporal_factor(pipe.bundle)
+        frames = 1 + tf * max(1, round(args.seconds * (args.fps or cfg.fps) / tf))
     bars = []
 
-    def progress(pipe_, i, t, tensors):
+    def progress(step, total):
         if not bars:  # created on the first step: inputs are valid by then
-            bars.append(tqdm(total=args.steps or pipe.bundle.config.num_inference_steps, desc="denoising",
-                             unit="step", disable=args.quiet, file=sys.stderr))
-        bars[0].update(1)
-        return tensors
+            bars.append(tqdm(total=total, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr))
+        bars[0].update(step - bars[0].n)
 
+    post = PostOptions(keyframe_fps=args.keyframe_fps, interpolate=args.interpolate, motion_blur=args.motion_blur,
+                       smooth=args.smooth, color_match=args.color_match)
     try:
-        out = pipe(args.prompt, negative_prompt=args.negative, num_frames=args.frames, height=args.height,
-                   width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                   sampler=args.sampler, fps=args.fps, callback_on_step_end=progress)
+        out = compose(pipe, args.prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=args.negative,
+                      seed=args.seed, progress=progress, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler)
     finally:
         for bar in bars:
             bar.close()
-    p = out.params
-    write_video(args.output, out.frames[0], p.fps)
-    print(f"{os.path.abspath(args.output)}: {p.num_frames} frames, {p.width}x{p.height} at {p.fps:g} fps, "
-          f"seed {p.seed}, {time.perf_counter() - start:.1f} s")
+    if args.plan:
+        print(out.plan.describe())
+    write_video(args.output, out.frames, out.fps)
+    h, w = out.frames.shape[1:3]
+    print(f"{os.path.abspath(args.output)}: {len(out.frames)} frames, {w}x{h} at {out.fps:g} fps, "
+          f"seed {out.params['seed']}, {time.perf_counter() - start:.1f} s")
     return 0
 
 

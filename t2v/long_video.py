@@ -47,6 +47,18 @@ def latent_windows(total: int, window: int, overlap: int) -> list[tuple[int, int
     return [(int(s), int(s) + run) for s in starts]
 
 
+def default_overlap(window: int) -> int:
+    """Half of a window's run, at least 1 (2 for the default model's 5-latent-frame clips)."""
+    return max(1, (window - 1) // 2)
+
+
+def max_long_frames(window: int, temporal_factor: int) -> int:
+    """The longest clip (pixel frames) MAX_WINDOWS windows of `window` latent frames can cover."""
+    run = window - 1
+    stride = max(1, run - default_overlap(window))
+    return 1 + ((MAX_WINDOWS - 1) * stride + run) * temporal_factor
+
+
 def window_latents(latents: torch.Tensor, run: tuple[int, int]) -> torch.Tensor:
     """A window's latents: the anchor frame, then its run."""
     return torch.cat([latents[:, :, :1], latents[:, :, run[0]:run[1]]], dim=2)
@@ -193,7 +205,7 @@ class LongVideoPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_frames: int, negative_prompt: str | None = None,
-                 window_frames: int | None = None, overlap: int = 2, height: int | None = None,
+                 window_frames: int | None = None, overlap: int | None = None, height: int | None = None,
                  width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, sampler: str | None = None,
                  fps: float | None = None, output_type: str = "np",
@@ -210,9 +222,10 @@ class LongVideoPipeline:
         p = resolve(b, prompts[0], negative_prompt, native, height, width, num_inference_steps, guidance_scale,
                     sampler, fps, seed)
         if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
-            raise InputError("num_frames", f"{num_frames} is not 1 + a multiple of {tf}", f"1 + {tf}k")
+            raise InputError("num_frames", f"{num_frames} is not supported by this model", f"1 + {tf}k")
         total = (num_frames - 1) // tf + 1
         window = (native - 1) // tf + 1
+        overlap = default_overlap(window) if overlap is None else overlap
         windows = latent_windows(total, window, overlap)
         if len(windows) > MAX_WINDOWS:
             raise InputError("num_frames", f"{num_frames} frames need {len(windows)} windows",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from t2v.video import probe, read_video
@@ -32,7 +33,9 @@ def test_generate_writes_the_video_and_a_summary(tmp_path, wan_dir):
     run("generate", "a red ball bouncing", "--model", wan_dir, "-o", again, "--frames", 13, "--fps", 12,
         "--height", 48, "--width", 64, "--steps", 2, "--guidance", 3, "--seed", 5, "--sampler", "unipc",
         "--negative", "blurry", "--quiet")
-    assert (read_video(out) == read_video(again)).all()
+    # The generated frames are identical (tests/test_pipeline.py); x264 itself does not always encode them to
+    # the same bytes from one process to the next (measured: up to ~10 levels on a few pixels).
+    assert np.abs(read_video(out).astype(int) - read_video(again)).mean() < 1.0
 
 
 @pytest.mark.parametrize("ext, codec", [(".webm", "vp9"), (".gif", "gif")])

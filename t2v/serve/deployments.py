@@ -55,7 +55,8 @@ class TextEncoder:
 
 @serve.deployment
 class Denoiser:
-    """The denoiser and its scheduler; streams ("progress", step, total) events, then ("latents", tensor)."""
+    """The denoiser and its scheduler; streams ("progress", step, total) events, then ("latents", tensor), or
+    for a composed job ("frames", uint8 array) after its windows and post-processing."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
         self.pipe = _pipeline(model, precision, threads)
@@ -66,9 +67,11 @@ class Denoiser:
         events: asyncio.Queue = asyncio.Queue()
 
         def run():
+            progress = lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n))  # noqa: E731
             with self._lock:
-                return stages.denoise(self.pipe, params, embeds, negative,
-                                      lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n)))
+                if stages.is_composed(params):  # long / multi-shot / post-processed: windows in this replica
+                    return stages.compose_job(self.pipe, params, progress)
+                return stages.denoise(self.pipe, params, embeds, negative, progress)
 
         task = asyncio.ensure_future(asyncio.to_thread(run))
         while not task.done() or not events.empty():
@@ -78,7 +81,8 @@ class Denoiser:
                 yield ("progress", *getter.result())
             else:
                 getter.cancel()
-        yield ("latents", task.result().cpu())
+        result = task.result()
+        yield ("frames", result) if stages.is_composed(params) else ("latents", result.cpu())
 
 
 @serve.deployment
@@ -89,10 +93,10 @@ class Decoder:
         self.pipe = _pipeline(model, precision, threads)
         self._lock = threading.Lock()
 
-    async def finish(self, latents: torch.Tensor, fps: float, store: str, job_id: str) -> dict:
+    async def finish(self, latents: torch.Tensor | None, fps: float, store: str, job_id: str, frames=None) -> dict:
         def run():
             with self._lock:
-                result = stages.finish(self.pipe, latents, fps)
+                result = stages.finish(self.pipe, latents, fps, frames)
             JobStore(store).put_content(job_id, result.video, result.thumbnail)
             return result.timings
 
@@ -117,14 +121,15 @@ class ServeGenerator:
         t0 = time.perf_counter()
         embeds, negative = await self.encoder.encode.remote((params["prompt"], params["negative_prompt"]))
         t1 = time.perf_counter()
-        latents = None
+        result = {}
         async for event in self.denoiser.options(stream=True).denoise.remote(params, embeds, negative):
             if event[0] == "progress":
                 progress(event[1], event[2])
             else:
-                latents = event[1]
+                result[event[0]] = event[1]
         t2 = time.perf_counter()
-        timings = await self.decoder.finish.remote(latents, params["fps"], self.store, job_id)
+        timings = await self.decoder.finish.remote(result.get("latents"), params["fps"], self.store, job_id,
+                                                   frames=result.get("frames"))
         return stages.GeneratedVideo(video=None, thumbnail=None,
                                      timings={**timings, "encode_prompt_s": t1 - t0, "denoise_s": t2 - t1})
 

@@ -115,8 +115,8 @@ class VideoJob:
             "expires_at": self.expires_at, "status": self.status, "progress": self.progress, "model": self.model,
             "prompt": self.prompt, "seconds": self.seconds, "size": self.size, "error": self.error,
             "remixed_from_video_id": None,
-            "t2v": {"params": self.params, "priority": self.priority, "cost": self.cost, "timings": self.timings,
-                    "cached_from": self.cached_from},
+            "t2v": {"params": {k: v for k, v in self.params.items() if k != "plan"}, "plan": self.params.get("plan"),
+                    "priority": self.priority, "cost": self.cost, "timings": self.timings, "cached_from": self.cached_from},
         }
 
     @property

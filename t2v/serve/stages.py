@@ -11,12 +11,17 @@ import io
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
+from ..compose import PostOptions, compose, keyframes
+from ..errors import InputError
+from ..long_video import max_long_frames
 from ..params import resolve
+from ..planner import plan_video
 from ..pipeline import TextToVideoPipeline
 from .jobs import to_generation_kwargs
 
@@ -38,14 +43,63 @@ def model_version(bundle) -> str:
     return h.hexdigest()[:16]
 
 
+POST_FIELDS = {"keyframe_fps": float, "interpolate": str, "motion_blur": float, "smooth": int, "color_match": bool}
+
+
+def _post_options(fields: dict) -> PostOptions:
+    values = {}
+    for name, kind in POST_FIELDS.items():
+        value = fields.get(name)
+        if value in (None, ""):
+            continue
+        try:
+            values[name] = (str(value).lower() in ("1", "true", "yes", "on")) if kind is bool else kind(value)
+        except (TypeError, ValueError):
+            raise InputError(name, f"must be {kind.__name__}, got {value!r}") from None
+    post = PostOptions(**values)
+    post.check()
+    return post
+
+
 def validate(bundle, fields: dict) -> dict:
-    """Request fields (OpenAI + t2v) -> resolved parameters of one video, or InputError naming the field."""
-    fam = bundle.family
-    kw = to_generation_kwargs(fields, fam.temporal_factor(bundle), bundle.config.fps)
-    p = resolve(bundle, kw.pop("prompt"), kw.pop("negative_prompt", None), **kw)
+    """Request fields (OpenAI + t2v) -> resolved parameters of one video, or InputError naming the field.
+    A video longer than the model's clip, with several shots or with post-processing is "composed": its
+    parameters carry the post options and the shot plan (returned with the job)."""
+    fam, cfg = bundle.family, bundle.config
+    tf = fam.temporal_factor(bundle)
+    kw = to_generation_kwargs(fields, tf, cfg.fps)
+    post = _post_options(fields)
+    prompt = kw.pop("prompt")
+    frames = kw.pop("num_frames", cfg.num_frames)
+    fps = float(kw.get("fps", cfg.fps))
+    key_frames, _ = keyframes(frames, fps, float(post.keyframe_fps or fps), tf)
+    plan = plan_video(prompt, key_frames, float(post.keyframe_fps or fps))
+    composed = key_frames > cfg.num_frames or len(plan.shots) > 1 or post != PostOptions()
+    # Every per-clip field goes through the model's own limits (a composed video's windows are native clips).
+    p = resolve(bundle, prompt, kw.pop("negative_prompt", None), cfg.num_frames if composed else frames, **kw)
     params = p.as_dict()
     params["prompt"], params["negative_prompt"] = params.pop("prompts")[0], params.pop("negative_prompts")[0]
+    if composed:
+        longest = max_long_frames((cfg.num_frames - 1) // tf + 1, tf)
+        if (key_frames - 1) % tf or key_frames > longest:
+            raise InputError("seconds", f"{(frames - 1) / fps:g} s ({key_frames} frames to generate) is not possible",
+                             f"1 + {tf}k frames, at most {longest} ({(longest - 1) / fps:g} s at {fps:g} fps)")
+        params.update(num_frames=frames, post=asdict(post), plan=plan.to_dict())
     return params
+
+
+def is_composed(params: dict) -> bool:
+    return "post" in params
+
+
+def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None):
+    """A composed job's frames [T, H, W, 3] (planning, windows, post-processing: t2v.compose)."""
+    out = compose(pipe, params["prompt"], num_frames=params["num_frames"], fps=params["fps"],
+                  post=PostOptions(**params["post"]), negative_prompt=params["negative_prompt"] or None,
+                  seed=params["seed"], progress=progress, height=params["height"], width=params["width"],
+                  num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
+                  sampler=params["sampler"])
+    return out.frames
 
 
 def encode(pipe: TextToVideoPipeline, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +126,15 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
     return out.frames
 
 
-def finish(pipe: TextToVideoPipeline, latents: torch.Tensor, fps: float) -> GeneratedVideo:
-    """Decode, then encode the mp4 and a PNG thumbnail."""
+def finish(pipe: TextToVideoPipeline, latents: torch.Tensor | None, fps: float,
+           frames: np.ndarray | None = None) -> GeneratedVideo:
+    """Decode (unless given frames), then encode the mp4 and a PNG thumbnail."""
     from PIL import Image
 
     from ..video import encode_video
 
     t0 = time.perf_counter()
-    frames = pipe.decode_latents(latents)[0]
+    frames = pipe.decode_latents(latents)[0] if frames is None else frames
     t1 = time.perf_counter()
     video = encode_video(frames, fps, ".mp4")
     buf = io.BytesIO()
@@ -106,6 +161,11 @@ class LocalGenerator:
     def _generate(self, params, progress) -> GeneratedVideo:
         with self._lock:
             t0 = time.perf_counter()
+            if is_composed(params):
+                frames = compose_job(self.pipe, params, progress)
+                result = finish(self.pipe, None, params["fps"], frames)
+                result.timings["generate_s"] = time.perf_counter() - t0
+                return result
             embeds, negative = encode(self.pipe, params)
             t1 = time.perf_counter()
             latents = denoise(self.pipe, params, embeds, negative, progress)
