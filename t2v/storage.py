@@ -103,6 +103,17 @@ def delete(uri: str) -> None:
         Path(uri).unlink(missing_ok=True)
 
 
+def presigned_url(uri: str, expires_s: int = 3600, content_type: str | None = None) -> str | None:
+    """A time-limited GET URL for an s3:// object (None for local paths: they are served by the API itself)."""
+    if not is_s3(uri):
+        return None
+    bucket, key = split_s3(uri)
+    params = {"Bucket": bucket, "Key": key}
+    if content_type:
+        params["ResponseContentType"] = content_type
+    return s3_client().generate_presigned_url("get_object", Params=params, ExpiresIn=int(expires_s))
+
+
 def download_dir(uri: str, local: str | os.PathLike) -> Path:
     """Copy every object under an s3:// folder into a local folder."""
     bucket, prefix = split_s3(uri)

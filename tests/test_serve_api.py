@@ -250,3 +250,45 @@ def test_request_mapping_and_cost():
 def test_ui_page_is_served(server):
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and "<video" in r.text and "/v1/videos" in r.text
+
+
+def test_jobs_and_videos_on_s3_with_presigned_downloads(generator, s3_bucket):
+    from t2v import storage
+
+    store = f"s3://{s3_bucket}/jobs"
+    srv = Server(create_app(generator, Settings(store=store, presign_expiry_s=120)))
+    try:
+        c = client(srv)
+        video = c.videos.create_and_poll(prompt="a red ball", size="32x32", extra_body={"num_inference_steps": 1})
+        assert video.status == "completed"
+        assert storage.exists(f"{store}/jobs/{video.id}.json") and storage.exists(f"{store}/content/{video.id}.mp4")
+        url = video.model_extra["t2v"]["download_url"]
+        from urllib.parse import parse_qs, urlparse
+
+        query = parse_qs(urlparse(url).query)
+        expires = int(query["X-Amz-Expires"][0]) if "X-Amz-Expires" in query else int(query["Expires"][0]) - time.time()
+        assert 100 < expires <= 121 and s3_bucket in url
+        direct = httpx.get(url)
+        assert direct.status_code == 200 and direct.headers["content-type"] == "video/mp4"
+        assert direct.content == c.videos.download_content(video.id).read()
+    finally:
+        srv.stop()
+
+
+def test_no_request_reaches_outside_the_store(server, tmp_path):
+    from t2v.serve.jobs import JobStore
+
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"not": "a job"}')
+    for path in ["/v1/videos/..%2Fsecret", "/v1/videos/..%2F..%2Fsecret/content", "/v1/videos/%2e%2e",
+                 "/v1/videos/video_..%2F..%2Fsecret"]:
+        r = httpx.get(server.url + path)
+        assert r.status_code == 404, path
+    assert httpx.delete(server.url + "/v1/videos/..%2Fsecret").status_code == 404
+    store = JobStore(str(tmp_path / "store"))
+    for bad in ("../secret", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="unsafe"):
+            store.content(bad)
+    assert store.get("../secret") is None
+    assert secret.read_text() == '{"not": "a job"}'
+    assert httpx.get(server.url + "/v1/videos").json()["data"] == []  # local stores: no presigned URL

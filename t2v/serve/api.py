@@ -38,6 +38,7 @@ class Settings:
     cache_ttl_s: float = 24 * 3600  # result cache: same canonical request -> the finished video
     content_ttl_s: float = 7 * 24 * 3600  # expires_at of a finished video
     poll_after_ms: int = 500
+    presign_expiry_s: int = 3600  # S3 stores: finished jobs carry a presigned download URL valid this long
     queue_weights: QueueWeights = field(default_factory=QueueWeights)
 
     @classmethod
@@ -239,6 +240,12 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
             raise APIError(404, f"no video with id {job_id!r}", param="video_id", code="not_found")
         return job
 
+    def show(job: VideoJob) -> dict:
+        body = job.to_api()
+        if job.status == "completed":
+            body["t2v"]["download_url"] = service.store.content_url(job.id, expires_s=settings.presign_expiry_s)
+        return body
+
     def poll_headers(job: VideoJob) -> dict:
         return {"openai-poll-after-ms": str(settings.poll_after_ms)} if job.status in ("queued", "in_progress") else {}
 
@@ -264,14 +271,14 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
                 raise APIError(400, "the body must be a JSON object", param="body", code="invalid_json")
         service.ensure_started()
         job = await service.create(fields, level, request.headers.get("idempotency-key"))
-        return JSONResponse(job.to_api(), headers=poll_headers(job))
+        return JSONResponse(show(job), headers=poll_headers(job))
 
     @app.get("/v1/videos/{video_id}")
     async def retrieve_video(video_id: str, request: Request):
         user_level(request)
         service.ensure_started()
         job = job_or_404(video_id)
-        return JSONResponse(job.to_api(), headers=poll_headers(job))
+        return JSONResponse(show(job), headers=poll_headers(job))
 
     @app.get("/v1/videos/{video_id}/content")
     async def video_content(video_id: str, request: Request, variant: str = "video"):
@@ -303,7 +310,7 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
                 raise APIError(400, f"unknown cursor {after!r}", param="after", code="invalid_value")
             jobs = jobs[ids.index(after) + 1:]
         page = jobs[:limit]
-        return {"object": "list", "data": [j.to_api() for j in page],
+        return {"object": "list", "data": [show(j) for j in page],
                 "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
                 "has_more": len(jobs) > limit}
 

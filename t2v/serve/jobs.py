@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from .. import storage
 from ..errors import InputError
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_JOB_ID = re.compile(r"video_[0-9a-f]{24}")
 STATUSES = ("queued", "in_progress", "completed", "failed")
 T2V_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "fps", "sampler")
 MAX_PRIORITY = 9
@@ -137,6 +140,10 @@ class JobStore:
         self.root = str(root)
 
     def _uri(self, *parts: str) -> str:
+        # Names come from ids and hashes; anything else (a "..", a slash) would reach outside the store.
+        for part in parts:
+            if not _SAFE_NAME.fullmatch(part) or part.startswith("."):
+                raise ValueError(f"unsafe name in the job store: {part!r}")
         return storage.join(self.root, *parts)
 
     def _write_json(self, uri: str, value: dict) -> None:
@@ -152,7 +159,7 @@ class JobStore:
         self._write_json(self._uri("jobs", f"{job.id}.json"), asdict(job))
 
     def get(self, job_id: str) -> VideoJob | None:
-        if not job_id.replace("_", "").isalnum():
+        if not _JOB_ID.fullmatch(job_id):
             return None
         value = self._read_json(self._uri("jobs", f"{job_id}.json"))
         return VideoJob(**value) if value else None
@@ -173,7 +180,15 @@ class JobStore:
         storage.write_bytes(self._uri("content", f"{job_id}.png"), thumbnail)
 
     def content(self, job_id: str, variant: str = "video") -> bytes:
-        return storage.read_bytes(self._uri("content", f"{job_id}.{'png' if variant == 'thumbnail' else 'mp4'}"))
+        return storage.read_bytes(self._content_uri(job_id, variant))
+
+    def content_url(self, job_id: str, variant: str = "video", expires_s: int = 3600) -> str | None:
+        """A presigned GET URL of a finished video (S3 stores only)."""
+        kind = "image/png" if variant == "thumbnail" else "video/mp4"
+        return storage.presigned_url(self._content_uri(job_id, variant), expires_s, kind)
+
+    def _content_uri(self, job_id: str, variant: str) -> str:
+        return self._uri("content", f"{job_id}.{'png' if variant == 'thumbnail' else 'mp4'}")
 
     # Idempotency-Key -> (job id, body hash): same key + same body is the same job.
     def idempotent(self, key: str) -> dict | None:
