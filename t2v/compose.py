@@ -46,8 +46,10 @@ class ComposedVideo:
 
 def compose(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = None, fps: float | None = None,
             post: PostOptions = PostOptions(), negative_prompt: str | None = None, seed: int | None = None,
-            progress: Callable[[int, int], None] | None = None, **generation) -> ComposedVideo:
-    """generation: height, width, num_inference_steps, guidance_scale, sampler (as TextToVideoPipeline)."""
+            progress: Callable[[int, int], None] | None = None, predictor: Callable | None = None,
+            **generation) -> ComposedVideo:
+    """generation: height, width, num_inference_steps, guidance_scale, sampler (as TextToVideoPipeline).
+    predictor: where windows are predicted (default: this process; the Serve graph fans them out)."""
     b = pipe.bundle
     tf = b.family.temporal_factor(b)
     t0 = time.perf_counter()
@@ -73,7 +75,7 @@ def compose(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = Non
         total = (key_frames - 1) // tf + 1
         runs = latent_windows(total, long.native_latent_frames(), default_overlap(long.native_latent_frames()))
         out = long(window_prompts(plan, runs, tf), num_frames=key_frames, negative_prompt=negative_prompt,
-                   fps=key_fps, seed=seed, callback_on_step_end=progress, **generation)
+                   fps=key_fps, seed=seed, callback_on_step_end=progress, predictor=predictor, **generation)
         frames, windows = out.frames[0], out.windows
     params = asdict(out.params)
     t1 = time.perf_counter()

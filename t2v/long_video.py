@@ -209,7 +209,7 @@ class LongVideoPipeline:
                  width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, sampler: str | None = None,
                  fps: float | None = None, output_type: str = "np",
-                 predictor: Callable | None = None,
+                 predictor: Callable | None = None,  # (window latents, t, window embeds, guidance) -> preds
                  callback_on_step_end: Callable[[int, int], None] | None = None) -> LongVideoOutput:
         """prompt: one prompt, or one per window (multi-shot)."""
         b, fam = self.bundle, self.bundle.family
@@ -256,11 +256,11 @@ class LongVideoPipeline:
         latents = fam.init_latents(noise.to(b.device), scheduler)
 
         # 5. Denoise: per-window predictions (in parallel where the predictor fans out), fused, one step.
-        predict = predictor or (lambda xs, t, es: self.local_predictor(xs, t, es, p.guidance_scale))
+        predict = predictor or self.local_predictor
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
             scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-            preds = predict([window_latents(scaled, run) for run in windows], t, embeds)
+            preds = predict([window_latents(scaled, run) for run in windows], t, embeds, p.guidance_scale)
             fused = fuse_windows(preds, windows, total, ramp=overlap)
             latents = fam.step(scheduler, fused, t, latents, generator=generator)
             if callback_on_step_end:

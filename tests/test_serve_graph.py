@@ -67,6 +67,12 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
         assert (info.width, info.height, info.num_frames) == (32, 32, 9)
         timings = video.model_extra["t2v"]["timings"]
         assert timings["denoise_s"] > 0 and timings["decode_s"] > 0  # went through every stage
+        # A long, two-shot video: each step's windows fan out to the Denoiser replicas and are fused.
+        long = c.videos.create_and_poll(prompt="a red ball, then a blue star", size="32x32", seconds="3",
+                                        extra_body={"seed": 2, "num_inference_steps": 3})
+        assert long.status == "completed", long.error
+        assert len(long.model_extra["t2v"]["plan"]["shots"]) == 2
+        assert probe(c.videos.download_content(long.id).read()).num_frames == 25
         # Progress streams from the Denoiser replica while it samples.
         job = c.videos.create(prompt="a blue star spinning", size="32x32", extra_body={"num_inference_steps": 300})
         seen = set()

@@ -15,6 +15,7 @@ import torch
 from ray import serve
 
 from ..bundle import load
+from ..long_video import predict_window
 from ..pipeline import TextToVideoPipeline
 from . import stages
 from .api import Settings, create_app
@@ -58,9 +59,34 @@ class Denoiser:
     """The denoiser and its scheduler; streams ("progress", step, total) events, then ("latents", tensor), or
     for a composed job ("frames", uint8 array) after its windows and post-processing."""
 
-    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
+                 fan_out: bool = True):
         self.pipe = _pipeline(model, precision, threads)
         self._lock = threading.Lock()  # one sampling loop at a time per replica
+        self.fan_out = fan_out  # long videos: each step's windows go to every Denoiser replica
+
+    async def predict_window(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float):
+        """One window of one step of someone else's long video (no lock: it is a single forward)."""
+        device = self.pipe.bundle.device
+
+        def run():
+            with torch.no_grad():
+                return predict_window(self.pipe.bundle, x.to(device), t.to(device), embeds.to(device),
+                                      guidance).cpu()
+
+        return await asyncio.to_thread(run)
+
+    def _remote_predictor(self):
+        """Predict each step's windows on the Denoiser replicas (this one included) and gather them."""
+        ctx = serve.get_replica_context()
+        peers = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
+        device = self.pipe.bundle.device
+
+        def predict(xs, t, embeds, guidance):
+            calls = [peers.predict_window.remote(x.cpu(), t.cpu(), e.cpu(), guidance) for x, e in zip(xs, embeds)]
+            return [c.result().to(device) for c in calls]
+
+        return predict
 
     async def denoise(self, params: dict, embeds: torch.Tensor, negative: torch.Tensor):
         loop = asyncio.get_running_loop()
@@ -69,8 +95,9 @@ class Denoiser:
         def run():
             progress = lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n))  # noqa: E731
             with self._lock:
-                if stages.is_composed(params):  # long / multi-shot / post-processed: windows in this replica
-                    return stages.compose_job(self.pipe, params, progress)
+                if stages.is_composed(params):  # long / multi-shot / post-processed
+                    predictor = self._remote_predictor() if self.fan_out else None
+                    return stages.compose_job(self.pipe, params, progress, predictor)
                 return stages.denoise(self.pipe, params, embeds, negative, progress)
 
         task = asyncio.ensure_future(asyncio.to_thread(run))
@@ -156,9 +183,10 @@ class Ingress:
 def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
-    unknown = set(args) - {"model", "precision", "threads", "settings"}
-    if unknown:
-        raise ValueError(f"unknown application args: {', '.join(sorted(unknown))} "
-                         "(allowed: model, precision, threads, settings)")
+    allowed = {"model", "precision", "threads", "fan_out", "settings"}
+    if set(args) - allowed:
+        raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
+                         f"(allowed: {', '.join(sorted(allowed))})")
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
-    return Ingress.bind(TextEncoder.bind(*stage), Denoiser.bind(*stage), Decoder.bind(*stage), args.get("settings"))
+    denoiser = Denoiser.bind(*stage, args.get("fan_out", True))
+    return Ingress.bind(TextEncoder.bind(*stage), denoiser, Decoder.bind(*stage), args.get("settings"))

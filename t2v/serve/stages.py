@@ -92,13 +92,15 @@ def is_composed(params: dict) -> bool:
     return "post" in params
 
 
-def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None):
-    """A composed job's frames [T, H, W, 3] (planning, windows, post-processing: t2v.compose)."""
+def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None,
+                predictor: Callable | None = None):
+    """A composed job's frames [T, H, W, 3] (planning, windows, post-processing: t2v.compose); `predictor`
+    predicts each step's windows elsewhere (the Serve graph's Denoiser replicas)."""
     out = compose(pipe, params["prompt"], num_frames=params["num_frames"], fps=params["fps"],
                   post=PostOptions(**params["post"]), negative_prompt=params["negative_prompt"] or None,
                   seed=params["seed"], progress=progress, height=params["height"], width=params["width"],
                   num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-                  sampler=params["sampler"])
+                  sampler=params["sampler"], predictor=predictor)
     return out.frames
 
 
