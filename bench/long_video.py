@@ -1,11 +1,13 @@
 """Long videos by co-denoised windows: wall time and peak memory against clip length, and continuity.
 
-    python bench/long_video.py [--model PATH] [--steps 25] [--windows 1 2 4 8]
+    python bench/long_video.py [--model PATH] [--steps 25] [--windows 1 2 4 8] [--serve-seconds 6]
 
 Each length runs in a fresh process (peak RSS = the process's high-water mark). Wall time should grow about
 linearly with the number of windows (each window is one native-clip forward per step); peak memory should stay
 flat, since only the small latent video grows with length. The seam ratio (frame change across window
 hand-overs / within windows) is printed beside the naive baseline of concatenated independent clips.
+Then one long job goes through `serve run serve_configs/t2v.yaml` with 1 and with 2 Denoiser replicas (each
+step's windows fan out to the replicas): the wall-time ratio.
 """
 
 from __future__ import annotations
@@ -38,11 +40,49 @@ print(json.dumps({"frames": frames, "windows": len(out.windows), "wall_s": wall,
 """
 
 
+def serve_wall(model, steps: int, seconds: float, replicas: int) -> float:
+    import socket
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import openai
+    import yaml
+
+    from t2v.serve.process import ServeProcess
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        config = yaml.safe_load((root / "serve_configs" / "t2v.yaml").read_text())
+        config["http_options"]["port"] = port
+        app = config["applications"][0]
+        app["args"].update(model=model)
+        app["args"]["settings"]["store"] = f"{tmp}/store"
+        denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser")
+        denoiser.pop("autoscaling_config", None)
+        denoiser["num_replicas"] = replicas
+        (Path(tmp) / "t2v.yaml").write_text(yaml.safe_dump(config))
+        with ServeProcess(Path(tmp) / "t2v.yaml", f"http://127.0.0.1:{port}", Path(tmp) / "serve.log", cwd=root):
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            body = {"num_inference_steps": steps}
+            c.videos.create_and_poll(prompt="a red ball", seconds="2", extra_body={**body, "seed": 1},
+                                     poll_interval_ms=50)  # warm-up
+            t0 = time.perf_counter()
+            v = c.videos.create_and_poll(prompt="a big red ball moving to the right on a gray background",
+                                         seconds=str(seconds), extra_body={**body, "seed": 2}, poll_interval_ms=50)
+            assert v.status == "completed", v.error
+            return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--serve-seconds", type=float, default=6.0, help="0: skip the Serve graph part")
     args = ap.parse_args()
     rows = []
     for n in args.windows:
@@ -58,7 +98,12 @@ def main() -> None:
         naive = f"{r['naive_seam']:.2f}" if r["naive_seam"] is not None else "-"
         print(f"{r['frames']:>6} {r['windows']:>7} {r['wall_s']:>7.1f} {r['wall_s'] / base['wall_s']:>8.2f} "
               f"{r['denoise_s']:>9.1f} {r['peak_rss_mb']:>8.0f} {seam:>6} {naive:>6}")
+    if args.serve_seconds:
+        one, two = (serve_wall(args.model, args.steps, args.serve_seconds, n) for n in (1, 2))
+        print(f"Serve graph, one {args.serve_seconds:g} s job: 1 Denoiser replica {one:.1f} s, 2 replicas {two:.1f} s; "
+              f"ratio {two / one:.2f}")
 
 
 if __name__ == "__main__":
     main()
+
