@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
     ev.add_argument("--precision", default="fp32")
 
+    assess = sub.add_parser("assess", help="quality scores of a video file (and its match to a prompt)")
+    assess.add_argument("video")
+    assess.add_argument("--prompt", default=None)
+    assess.add_argument("--json", action="store_true", help="print the scores as JSON")
+
     data = sub.add_parser("data", help="make video-text parquet shards").add_subparsers(dest="data_command",
                                                                                        required=True)
     world = data.add_parser("world", help="render the synthetic world into shards (parallel on Ray)")
@@ -170,6 +175,20 @@ def evaluate(args) -> int:
     return 0
 
 
+def assess_video(args) -> int:
+    import json
+
+    from .assess import assess
+    from .errors import InputError
+    from .video import read_video
+
+    if not os.path.isfile(args.video):
+        raise InputError("video", f"no such file: {args.video}")
+    result = assess(read_video(args.video), args.prompt)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
 def data(args) -> int:
     from .errors import InputError
 
@@ -213,7 +232,8 @@ def data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": generate, "info": info, "eval": evaluate, "data": data}[args.command](args)
+        commands = {"generate": generate, "info": info, "eval": evaluate, "assess": assess_video, "data": data}
+        return commands[args.command](args)
     except T2VError as e:
         print(f"t2v: error: {e}", file=sys.stderr)
         return 2

@@ -74,6 +74,8 @@ def test_openai_client_creates_polls_and_downloads(server):
     extra = video.model_extra["t2v"]
     assert extra["params"]["seed"] == 3 and extra["params"]["num_inference_steps"] == 2
     assert extra["cost"] == credit_cost(9, 32, 32, 2) and extra["timings"]["denoise_s"] > 0
+    quality = extra["quality"]  # every finished job carries its quality scores
+    assert 0 <= quality["total"] <= 1 and {"flicker", "sharpness", "text_alignment"} <= set(quality["scores"])
 
 
 def test_status_progress_and_poll_header_while_running(server):

@@ -130,6 +130,7 @@ class JobService:
             self.store.put_content(job.id, self.store.content(cached.id), self.store.content(cached.id, "thumbnail"))
             job.status, job.progress, job.completed_at, job.cached_from = "completed", 100, int(now), cached.id
             job.expires_at, job.timings = int(now + self.settings.content_ttl_s), {"cached": True}
+            job.quality = cached.quality
             self.store.save(job)
         else:
             if len(self.queue) >= self.settings.max_queued:
@@ -191,6 +192,7 @@ class JobService:
                 self.store.put_content(job.id, result.video, result.thumbnail)
             job.status, job.progress = "completed", 100
             job.timings = {**result.timings, "total_s": time.perf_counter() - t0}
+            job.quality = result.quality
             job.expires_at = int(time.time() + self.settings.content_ttl_s)
             self.store.remember_result(job.request_hash, job.id, time.time() + self.settings.cache_ttl_s)
         job.completed_at = int(time.time())

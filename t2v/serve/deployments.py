@@ -120,12 +120,13 @@ class Decoder:
         self.pipe = _pipeline(model, precision, threads)
         self._lock = threading.Lock()
 
-    async def finish(self, latents: torch.Tensor | None, fps: float, store: str, job_id: str, frames=None) -> dict:
+    async def finish(self, latents: torch.Tensor | None, fps: float, store: str, job_id: str, frames=None,
+                     prompt: str | None = None) -> dict:
         def run():
             with self._lock:
-                result = stages.finish(self.pipe, latents, fps, frames)
+                result = stages.finish(self.pipe, latents, fps, frames, prompt)
             JobStore(store).put_content(job_id, result.video, result.thumbnail)
-            return result.timings
+            return {"timings": result.timings, "quality": result.quality}
 
         return await asyncio.to_thread(run)
 
@@ -155,10 +156,10 @@ class ServeGenerator:
             else:
                 result[event[0]] = event[1]
         t2 = time.perf_counter()
-        timings = await self.decoder.finish.remote(result.get("latents"), params["fps"], self.store, job_id,
-                                                   frames=result.get("frames"))
-        return stages.GeneratedVideo(video=None, thumbnail=None,
-                                     timings={**timings, "encode_prompt_s": t1 - t0, "denoise_s": t2 - t1})
+        done = await self.decoder.finish.remote(result.get("latents"), params["fps"], self.store, job_id,
+                                                frames=result.get("frames"), prompt=params["prompt"])
+        return stages.GeneratedVideo(video=None, thumbnail=None, quality=done["quality"],
+                                     timings={**done["timings"], "encode_prompt_s": t1 - t0, "denoise_s": t2 - t1})
 
 
 @serve.deployment

@@ -102,6 +102,7 @@ class VideoJob:
     expires_at: int | None = None
     error: dict | None = None
     timings: dict = field(default_factory=dict)
+    quality: dict | None = None  # t2v.assess of the finished video
     cached_from: str | None = None
     attempts: int = 0
     created_ts: float = 0.0  # time.time() at creation: orders the list within a second
@@ -119,7 +120,8 @@ class VideoJob:
             "prompt": self.prompt, "seconds": self.seconds, "size": self.size, "error": self.error,
             "remixed_from_video_id": None,
             "t2v": {"params": {k: v for k, v in self.params.items() if k != "plan"}, "plan": self.params.get("plan"),
-                    "priority": self.priority, "cost": self.cost, "timings": self.timings, "cached_from": self.cached_from},
+                    "priority": self.priority, "cost": self.cost, "timings": self.timings, "cached_from": self.cached_from,
+                    "quality": self.quality},
         }
 
     @property

@@ -31,6 +31,7 @@ class GeneratedVideo:
     video: bytes | None  # mp4 (None: already in the job store)
     thumbnail: bytes | None  # PNG of the middle frame
     timings: dict
+    quality: dict | None = None  # t2v.assess scores of the finished video
 
 
 def model_version(bundle) -> str:
@@ -129,8 +130,10 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
 
 
 def finish(pipe: TextToVideoPipeline, latents: torch.Tensor | None, fps: float,
-           frames: np.ndarray | None = None) -> GeneratedVideo:
-    """Decode (unless given frames), then encode the mp4 and a PNG thumbnail."""
+           frames: np.ndarray | None = None, prompt: str | None = None) -> GeneratedVideo:
+    """Decode (unless given frames), encode the mp4 and a PNG thumbnail, and assess the video's quality."""
+    from ..assess import assess
+
     from PIL import Image
 
     from ..video import encode_video
@@ -141,8 +144,10 @@ def finish(pipe: TextToVideoPipeline, latents: torch.Tensor | None, fps: float,
     video = encode_video(frames, fps, ".mp4")
     buf = io.BytesIO()
     Image.fromarray(frames[len(frames) // 2]).save(buf, format="PNG")
-    return GeneratedVideo(video=video, thumbnail=buf.getvalue(),
-                          timings={"decode_s": t1 - t0, "encode_video_s": time.perf_counter() - t1})
+    t2 = time.perf_counter()
+    quality = assess(frames, prompt).to_dict()
+    return GeneratedVideo(video=video, thumbnail=buf.getvalue(), quality=quality,
+                          timings={"decode_s": t1 - t0, "encode_video_s": t2 - t1, "assess_s": time.perf_counter() - t2})
 
 
 class LocalGenerator:
@@ -165,13 +170,13 @@ class LocalGenerator:
             t0 = time.perf_counter()
             if is_composed(params):
                 frames = compose_job(self.pipe, params, progress)
-                result = finish(self.pipe, None, params["fps"], frames)
+                result = finish(self.pipe, None, params["fps"], frames, params["prompt"])
                 result.timings["generate_s"] = time.perf_counter() - t0
                 return result
             embeds, negative = encode(self.pipe, params)
             t1 = time.perf_counter()
             latents = denoise(self.pipe, params, embeds, negative, progress)
             t2 = time.perf_counter()
-            result = finish(self.pipe, latents, params["fps"])
+            result = finish(self.pipe, latents, params["fps"], prompt=params["prompt"])
             result.timings.update(encode_prompt_s=t1 - t0, denoise_s=t2 - t1)
             return result
