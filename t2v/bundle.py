@@ -44,6 +44,8 @@ class BundleConfig:
     negative_prompt: str = ""
     text_encoder: str | None = None  # DEFAULT_TEXT_ENCODER when the packaged MiniLM is used
     description: str = ""
+    vocabulary: str = "open"  # "world": trained on the synthetic world's captions only (the prompt optimizer
+    # then rewrites prompts into that phrasing and adds no tags)
 
     @classmethod
     def from_dict(cls, family: Family, values: dict | None) -> "BundleConfig":

@@ -115,7 +115,8 @@ def test_api_long_job_returns_its_plan(wan_dir, tmp_path):
     srv = Server(create_app(LocalGenerator(t2v.load(wan_dir)), Settings(store=str(tmp_path / "s"))))
     try:
         body = {"prompt": "a red ball, then a blue star", "seconds": "3", "size": "32x32",
-                "num_inference_steps": 2, "keyframe_fps": 4, "interpolate": "flow", "color_match": "true"}
+                "num_inference_steps": 2, "keyframe_fps": 4, "interpolate": "flow", "color_match": "true",
+                "optimize_prompt": "false"}
         job = httpx.post(srv.url + "/v1/videos", json=body).json()
         assert [s["prompt"] for s in job["t2v"]["plan"]["shots"]] == ["a red ball", "a blue star"]
         assert job["t2v"]["params"]["post"]["keyframe_fps"] == 4 and job["seconds"] == "3"

@@ -119,7 +119,7 @@ class JobService:
         params = await self.generator.validate(fields)
         now = time.time()
         job = VideoJob(
-            id=VideoJob.new_id(), prompt=params["prompt"], model=model, params=params,
+            id=VideoJob.new_id(), prompt=params["original_prompt"], model=model, params=params,
             seconds=f"{(params['num_frames'] - 1) / params['fps']:g}", size=f"{params['width']}x{params['height']}",
             created_at=int(now), created_ts=now, priority=priority, user_level=user_level, enqueued_at=now,
             cost=credit_cost(params["num_frames"], params["width"], params["height"], params["num_inference_steps"],

@@ -21,7 +21,8 @@ from ..compose import PostOptions, compose, keyframes
 from ..errors import InputError
 from ..long_video import max_long_frames
 from ..params import resolve
-from ..planner import plan_video
+from ..planner import plan_video, split_then
+from ..prompting import optimize_prompt
 from ..pipeline import TextToVideoPipeline
 from .jobs import to_generation_kwargs
 
@@ -70,7 +71,12 @@ def validate(bundle, fields: dict) -> dict:
     tf = fam.temporal_factor(bundle)
     kw = to_generation_kwargs(fields, tf, cfg.fps)
     post = _post_options(fields)
-    prompt = kw.pop("prompt")
+    prompt = original = kw.pop("prompt")
+    changes: list[str] = []
+    if str(fields.get("optimize_prompt", True)).lower() not in ("false", "0", "no", "off"):
+        prompt, negative, changes = optimize_parts(bundle, prompt, kw.get("negative_prompt"))
+        if negative and not kw.get("negative_prompt"):
+            kw["negative_prompt"] = negative
     frames = kw.pop("num_frames", cfg.num_frames)
     fps = float(kw.get("fps", cfg.fps))
     key_frames, _ = keyframes(frames, fps, float(post.keyframe_fps or fps), tf)
@@ -80,6 +86,7 @@ def validate(bundle, fields: dict) -> dict:
     p = resolve(bundle, prompt, kw.pop("negative_prompt", None), cfg.num_frames if composed else frames, **kw)
     params = p.as_dict()
     params["prompt"], params["negative_prompt"] = params.pop("prompts")[0], params.pop("negative_prompts")[0]
+    params["original_prompt"], params["prompt_changes"] = original, changes
     if composed:
         longest = max_long_frames((cfg.num_frames - 1) // tf + 1, tf)
         if (key_frames - 1) % tf or key_frames > longest:
@@ -87,6 +94,25 @@ def validate(bundle, fields: dict) -> dict:
                              f"1 + {tf}k frames, at most {longest} ({(longest - 1) / fps:g} s at {fps:g} fps)")
         params.update(num_frames=frames, post=asdict(post), plan=plan.to_dict())
     return params
+
+
+def optimize_parts(bundle, prompt: str, negative: str | None) -> tuple[str, str, list[str]]:
+    """The prompt optimizer on each "then" part (shots stay shots): (prompt, negative prompt, changes). A part
+    the optimizer would make longer than the model reads stays as written."""
+    limit = bundle.config.max_sequence_length
+    fits = lambda text: len(bundle.tokenizer(text)["input_ids"]) <= limit  # noqa: E731
+    out, changes, negatives = [], [], []
+    for part in split_then(prompt):
+        opt = optimize_prompt(part, bundle.config.vocabulary == "world", negative)
+        if fits(opt.prompt):
+            out.append(opt.prompt)
+            changes += opt.changes
+        else:
+            out.append(part)
+            changes.append(f"kept as written: optimized it would exceed {limit} tokens")
+        negatives.append(opt.negative_prompt)
+    negative_out = negatives[0] if negatives and fits(negatives[0]) else (negative or "")
+    return ", then ".join(out), negative_out, list(dict.fromkeys(changes))
 
 
 def is_composed(params: dict) -> bool:
