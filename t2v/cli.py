@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
     ev.add_argument("--precision", default="fp32")
 
+    prog = sub.add_parser("compose", help="an education / ad / news programme from a YAML spec (t2v.programs)")
+    prog.add_argument("kind", choices=["education", "ad", "news"])
+    prog.add_argument("spec", help="YAML or JSON file")
+    prog.add_argument("-o", "--output", default="program.mp4")
+    prog.add_argument("--model", default=None)
+    prog.add_argument("--steps", type=int, default=None)
+    prog.add_argument("--seed", type=int, default=0)
+    prog.add_argument("--no-voice", action="store_true", help="no espeak-ng voice-over")
+
     assess = sub.add_parser("assess", help="quality scores of a video file (and its match to a prompt)")
     assess.add_argument("video")
     assess.add_argument("--prompt", default=None)
@@ -175,6 +184,37 @@ def evaluate(args) -> int:
     return 0
 
 
+def compose_program_cmd(args) -> int:
+    import yaml
+
+    from .compose import compose
+    from .errors import InputError
+    from .pipeline import TextToVideoPipeline
+    from .programs import compose_program, write_program
+
+    if not os.path.isfile(args.spec):
+        raise InputError("spec", f"no such file: {args.spec}")
+    with open(args.spec) as f:
+        spec = yaml.safe_load(f)
+    start = time.perf_counter()
+    pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model))
+    cfg = pipe.bundle.config
+    tf = pipe.bundle.family.temporal_factor(pipe.bundle)
+    seeds = iter(range(args.seed, args.seed + 1000))
+
+    def clip_fn(prompt, seconds):
+        frames = 1 + tf * max(1, round(seconds * cfg.fps / tf))
+        return compose(pipe, prompt, num_frames=frames, seed=next(seeds), num_inference_steps=args.steps).frames
+
+    program = compose_program(args.kind, spec, clip_fn, fps=cfg.fps, size=(cfg.width, cfg.height),
+                              voice=not args.no_voice)
+    path = write_program(program, args.output)
+    print(f"{os.path.abspath(path)}: {args.kind}, {len(program.frames)} frames ({len(program.frames) / cfg.fps:.1f} s)"
+          f"{', voice-over' if program.audio is not None else ''}{', subtitles ' + str(path.with_suffix('.vtt')) if program.cues else ''}"
+          f", {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def assess_video(args) -> int:
     import json
 
@@ -232,7 +272,8 @@ def data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"generate": generate, "info": info, "eval": evaluate, "assess": assess_video, "data": data}
+        commands = {"generate": generate, "info": info, "eval": evaluate, "assess": assess_video, "data": data,
+                    "compose": compose_program_cmd}
         return commands[args.command](args)
     except T2VError as e:
         print(f"t2v: error: {e}", file=sys.stderr)

@@ -101,7 +101,8 @@ class JobService:
         self._workers = []
 
     # -- requests --------------------------------------------------------------------------------------------
-    async def create(self, fields: dict, user_level: int, idempotency_key: str | None) -> VideoJob:
+    async def create(self, fields: dict, user_level: int, idempotency_key: str | None,
+                     program: bool = False) -> VideoJob:
         body_hash = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
         if idempotency_key:
             seen = self.store.idempotent(idempotency_key)
@@ -116,7 +117,7 @@ class JobService:
         if model != self.settings.model_name:
             raise APIError(400, f"model {model!r} is not served here", param="model", code="model_not_found")
         priority = parse_priority(fields.get("priority", 5))
-        params = await self.generator.validate(fields)
+        params = await (self.generator.validate_program(fields) if program else self.generator.validate(fields))
         now = time.time()
         job = VideoJob(
             id=VideoJob.new_id(), prompt=params["original_prompt"], model=model, params=params,
@@ -273,6 +274,22 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
                 raise APIError(400, "the body must be a JSON object", param="body", code="invalid_json")
         service.ensure_started()
         job = await service.create(fields, level, request.headers.get("idempotency-key"))
+        return JSONResponse(show(job), headers=poll_headers(job))
+
+    @app.post("/v1/programs")
+    async def create_program(request: Request):
+        """An education / ad / news programme (t2v.programs) as a video job: poll and download it as a video."""
+        level = user_level(request)
+        body = await request.body()
+        if len(body) > settings.max_body_bytes:
+            raise APIError(413, f"request body is {len(body)} bytes (limit {settings.max_body_bytes})",
+                           param="body", code="body_too_large")
+        try:
+            fields = json.loads(body or b"{}")
+        except ValueError:
+            raise APIError(400, "the body is not valid JSON", param="body", code="invalid_json") from None
+        service.ensure_started()
+        job = await service.create(fields, level, request.headers.get("idempotency-key"), program=True)
         return JSONResponse(show(job), headers=poll_headers(job))
 
     @app.get("/v1/videos/{video_id}")

@@ -46,6 +46,9 @@ class TextEncoder:
     def validate(self, fields: dict) -> dict:
         return stages.validate(self.pipe.bundle, fields)
 
+    def validate_program(self, fields: dict) -> dict:
+        return stages.validate_program(self.pipe.bundle, fields)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode(self, requests: list[tuple[str, str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # One forward for every prompt and negative prompt waiting now.
@@ -95,6 +98,8 @@ class Denoiser:
         def run():
             progress = lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n))  # noqa: E731
             with self._lock:
+                if "program" in params:  # a whole programme, audio included: stored as made
+                    return stages.program_job(self.pipe, params, progress)
                 if stages.is_composed(params):  # long / multi-shot / post-processed
                     predictor = self._remote_predictor() if self.fan_out else None
                     return stages.compose_job(self.pipe, params, progress, predictor)
@@ -109,7 +114,10 @@ class Denoiser:
             else:
                 getter.cancel()
         result = task.result()
-        yield ("frames", result) if stages.is_composed(params) else ("latents", result.cpu())
+        if "program" in params:
+            yield ("program", result)
+        else:
+            yield ("frames", result) if stages.is_composed(params) else ("latents", result.cpu())
 
 
 @serve.deployment
@@ -143,6 +151,11 @@ class ServeGenerator:
             self.version = await self.encoder.version.remote()
         return await self.encoder.validate.remote(fields)
 
+    async def validate_program(self, fields: dict) -> dict:
+        if self.version is None:
+            self.version = await self.encoder.version.remote()
+        return await self.encoder.validate_program.remote(fields)
+
     async def generate(self, params: dict, progress, job_id: str) -> stages.GeneratedVideo:
         import time
 
@@ -156,6 +169,9 @@ class ServeGenerator:
             else:
                 result[event[0]] = event[1]
         t2 = time.perf_counter()
+        if "program" in result:  # finished in the Denoiser replica (audio and all)
+            made = result["program"]
+            return stages.GeneratedVideo(video=made.video, thumbnail=made.thumbnail, timings=made.timings)
         done = await self.decoder.finish.remote(result.get("latents"), params["fps"], self.store, job_id,
                                                 frames=result.get("frames"), prompt=params["prompt"])
         return stages.GeneratedVideo(video=None, thumbnail=None, quality=done["quality"],

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..compose import PostOptions, compose, keyframes
+from ..programs import CARD_SECONDS
 from ..errors import InputError
 from ..long_video import max_long_frames
 from ..params import resolve
@@ -61,6 +62,59 @@ def _post_options(fields: dict) -> PostOptions:
     post = PostOptions(**values)
     post.check()
     return post
+
+
+def validate_program(bundle, fields: dict) -> dict:
+    """POST /v1/programs: {kind, spec, seed?, num_inference_steps?, guidance_scale?} -> job parameters."""
+    from ..programs import check_spec
+
+    kind, spec = fields.get("kind"), fields.get("spec")
+    check_spec(kind, spec)
+    items = spec.get("sections") or spec.get("clips") or spec.get("items")
+    title = spec.get("title") or spec.get("headline") or spec.get("brand")
+    p = resolve(bundle, items[0]["prompt"], None, None, None, None, fields.get("num_inference_steps"),
+                fields.get("guidance_scale"), None, None, fields.get("seed"))
+    params = p.as_dict()
+    params.pop("prompts"), params.pop("negative_prompts")
+    seconds = sum(float(i.get("seconds", 2)) for i in items) + 2 * CARD_SECONDS
+    params.update(prompt=f"{kind}: {title}", original_prompt=f"{kind}: {title}", negative_prompt="",
+                  prompt_changes=[], program={"kind": kind, "spec": spec},
+                  num_frames=int(round(seconds * params["fps"])))
+    return params
+
+
+def program_job(pipe: TextToVideoPipeline, params: dict, progress) -> GeneratedVideo:
+    """A whole programme: its clips through compose(), cards, overlays, voice-over, one mp4 with audio."""
+    import tempfile
+
+    from ..programs import compose_program, write_program
+
+    items = params["program"]["spec"].get("sections") or params["program"]["spec"].get("clips") or \
+        params["program"]["spec"].get("items")
+    done = [0]
+
+    def clip_fn(prompt: str, seconds: float) -> np.ndarray:
+        tf = pipe.bundle.family.temporal_factor(pipe.bundle)
+        frames = 1 + tf * max(1, round(seconds * params["fps"] / tf))
+        out = compose(pipe, prompt, num_frames=frames, fps=params["fps"], seed=params["seed"] + done[0],
+                      num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
+                      height=params["height"], width=params["width"])
+        done[0] += 1
+        if progress:
+            progress(done[0], len(items))
+        return out.frames
+
+    t0 = time.perf_counter()
+    program = compose_program(params["program"]["kind"], params["program"]["spec"], clip_fn, fps=params["fps"],
+                              size=(params["width"], params["height"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_program(program, f"{tmp}/program.mp4")
+        video = path.read_bytes()
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(program.frames[len(program.frames) // 2]).save(buf, format="PNG")
+    return GeneratedVideo(video=video, thumbnail=buf.getvalue(), timings={"program_s": time.perf_counter() - t0})
 
 
 def validate(bundle, fields: dict) -> dict:
@@ -188,12 +242,17 @@ class LocalGenerator:
     async def validate(self, fields: dict) -> dict:
         return validate(self.bundle, fields)
 
+    async def validate_program(self, fields: dict) -> dict:
+        return validate_program(self.bundle, fields)
+
     async def generate(self, params: dict, progress: Callable[[int, int], None], job_id: str = "") -> GeneratedVideo:
         return await asyncio.to_thread(self._generate, params, progress)
 
     def _generate(self, params, progress) -> GeneratedVideo:
         with self._lock:
             t0 = time.perf_counter()
+            if "program" in params:
+                return program_job(self.pipe, params, progress)
             if is_composed(params):
                 frames = compose_job(self.pipe, params, progress)
                 result = finish(self.pipe, None, params["fps"], frames, params["prompt"])
