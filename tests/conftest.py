@@ -85,3 +85,11 @@ def ray_local(s3_server):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def generator(wan_dir):
+    """The job API's in-process generator over the tiny wan bundle."""
+    from t2v.serve.stages import LocalGenerator
+
+    return LocalGenerator(t2v.load(wan_dir))

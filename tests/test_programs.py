@@ -15,7 +15,7 @@ from t2v.errors import InputError
 from t2v.programs import AUDIO_RATE, check_spec, compose_program, overlay_text, write_program
 
 from test_cli import run
-from test_serve_api import Server, generator  # noqa: F401 (fixture)
+from test_serve_api import Server
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (.ci/run installs it)")
 FPS, SIZE = 8.0, (64, 64)
@@ -99,7 +99,7 @@ def test_bad_specs_name_the_field(kind, spec, field):
 
 
 @needs_espeak
-def test_compose_command_and_api(tmp_path, wan_dir, generator):  # noqa: F811
+def test_compose_command_and_api(tmp_path, wan_dir, generator):
     spec = tmp_path / "lesson.yaml"
     spec.write_text(yaml.safe_dump(EDU))
     out = tmp_path / "lesson.mp4"

@@ -9,7 +9,7 @@ from t2v.errors import InputError
 from t2v.prompting import analyze_text, fill_template, optimize_prompt, world_caption
 from t2v.world.analyze import parse_prompt
 
-from test_serve_api import Server, generator  # noqa: F401 (fixture)
+from test_serve_api import Server
 
 CASES = [  # prompt, entities, actions, setting, time of day, style, emotion, motion intensity
     ("a happy dog running on the beach at sunset, anime style", ["dog"], ["running"], "outdoor", "evening",

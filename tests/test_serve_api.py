@@ -4,7 +4,6 @@ by the official `openai` client and plain httpx."""
 from __future__ import annotations
 
 import asyncio
-import io
 import socket
 import threading
 import time
@@ -12,11 +11,9 @@ import time
 import httpx
 import pytest
 
-import t2v
 from t2v.serve.api import Settings, create_app
 from t2v.serve.jobs import (PriorityQueue, QueueWeights, VideoJob, credit_cost, queue_score,
                             to_generation_kwargs)
-from t2v.serve.stages import LocalGenerator
 from t2v.video import probe
 
 openai = pytest.importorskip("openai")
@@ -42,11 +39,6 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(30)
-
-
-@pytest.fixture(scope="module")
-def generator(wan_dir):
-    return LocalGenerator(t2v.load(wan_dir))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import socket
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 
 from ..sampling import DIFFUSION_SAMPLERS
 from .base import Family

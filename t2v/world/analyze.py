@@ -22,8 +22,8 @@ import numpy as np
 
 from .captions import (BACKGROUND_WORDS, CAMERA_WORDS, COLOR_WORDS, MOTION_WORDS, RELATION_WORDS, SHAPE_WORDS,
                        SIZE_WORDS, SPEED_WORDS)
-from .render import BOUNCE_HEIGHT, PAN, SPIN_DEGREES, ZOOM, background_palette, shape_points
-from .scene import BACKGROUNDS, CAMERAS, COLORS, RELATIONS, SHAPES, SIZES, SPEEDS, TRANSLATIONS, Scene
+from .render import BOUNCE_HEIGHT, PAN, ZOOM, background_palette, shape_points
+from .scene import BACKGROUNDS, CAMERAS, COLORS, SHAPES, SIZES, SPEEDS, TRANSLATIONS, Scene
 
 # --------------------------------------------------------------------------------------------------------------
 # Colour model

@@ -7,7 +7,7 @@ import math
 import random
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from .scene import COLORS, SIZES, SPEEDS, Scene, WorldObject
 

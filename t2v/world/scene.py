@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 SHAPES = ("circle", "square", "triangle", "star", "heart")
 COLORS = {
