@@ -10,11 +10,15 @@ class InputError(T2VError, ValueError):
 
     def __init__(self, field: str, message: str, allowed: str | None = None):
         self.field = field
+        self.message = message
         self.allowed = allowed
         text = f"{field}: {message}"
         if allowed:
             text += f" (allowed: {allowed})"
         super().__init__(text)
+
+    def __reduce__(self):  # picklable (Ray sends it from a replica to the Ingress)
+        return type(self), (self.field, self.message, self.allowed)
 
 
 class BundleError(T2VError, ValueError):
@@ -23,4 +27,8 @@ class BundleError(T2VError, ValueError):
     def __init__(self, uri: str, message: str):
         self.field = "model"
         self.uri = uri
+        self.message = message
         super().__init__(f"model: {uri!s}: {message}")
+
+    def __reduce__(self):
+        return type(self), (self.uri, self.message)

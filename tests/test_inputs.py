@@ -68,3 +68,15 @@ def test_missing_path_and_non_bundle(tmp_path):
     (bad / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": [null, null]}')
     with pytest.raises(BundleError, match="not a t2v family"):
         t2v.load(bad)
+
+
+def test_errors_survive_pickling():
+    """Ray sends a replica's error to the Ingress by pickle; it must arrive as the same error."""
+    import pickle
+
+    from t2v.errors import BundleError, InputError
+
+    e = pickle.loads(pickle.dumps(InputError("seed", "is negative", "≥ 0")))
+    assert isinstance(e, InputError) and (e.field, e.allowed, str(e)) == ("seed", "≥ 0", "seed: is negative (allowed: ≥ 0)")
+    b = pickle.loads(pickle.dumps(BundleError("s3://x", "missing")))
+    assert b.field == "model" and str(b) == "model: s3://x: missing"

@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -66,6 +67,9 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
         assert (info.width, info.height, info.num_frames) == (32, 32, 9)
         timings = video.model_extra["t2v"]["timings"]
         assert timings["denoise_s"] > 0 and timings["decode_s"] > 0  # went through every stage
+        # A bad field raised in the TextEncoder replica is a 400 naming it, not a 500.
+        bad = httpx.post(serve.url + "/v1/videos", json={"prompt": "x", "num_inference_steps": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_inference_steps"
         # A long, two-shot video: each step's windows fan out to the Denoiser replicas and are fused.
         long = c.videos.create_and_poll(prompt="a red ball, then a blue star", size="32x32", seconds="3",
                                         extra_body={"seed": 2, "num_inference_steps": 3})

@@ -15,6 +15,7 @@ import torch
 from ray import serve
 
 from ..bundle import load
+from ..errors import InputError
 from ..long_video import predict_window
 from ..pipeline import TextToVideoPipeline
 from . import stages
@@ -147,14 +148,21 @@ class ServeGenerator:
         self.version = None
 
     async def validate(self, fields: dict) -> dict:
-        if self.version is None:
-            self.version = await self.encoder.version.remote()
-        return await self.encoder.validate.remote(fields)
+        return await self._checked(self.encoder.validate, fields)
 
     async def validate_program(self, fields: dict) -> dict:
+        return await self._checked(self.encoder.validate_program, fields)
+
+    async def _checked(self, method, fields: dict) -> dict:
         if self.version is None:
             self.version = await self.encoder.version.remote()
-        return await self.encoder.validate_program.remote(fields)
+        try:
+            return await method.remote(fields)
+        except Exception as e:  # a replica's InputError arrives wrapped in Ray's task error: unwrap it for a 400
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, InputError):
+                raise cause from None
+            raise
 
     async def generate(self, params: dict, progress, job_id: str) -> stages.GeneratedVideo:
         import time

@@ -137,9 +137,12 @@ def validate(bundle, fields: dict) -> dict:
     plan = plan_video(prompt, key_frames, float(post.keyframe_fps or fps))
     composed = key_frames > cfg.num_frames or len(plan.shots) > 1 or post != PostOptions()
     # Every per-clip field goes through the model's own limits (a composed video's windows are native clips).
-    p = resolve(bundle, prompt, kw.pop("negative_prompt", None), cfg.num_frames if composed else frames, **kw)
+    # A composed video's windows each read one shot's prompt: each must fit the model, not the joined text.
+    shot_prompts = [s.prompt for s in plan.shots] if composed else [prompt]
+    p = resolve(bundle, shot_prompts, kw.pop("negative_prompt", None), cfg.num_frames if composed else frames, **kw)
     params = p.as_dict()
-    params["prompt"], params["negative_prompt"] = params.pop("prompts")[0], params.pop("negative_prompts")[0]
+    params.pop("prompts")
+    params["prompt"], params["negative_prompt"] = prompt, params.pop("negative_prompts")[0]
     params["original_prompt"], params["prompt_changes"] = original, changes
     if composed:
         longest = max_long_frames((cfg.num_frames - 1) // tf + 1, tf)
