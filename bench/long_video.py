@@ -41,40 +41,23 @@ print(json.dumps({"frames": frames, "windows": len(out.windows), "wall_s": wall,
 
 
 def serve_wall(model, steps: int, seconds: float, replicas: int) -> float:
-    import socket
     import tempfile
     import time
-    from pathlib import Path
 
     import openai
-    import yaml
 
-    from t2v.serve.process import ServeProcess
+    from t2v.serve.process import serve_shipped_config
 
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        config = yaml.safe_load((root / "serve_configs" / "t2v.yaml").read_text())
-        config["http_options"]["port"] = port
-        app = config["applications"][0]
-        app["args"].update(model=model)
-        app["args"]["settings"]["store"] = f"{tmp}/store"
-        denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser")
-        denoiser.pop("autoscaling_config", None)
-        denoiser["num_replicas"] = replicas
-        (Path(tmp) / "t2v.yaml").write_text(yaml.safe_dump(config))
-        with ServeProcess(Path(tmp) / "t2v.yaml", f"http://127.0.0.1:{port}", Path(tmp) / "serve.log", cwd=root):
-            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-            body = {"num_inference_steps": steps}
-            c.videos.create_and_poll(prompt="a red ball", seconds="2", extra_body={**body, "seed": 1},
-                                     poll_interval_ms=50)  # warm-up
-            t0 = time.perf_counter()
-            v = c.videos.create_and_poll(prompt="a big red ball moving to the right on a gray background",
-                                         seconds=str(seconds), extra_body={**body, "seed": 2}, poll_interval_ms=50)
-            assert v.status == "completed", v.error
-            return time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp, serve_shipped_config(tmp, model, denoiser_replicas=replicas) as serve:
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        body = {"num_inference_steps": steps}
+        c.videos.create_and_poll(prompt="a red ball", seconds="2", extra_body={**body, "seed": 1},
+                                 poll_interval_ms=50)  # warm-up
+        t0 = time.perf_counter()
+        v = c.videos.create_and_poll(prompt="a big red ball moving to the right on a gray background",
+                                     seconds=str(seconds), extra_body={**body, "seed": 2}, poll_interval_ms=50)
+        assert v.status == "completed", v.error
+        return time.perf_counter() - t0
 
 
 def main() -> None:

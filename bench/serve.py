@@ -10,15 +10,11 @@ time is what a client sees: create, poll every 20 ms until completed, download t
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red ball bouncing on a black background"
 
 
@@ -43,7 +39,7 @@ def in_process(model, steps: int, runs: int) -> float:
 def main() -> None:
     import openai
 
-    from t2v.serve.process import ServeProcess
+    from t2v.serve.process import serve_shipped_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: the embedded model")
@@ -52,45 +48,35 @@ def main() -> None:
     args = ap.parse_args()
 
     local = in_process(args.model, args.steps, args.runs)
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
-        config["http_options"]["port"] = port
-        app_args = config["applications"][0]["args"]
-        app_args["model"] = args.model
-        app_args["settings"]["store"] = f"{tmp}/store"
-        (Path(tmp) / "t2v.yaml").write_text(yaml.safe_dump(config))
-        with ServeProcess(Path(tmp) / "t2v.yaml", f"http://127.0.0.1:{port}", Path(tmp) / "serve.log", cwd=ROOT):
-            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-            seeds = iter(range(1000, 2000))  # a fresh seed per job: the result cache must not answer
+    with tempfile.TemporaryDirectory() as tmp, serve_shipped_config(tmp, args.model) as serve:
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        seeds = iter(range(1000, 2000))  # a fresh seed per job: the result cache must not answer
 
-            def job() -> str:
-                return c.videos.create(prompt=PROMPT, extra_body={"seed": next(seeds),
-                                                                  "num_inference_steps": args.steps}).id
+        def job() -> str:
+            return c.videos.create(prompt=PROMPT, extra_body={"seed": next(seeds),
+                                                              "num_inference_steps": args.steps}).id
 
-            def finish(video_id: str) -> None:
-                v = c.videos.poll(video_id, poll_interval_ms=20)
-                assert v.status == "completed", v.error
-                c.videos.download_content(video_id).read()
+        def finish(video_id: str) -> None:
+            v = c.videos.poll(video_id, poll_interval_ms=20)
+            assert v.status == "completed", v.error
+            c.videos.download_content(video_id).read()
 
-            finish(job())  # warm-up
-            times = []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                finish(job())
-                times.append(time.perf_counter() - t0)
-            served = statistics.median(times)
-
+        finish(job())  # warm-up
+        times = []
+        for _ in range(args.runs):
             t0 = time.perf_counter()
-            for _ in range(4):
-                finish(job())
-            serial = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for video_id in [job() for _ in range(4)]:
-                finish(video_id)
-            concurrent = time.perf_counter() - t0
+            finish(job())
+            times.append(time.perf_counter() - t0)
+        served = statistics.median(times)
+
+        t0 = time.perf_counter()
+        for _ in range(4):
+            finish(job())
+        serial = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for video_id in [job() for _ in range(4)]:
+            finish(video_id)
+        concurrent = time.perf_counter() - t0
 
     print(f"one job ({args.steps} steps, median of {args.runs}): in-process {local:.2f} s, "
           f"HTTP + Serve graph {served:.2f} s; ratio {served / local:.2f} (target <= 1.10)")

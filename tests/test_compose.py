@@ -120,12 +120,7 @@ def test_api_long_job_returns_its_plan(wan_dir, tmp_path):
         job = httpx.post(srv.url + "/v1/videos", json=body).json()
         assert [s["prompt"] for s in job["t2v"]["plan"]["shots"]] == ["a red ball", "a blue star"]
         assert job["t2v"]["params"]["post"]["keyframe_fps"] == 4 and job["seconds"] == "3"
-        for _ in range(600):
-            v = httpx.get(f"{srv.url}/v1/videos/{job['id']}").json()
-            if v["status"] in ("completed", "failed"):
-                break
-            import time
-            time.sleep(0.1)
+        v = srv.wait(job["id"])
         assert v["status"] == "completed", v["error"]
         assert probe(httpx.get(f"{srv.url}/v1/videos/{job['id']}/content").content).num_frames == 25
         r = httpx.post(srv.url + "/v1/videos", json={**body, "seconds": "600"})

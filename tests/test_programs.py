@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import av
 import httpx
@@ -116,11 +115,7 @@ def test_compose_command_and_api(tmp_path, wan_dir, generator):
         job = httpx.post(srv.url + "/v1/programs", json={"kind": "news", "num_inference_steps": 1, "spec": {
             "headline": "Stars fall", "ticker": "markets up", "items": [{"prompt": "a star", "caption": "Live"}]}})
         assert job.status_code == 200, job.text
-        for _ in range(300):
-            v = httpx.get(f"{srv.url}/v1/videos/{job.json()['id']}").json()
-            if v["status"] in ("completed", "failed"):
-                break
-            time.sleep(0.1)
+        v = srv.wait(job.json()["id"])
         assert v["status"] == "completed", v["error"]
         data = httpx.get(f"{srv.url}/v1/videos/{v['id']}/content").content
         (tmp_path / "news.mp4").write_bytes(data)

@@ -36,6 +36,15 @@ class Server:
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def wait(self, video_id: str, timeout: float = 60) -> dict:
+        """Poll GET /v1/videos/{id} until the job is completed or failed; its final JSON."""
+        deadline = time.time() + timeout
+        while True:
+            v = httpx.get(f"{self.url}/v1/videos/{video_id}").json()
+            if v["status"] in ("completed", "failed") or time.time() > deadline:
+                return v
+            time.sleep(0.1)
+
     def stop(self):
         self.server.should_exit = True
         self.thread.join(30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,3 +56,27 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_replicas: int | None = None,
+                         root: str | Path | None = None) -> ServeProcess:
+    """`serve run` of serve_configs/t2v.yaml as shipped, on a free loopback port with a job store in `folder`
+    (optionally another model, or a fixed number of Denoiser replicas): what benchmarks measure."""
+    import yaml
+
+    root = Path(root or Path(__file__).resolve().parents[2])
+    folder = Path(folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = yaml.safe_load((root / "serve_configs" / "t2v.yaml").read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"]["model"] = model
+    app["args"]["settings"]["store"] = str(folder / "store")
+    if denoiser_replicas:
+        denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser")
+        denoiser.pop("autoscaling_config", None)
+        denoiser["num_replicas"] = denoiser_replicas
+    (folder / "t2v.yaml").write_text(yaml.safe_dump(config))
+    return ServeProcess(folder / "t2v.yaml", f"http://127.0.0.1:{port}", folder / "serve.log", cwd=root)
