@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .errors import InputError
 from .params import resolve
 from .pipeline import TextToVideoPipeline, VideoOutput, to_uint8
-from .sampling import classifier_free_guidance, make_scheduler
+from .sampling import local_predictor, make_scheduler
 
 MAX_WINDOWS = 32
 
@@ -123,24 +123,6 @@ def pixel_boundaries(runs: Sequence[tuple[int, int]], temporal_factor: int) -> l
     return out
 
 
-class _Prescaled:
-    """Stands for the scheduler in `family.predict` when the caller already applied scale_model_input (the
-    scheduler lives with the loop; windows may be predicted elsewhere)."""
-
-    @staticmethod
-    def scale_model_input(x, t):
-        return x
-
-
-def predict_window(bundle, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float):
-    """One window's prediction (x already scaled by the scheduler), guided when guidance_scale > 1."""
-    fam = bundle.family
-    if guidance_scale > 1.0:
-        return classifier_free_guidance(*fam.predict(bundle, torch.cat([x, x]), t, embeds, _Prescaled).chunk(2),
-                                        guidance_scale)
-    return fam.predict(bundle, x, t, embeds, _Prescaled)
-
-
 def decode_windows(pipe: TextToVideoPipeline, latents: torch.Tensor, runs, overlap: int, output_type="np"):
     """Decode each window (anchor + run) on its own, as the VAE was trained, and blend the overlapping pixel
     frames with ramp weights (temporal tiling of the decoder; the latents are already continuous)."""
@@ -198,11 +180,6 @@ class LongVideoPipeline:
         b = self.bundle
         return (b.config.num_frames - 1) // b.family.temporal_factor(b) + 1
 
-    def local_predictor(self, latents: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor],
-                        guidance_scale: float) -> list[torch.Tensor]:
-        """Each window's (guided) prediction, one batched forward per window."""
-        return [predict_window(self.bundle, x, t, e, guidance_scale) for x, e in zip(latents, embeds)]
-
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_frames: int, negative_prompt: str | None = None,
                  window_frames: int | None = None, overlap: int | None = None, height: int | None = None,
@@ -256,7 +233,7 @@ class LongVideoPipeline:
         latents = fam.init_latents(noise.to(b.device), scheduler)
 
         # 5. Denoise: per-window predictions (in parallel where the predictor fans out), fused, one step.
-        predict = predictor or self.local_predictor
+        predict = predictor or local_predictor(b)
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
             scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents

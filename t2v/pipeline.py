@@ -14,7 +14,7 @@ from diffusers.video_processor import VideoProcessor
 from . import bundle as bundle_lib
 from .errors import InputError
 from .params import GenerationParams, resolve
-from .sampling import classifier_free_guidance, make_scheduler
+from .sampling import local_predictor, make_scheduler
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 
@@ -67,7 +67,10 @@ class TextToVideoPipeline:
         negative_prompt_embeds: torch.Tensor | None = None,
         callback_on_step_end: Callable[["TextToVideoPipeline", int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        predictor: Callable | None = None,
     ) -> VideoOutput:
+        """predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
+        (default: here; the Serve graph's Denoiser batches concurrent jobs' steps through it)."""
         b, fam = self.bundle, self.bundle.family
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -109,13 +112,12 @@ class TextToVideoPipeline:
         elif tuple(latents.shape) != shape:
             raise InputError("latents", f"shape {tuple(latents.shape)} does not match the request", str(shape))
 
-        # 5. Denoising loop: one batched forward per step for both guidance halves.
+        # 5. Denoising loop: one forward per step for both guidance halves.
+        predict = predictor or local_predictor(b)
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
-            x = torch.cat([latents, latents]) if cfg else latents
-            pred = fam.predict(b, x, t, embeds, scheduler)
-            if cfg:
-                pred = classifier_free_guidance(*pred.chunk(2), p.guidance_scale)
+            x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+            pred = predict([x], t, [embeds], p.guidance_scale)[0]
             latents = fam.step(scheduler, pred, t, latents, generator=generator, eta=eta)
             if callback_on_step_end is not None:
                 local = {"latents": latents, "prompt_embeds": embeds}

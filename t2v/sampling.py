@@ -61,3 +61,55 @@ def make_scheduler(base_config: dict, samplers: dict[str, tuple[str, dict]], nam
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Ho & Salimans: move the conditional prediction away from the unconditional one by `scale`."""
     return uncond + scale * (cond - uncond)
+
+
+# -- predictions (the denoising loops call these through a `predictor`, so a server may batch or fan out) --
+
+class _Prescaled:
+    """Stands for the scheduler in `family.predict` when the caller already applied scale_model_input (the
+    scheduler lives with the sampling loop; the forward may run elsewhere)."""
+
+    @staticmethod
+    def scale_model_input(x, t):
+        return x
+
+
+def predict_guided(bundle, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float):
+    """One prediction for latents x (already scaled by the scheduler), guided when guidance_scale > 1; then
+    embeds holds the negative prompts' embeddings first, as the pipeline encodes them."""
+    fam = bundle.family
+    if guidance_scale > 1.0:
+        return classifier_free_guidance(*fam.predict(bundle, torch.cat([x, x]), t, embeds, _Prescaled).chunk(2),
+                                        guidance_scale)
+    return fam.predict(bundle, x, t, embeds, _Prescaled)
+
+
+def local_predictor(bundle):
+    """The default predictor: (latents list, t, embeds list, guidance) -> predictions, in one batched forward
+    (a long video's windows: on a GPU 8 windows cost about what one does, see bench/step_batching.py)."""
+    return lambda xs, t, embeds, g: predict_batch(bundle, [(x, t, e, g) for x, e in zip(xs, embeds)])
+
+
+def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> list[torch.Tensor]:
+    """Predictions for several (x, t, embeds, guidance_scale) requests -- steps of different jobs, windows of a
+    long video -- with one forward per group of requests whose latents and embeddings share a shape. Each
+    request keeps its own timestep, prompts and guidance: the same results as `predict_guided` on each, in
+    one batch (per-step batching of concurrent jobs, where a forward is launch-bound, as on a GPU)."""
+    fam, out = bundle.family, [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, _, e, _) in enumerate(requests):
+        groups.setdefault((tuple(x.shape[1:]), tuple(e.shape[1:])), []).append(i)
+    for members in groups.values():
+        xs, ts, es, sizes = [], [], [], []
+        for i in members:
+            x, t, e, g = requests[i]
+            copies = 2 if g > 1.0 else 1  # guided: negative and positive halves ride together
+            xs += [x] * copies
+            es.append(e)
+            ts.append(t.reshape(-1)[:1].to(x.device).expand(copies * x.shape[0]))
+            sizes.append(copies * x.shape[0])
+        pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat(es), _Prescaled)
+        for i, part in zip(members, pred.split(sizes)):
+            g = requests[i][3]
+            out[i] = classifier_free_guidance(*part.chunk(2), g) if g > 1.0 else part
+    return out

@@ -3,11 +3,13 @@ store swapped in), driven over HTTP by the official openai client; and a restart
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -43,7 +45,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir):
+def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir, generator):
     config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
@@ -87,12 +89,31 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
         pending = c.videos.create(prompt="a green heart", size="32x32", extra_body={"num_inference_steps": 300})
     finally:
         serve.stop()
+    # Restart with per-step batching on (as t2v-gpu.yaml has it): concurrent jobs' steps share forwards.
+    args["step_batching"] = {"max_batch_size": 4, "wait_s": 0.01}
+    args["settings"]["concurrency"] = 3  # the pending job and the two below in the Denoiser at once
+    path.write_text(yaml.safe_dump(config))
     serve = ServeProcess(path, f"http://127.0.0.1:{port}", log, cwd=ROOT)
     try:
         c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
         assert pending.id in [v.id for v in c.videos.list().data]
+        pair = [c.videos.create(prompt=p, size="32x32", extra_body={"seed": 5, "num_inference_steps": 40})
+                for p in ("a red ball bouncing on a black background", "a blue star spinning")]
         done = c.videos.poll(pending.id, poll_interval_ms=200)
         assert done.status == "completed", done.error
         assert len(c.videos.download_content(pending.id).read()) > 1000
+        for job in pair:
+            v = c.videos.poll(job.id, poll_interval_ms=200)
+            assert v.status == "completed", v.error
+            assert v.model_extra["t2v"]["timings"]["step_batch_max"] >= 2  # rode in a batch with another job
+        # A batched job makes the video it makes alone (in-process, no Ray), up to float and x264 noise.
+        from t2v.video import read_video
+
+        served = read_video(c.videos.download_content(pair[0].id).read()).astype(float)
+        params = asyncio.run(generator.validate({"prompt": "a red ball bouncing on a black background",
+                                                 "size": "32x32", "seed": 5, "num_inference_steps": 40}))
+        alone = asyncio.run(generator.generate(params, None))
+        alone.quality_later.close()  # not needed here
+        assert np.abs(served - read_video(alone.video).astype(float)).mean() < 2.0
     finally:
         serve.stop()

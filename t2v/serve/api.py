@@ -73,7 +73,9 @@ class JobService:
         self.running: dict[str, VideoJob] = {}
         self._wakeup: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
+        self._scoring: set[asyncio.Task] = set()
         self._recovered = False
+        self._typical_s: float | None = None  # moving average of recent jobs' generation time
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def ensure_started(self) -> None:
@@ -95,9 +97,10 @@ class JobService:
                          for _ in range(self.settings.concurrency)]
 
     async def stop(self) -> None:
-        for t in self._workers:
+        tasks = self._workers + list(self._scoring)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._workers = []
 
     # -- requests --------------------------------------------------------------------------------------------
@@ -145,6 +148,13 @@ class JobService:
             self.store.remember_idempotent(idempotency_key, job.id, body_hash)
         return job
 
+    def poll_after_ms(self) -> int:
+        """How long a client should wait before polling again: about a twentieth of a typical job (the
+        official client keeps the first value it gets), at most settings.poll_after_ms."""
+        if self._typical_s is None:
+            return self.settings.poll_after_ms
+        return int(min(self.settings.poll_after_ms, max(50, self._typical_s * 1000 / 20)))
+
     def get(self, job_id: str) -> VideoJob | None:
         return self.running.get(job_id) or self.store.get(job_id)
 
@@ -188,16 +198,38 @@ class JobService:
         else:
             if job.id not in self.running:  # deleted meanwhile: drop what the generator stored
                 self.store.delete(job.id)
+                if result.quality_later is not None:
+                    result.quality_later.close()
                 return
             if result.video is not None:  # else the generator stored it (the Serve graph's Decoder)
                 self.store.put_content(job.id, result.video, result.thumbnail)
             job.status, job.progress = "completed", 100
             job.timings = {**result.timings, "total_s": time.perf_counter() - t0}
             job.quality = result.quality
+            if "program" not in job.params:
+                total = job.timings["total_s"]
+                self._typical_s = total if self._typical_s is None else 0.7 * self._typical_s + 0.3 * total
             job.expires_at = int(time.time() + self.settings.content_ttl_s)
             self.store.remember_result(job.request_hash, job.id, time.time() + self.settings.cache_ttl_s)
         job.completed_at = int(time.time())
         if self.running.pop(job.id, None) is not None:
+            self.store.save(job)
+            if job.status == "completed" and result.quality_later is not None:
+                task = asyncio.get_running_loop().create_task(self._score(job, result.quality_later))
+                self._scoring.add(task)
+                task.add_done_callback(self._scoring.discard)
+
+    async def _score(self, job: VideoJob, pending) -> None:
+        """The quality scores arrive after the job completed; kept with the job unless it was deleted."""
+        t0 = time.perf_counter()
+        try:
+            quality = await pending
+        except Exception:  # noqa: BLE001 - the video stands without its scores
+            log.exception("scoring %s failed", job.id)
+            return
+        if self.store.get(job.id) is not None:
+            job.quality = quality
+            job.timings["quality_after_s"] = time.perf_counter() - t0
             self.store.save(job)
 
 
@@ -250,7 +282,7 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
         return body
 
     def poll_headers(job: VideoJob) -> dict:
-        return {"openai-poll-after-ms": str(settings.poll_after_ms)} if job.status in ("queued", "in_progress") else {}
+        return {"openai-poll-after-ms": str(service.poll_after_ms())} if job.status in ("queued", "in_progress") else {}
 
     @app.post("/v1/videos")
     async def create_video(request: Request):

@@ -16,8 +16,8 @@ from ray import serve
 
 from ..bundle import load
 from ..errors import InputError
-from ..long_video import predict_window
 from ..pipeline import TextToVideoPipeline
+from ..sampling import predict_batch, predict_guided
 from . import stages
 from .api import Settings, create_app
 from .jobs import JobStore
@@ -61,22 +61,46 @@ class TextEncoder:
 @serve.deployment
 class Denoiser:
     """The denoiser and its scheduler; streams ("progress", step, total) events, then ("latents", tensor), or
-    for a composed job ("frames", uint8 array) after its windows and post-processing."""
+    for a composed job ("frames", uint8 array) after its windows and post-processing.
+
+    step_batching ({max_batch_size, wait_s}, from the YAML): concurrent jobs' sampling loops run side by side
+    and every forward goes through one `@serve.batch` queue, so the steps waiting at the same moment run as one
+    batch (`sampling.predict_batch`). That pays where a forward is launch-bound (a GPU at these sizes); on a
+    CPU a forward is compute-bound, and jobs run one loop at a time instead."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
-                 fan_out: bool = True):
+                 fan_out: bool = True, step_batching: dict | None = None):
         self.pipe = _pipeline(model, precision, threads)
-        self._lock = threading.Lock()  # one sampling loop at a time per replica
+        self._lock = threading.Lock()  # one sampling loop at a time, or one VAE user when steps are batched
         self.fan_out = fan_out  # long videos: each step's windows go to every Denoiser replica
+        self.step_batching = step_batching
+        if step_batching:
+            unknown = set(step_batching) - {"max_batch_size", "wait_s"}
+            if unknown:
+                raise ValueError(f"unknown step_batching keys: {', '.join(sorted(unknown))} "
+                                 "(allowed: max_batch_size, wait_s)")
+            self._forward.set_max_batch_size(int(step_batching.get("max_batch_size", 8)))
+            self._forward.set_batch_wait_timeout_s(float(step_batching.get("wait_s", 0.002)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _forward(self, requests: list[tuple]) -> list[tuple[torch.Tensor, int]]:
+        """The forwards waiting now, from any job or window, as one batch: (prediction, batch size) each."""
+        def run():
+            with torch.no_grad():
+                return predict_batch(self.pipe.bundle, requests)
+
+        return [(pred, len(requests)) for pred in await asyncio.to_thread(run)]
 
     async def predict_window(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float):
         """One window of one step of someone else's long video (no lock: it is a single forward)."""
         device = self.pipe.bundle.device
+        x, t, embeds = x.to(device), t.to(device), embeds.to(device)
+        if self.step_batching:
+            return (await self._forward((x, t, embeds, guidance)))[0].cpu()
 
         def run():
             with torch.no_grad():
-                return predict_window(self.pipe.bundle, x.to(device), t.to(device), embeds.to(device),
-                                      guidance).cpu()
+                return predict_guided(self.pipe.bundle, x, t, embeds, guidance).cpu()
 
         return await asyncio.to_thread(run)
 
@@ -92,18 +116,36 @@ class Denoiser:
 
         return predict
 
+    def _batched_predictor(self, loop: asyncio.AbstractEventLoop, batch_sizes: list[int]):
+        """For a sampling loop in a worker thread: its forwards join the replica's batch queue (the sizes of
+        the batches they rode in are appended to batch_sizes)."""
+        def predict(xs, t, embeds, guidance):
+            calls = [asyncio.run_coroutine_threadsafe(self._forward((x, t, e, guidance)), loop)
+                     for x, e in zip(xs, embeds)]
+            results = [c.result() for c in calls]
+            batch_sizes.extend(n for _, n in results)
+            return [pred for pred, _ in results]
+
+        return predict
+
     async def denoise(self, params: dict, embeds: torch.Tensor, negative: torch.Tensor):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        batch_sizes: list[int] = []
 
         def run():
             progress = lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n))  # noqa: E731
-            with self._lock:
-                if "program" in params:  # a whole programme, audio included: stored as made
+            batched = self._batched_predictor(loop, batch_sizes) if self.step_batching else None
+            if "program" in params:  # a whole programme, audio included: stored as made
+                with self._lock:
                     return stages.program_job(self.pipe, params, progress)
-                if stages.is_composed(params):  # long / multi-shot / post-processed
-                    predictor = self._remote_predictor() if self.fan_out else None
+            if stages.is_composed(params):  # long / multi-shot / post-processed (decodes here: the VAE is not
+                predictor = self._remote_predictor() if self.fan_out else batched  # re-entrant, so the lock)
+                with self._lock:
                     return stages.compose_job(self.pipe, params, progress, predictor)
+            if batched:
+                return stages.denoise(self.pipe, params, embeds, negative, progress, batched)
+            with self._lock:
                 return stages.denoise(self.pipe, params, embeds, negative, progress)
 
         task = asyncio.ensure_future(asyncio.to_thread(run))
@@ -115,6 +157,8 @@ class Denoiser:
             else:
                 getter.cancel()
         result = task.result()
+        if batch_sizes:  # the largest batch this job's steps shared (observability: is batching happening?)
+            yield ("step_batch_max", max(batch_sizes))
         if "program" in params:
             yield ("program", result)
         else:
@@ -123,21 +167,24 @@ class Denoiser:
 
 @serve.deployment
 class Decoder:
-    """VAE decode, video encode, and the upload of the mp4 and its thumbnail to the job store."""
+    """VAE decode, video encode, the upload of the mp4 and its thumbnail to the job store, then quality scores.
+    Streams ("stored", timings) as soon as the video is stored, then ("quality", scores)."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
         self.pipe = _pipeline(model, precision, threads)
         self._lock = threading.Lock()
 
     async def finish(self, latents: torch.Tensor | None, fps: float, store: str, job_id: str, frames=None,
-                     prompt: str | None = None) -> dict:
+                     prompt: str | None = None):
         def run():
             with self._lock:
-                result = stages.finish(self.pipe, latents, fps, frames, prompt)
-            JobStore(store).put_content(job_id, result.video, result.thumbnail)
-            return {"timings": result.timings, "quality": result.quality}
+                made = stages.finish(self.pipe, latents, fps, frames)
+            JobStore(store).put_content(job_id, made.video, made.thumbnail)
+            return made
 
-        return await asyncio.to_thread(run)
+        made = await asyncio.to_thread(run)
+        yield ("stored", made.timings)
+        yield ("quality", await asyncio.to_thread(stages.score, made.frames, prompt))
 
 
 class ServeGenerator:
@@ -180,10 +227,18 @@ class ServeGenerator:
         if "program" in result:  # finished in the Denoiser replica (audio and all)
             made = result["program"]
             return stages.GeneratedVideo(video=made.video, thumbnail=made.thumbnail, timings=made.timings)
-        done = await self.decoder.finish.remote(result.get("latents"), params["fps"], self.store, job_id,
-                                                frames=result.get("frames"), prompt=params["prompt"])
-        return stages.GeneratedVideo(video=None, thumbnail=None, quality=done["quality"],
-                                     timings={**done["timings"], "encode_prompt_s": t1 - t0, "denoise_s": t2 - t1})
+        finished = self.decoder.options(stream=True).finish.remote(
+            result.get("latents"), params["fps"], self.store, job_id, frames=result.get("frames"),
+            prompt=params["prompt"])
+        _, timings = await finished.__anext__()  # stored: the job is complete
+
+        async def quality() -> dict:
+            return (await finished.__anext__())[1]
+
+        timings.update(encode_prompt_s=t1 - t0, denoise_s=t2 - t1)
+        if "step_batch_max" in result:
+            timings["step_batch_max"] = result["step_batch_max"]
+        return stages.GeneratedVideo(video=None, thumbnail=None, quality_later=quality(), timings=timings)
 
 
 @serve.deployment
@@ -208,10 +263,10 @@ class Ingress:
 def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
-    allowed = {"model", "precision", "threads", "fan_out", "settings"}
+    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "settings"}
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
-    denoiser = Denoiser.bind(*stage, args.get("fan_out", True))
+    denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"))
     return Ingress.bind(TextEncoder.bind(*stage), denoiser, Decoder.bind(*stage), args.get("settings"))

@@ -59,9 +59,12 @@ class ServeProcess:
 
 
 def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_replicas: int | None = None,
-                         root: str | Path | None = None) -> ServeProcess:
-    """`serve run` of serve_configs/t2v.yaml as shipped, on a free loopback port with a job store in `folder`
-    (optionally another model, or a fixed number of Denoiser replicas): what benchmarks measure."""
+                         root: str | Path | None = None, config: str = "t2v.yaml", args: dict | None = None,
+                         deployments: dict | None = None) -> ServeProcess:
+    """`serve run` of a shipped config (serve_configs/t2v.yaml by default) on a free loopback port with a job
+    store in `folder`: what benchmarks measure. Optionally another model, a fixed number of Denoiser replicas,
+    application args (e.g. precision, step_batching) and per-deployment options ({name: {option: value}},
+    e.g. to fit the GPU layout onto one GPU)."""
     import yaml
 
     root = Path(root or Path(__file__).resolve().parents[2])
@@ -69,14 +72,18 @@ def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = yaml.safe_load((root / "serve_configs" / "t2v.yaml").read_text())
-    config["http_options"]["port"] = port
+    config = yaml.safe_load((root / "serve_configs" / config).read_text())
+    config["http_options"].update(host="127.0.0.1", port=port)
     app = config["applications"][0]
-    app["args"]["model"] = model
+    app["args"].update(model=model, **(args or {}))
     app["args"]["settings"]["store"] = str(folder / "store")
+    options = {name: dict(opts) for name, opts in (deployments or {}).items()}
     if denoiser_replicas:
-        denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser")
-        denoiser.pop("autoscaling_config", None)
-        denoiser["num_replicas"] = denoiser_replicas
+        options.setdefault("Denoiser", {})["num_replicas"] = denoiser_replicas
+    for d in app["deployments"]:
+        for key, value in options.get(d["name"], {}).items():
+            if key == "num_replicas":
+                d.pop("autoscaling_config", None)
+            d[key] = value
     (folder / "t2v.yaml").write_text(yaml.safe_dump(config))
     return ServeProcess(folder / "t2v.yaml", f"http://127.0.0.1:{port}", folder / "serve.log", cwd=root)

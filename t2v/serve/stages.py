@@ -11,8 +11,8 @@ import io
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ class GeneratedVideo:
     thumbnail: bytes | None  # PNG of the middle frame
     timings: dict
     quality: dict | None = None  # t2v.assess scores of the finished video
+    # Scoring runs after the video is stored, off the job's critical path: an awaitable of `quality`.
+    quality_later: Any = None
+    frames: np.ndarray | None = field(default=None, repr=False)  # what `score` reads
 
 
 def model_version(bundle) -> str:
@@ -195,8 +198,9 @@ def encode(pipe: TextToVideoPipeline, params: dict) -> tuple[torch.Tensor, torch
 
 
 def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negative_embeds: torch.Tensor,
-            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """The sampling loop; progress(step, total) after every step."""
+            progress: Callable[[int, int], None] | None = None, predictor: Callable | None = None) -> torch.Tensor:
+    """The sampling loop; progress(step, total) after every step; `predictor` runs the forwards elsewhere
+    (the Denoiser's per-step batching)."""
     total = params["num_inference_steps"]
 
     def on_step(_pipe, i, _t, tensors):
@@ -208,15 +212,13 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
                height=params["height"], width=params["width"], num_inference_steps=total,
                guidance_scale=params["guidance_scale"], seed=params["seed"], sampler=params["sampler"],
                fps=params["fps"], output_type="latent", prompt_embeds=embeds,
-               negative_prompt_embeds=negative_embeds, callback_on_step_end=on_step)
+               negative_prompt_embeds=negative_embeds, callback_on_step_end=on_step, predictor=predictor)
     return out.frames
 
 
 def finish(pipe: TextToVideoPipeline, latents: torch.Tensor | None, fps: float,
-           frames: np.ndarray | None = None, prompt: str | None = None) -> GeneratedVideo:
-    """Decode (unless given frames), encode the mp4 and a PNG thumbnail, and assess the video's quality."""
-    from ..assess import assess
-
+           frames: np.ndarray | None = None) -> GeneratedVideo:
+    """Decode (unless given frames), encode the mp4 and a PNG thumbnail; the frames stay for `score`."""
     from PIL import Image
 
     from ..video import encode_video
@@ -227,10 +229,15 @@ def finish(pipe: TextToVideoPipeline, latents: torch.Tensor | None, fps: float,
     video = encode_video(frames, fps, ".mp4")
     buf = io.BytesIO()
     Image.fromarray(frames[len(frames) // 2]).save(buf, format="PNG")
-    t2 = time.perf_counter()
-    quality = assess(frames, prompt).to_dict()
-    return GeneratedVideo(video=video, thumbnail=buf.getvalue(), quality=quality,
-                          timings={"decode_s": t1 - t0, "encode_video_s": t2 - t1, "assess_s": time.perf_counter() - t2})
+    return GeneratedVideo(video=video, thumbnail=buf.getvalue(), frames=frames,
+                          timings={"decode_s": t1 - t0, "encode_video_s": time.perf_counter() - t1})
+
+
+def score(frames: np.ndarray, prompt: str | None) -> dict:
+    """The finished video's quality scores (t2v.assess)."""
+    from ..assess import assess
+
+    return assess(frames, prompt).to_dict()
 
 
 class LocalGenerator:
@@ -249,7 +256,10 @@ class LocalGenerator:
         return validate_program(self.bundle, fields)
 
     async def generate(self, params: dict, progress: Callable[[int, int], None], job_id: str = "") -> GeneratedVideo:
-        return await asyncio.to_thread(self._generate, params, progress)
+        result = await asyncio.to_thread(self._generate, params, progress)
+        if result.frames is not None:
+            result.quality_later = asyncio.to_thread(score, result.frames, params["prompt"])
+        return result
 
     def _generate(self, params, progress) -> GeneratedVideo:
         with self._lock:
@@ -258,13 +268,13 @@ class LocalGenerator:
                 return program_job(self.pipe, params, progress)
             if is_composed(params):
                 frames = compose_job(self.pipe, params, progress)
-                result = finish(self.pipe, None, params["fps"], frames, params["prompt"])
+                result = finish(self.pipe, None, params["fps"], frames)
                 result.timings["generate_s"] = time.perf_counter() - t0
                 return result
             embeds, negative = encode(self.pipe, params)
             t1 = time.perf_counter()
             latents = denoise(self.pipe, params, embeds, negative, progress)
             t2 = time.perf_counter()
-            result = finish(self.pipe, latents, params["fps"], prompt=params["prompt"])
+            result = finish(self.pipe, latents, params["fps"])
             result.timings.update(encode_prompt_s=t1 - t0, denoise_s=t2 - t1)
             return result
