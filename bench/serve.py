@@ -9,6 +9,11 @@ time is what the official client sees: create, poll as the server advises (opena
 mp4. The in-process baseline runs the same stages in this process: pipeline, decode, mp4 encode. It is
 measured before and after the graph runs (the median of both), so a drift in machine speed counts on both
 sides. Quality scoring, which the graph does after the video is stored, is in neither figure.
+
+A third figure separates what Ray's mere presence costs on a small machine from what the graph adds: the
+in-process baseline again while the graph stands idle beside it. On 2 CPU cores the idle Ray processes
+(controller, proxy, GCS, raylet, replicas' threads) slow a 2-thread torch loop by about 40% although they take
+only 10-17% of one core: their wake-ups preempt torch's threads, which then wait at every parallel barrier.
 """
 
 from __future__ import annotations
@@ -92,6 +97,10 @@ def main() -> None:
 
         for _ in range(2):
             finish(job())  # warm-up (and the server learns a typical job's time for its poll advice)
+        time.sleep(3)  # let the graph settle to idle
+        pipe = t2v.TextToVideoPipeline.from_pretrained(args.model, precision=precision)
+        beside = statistics.median(in_process(pipe, args.steps, args.runs, 300))
+        del pipe
         times = []
         for _ in range(args.runs):
             t0 = time.perf_counter()
@@ -115,6 +124,8 @@ def main() -> None:
     print(f"{args.config} ({device}, {precision}, step batching {'on' if batching else 'off'})")
     print(f"one job ({args.steps} steps, median of {args.runs}): in-process {local:.2f} s, "
           f"HTTP + Serve graph {served:.2f} s; ratio {served / local:.2f} (target <= 1.10)")
+    print(f"  in-process beside the idle graph {beside:.2f} s ({beside / local:.2f}x of alone: Ray's presence); "
+          f"the graph's own overhead {served / beside:.2f}x")
     print(f"4 jobs: serial {serial:.2f} s, concurrent {concurrent:.2f} s; throughput "
           f"{serial / concurrent:.2f}x of serial")
 

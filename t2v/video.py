@@ -56,14 +56,19 @@ def _encode_to_file(path: str, frames, fps: float, fmt: str, crf: int) -> None:
             stream.options = {"crf": str(crf), "preset": "medium"}
         elif codec == "libvpx-vp9":
             stream.options = {"crf": str(crf + 12), "b": "0", "row-mt": "1", "deadline": "good", "cpu-used": "4"}
-        # GIF stores delays in centiseconds; the other formats count frames at the exact rate.
-        stream.time_base = Fraction(1, 100) if container_fmt == "gif" else 1 / rate
-        pts = (lambda i: round(i * 100 / rate)) if container_fmt == "gif" else (lambda i: i)
+        # GIF stores delays in centiseconds; the other formats count frames at the exact rate. The muxer keeps
+        # its own finer stream time base: forcing 1/fps on an mp4 stream breaks B-frame timestamps past ~40
+        # frames ("pts < dts").
+        if container_fmt == "gif":
+            stream.time_base = frame_base = Fraction(1, 100)
+            pts = lambda i: round(i * 100 / rate)  # noqa: E731
+        else:
+            frame_base, pts = 1 / rate, (lambda i: i)
         to_frame = _palette_frames(frames) if pix_fmt == "pal8" else lambda f: av.VideoFrame.from_ndarray(f, "rgb24")
         for i, frame in enumerate(frames):
             vf = to_frame(frame)
             vf.pts = pts(i)
-            vf.time_base = stream.time_base
+            vf.time_base = frame_base
             for packet in stream.encode(vf):
                 container.mux(packet)
         for packet in stream.encode():

@@ -48,6 +48,17 @@ def test_mp4_is_h264_yuv420p_with_faststart_and_exact_fps(tmp_path):
     assert probe(write_video(tmp_path / "w.mp4", moving_square(t=3), fps=12.5)).fps == 12.5
 
 
+@pytest.mark.parametrize("ext", [".mp4", ".webm"])
+@pytest.mark.parametrize("fps", [8, Fraction(24000, 1001)])
+def test_long_clips_keep_every_frame_and_the_exact_duration(ext, fps):
+    # Past x264's 40-frame lookahead, B-frame timestamps need the muxer's own time base (a 10 s clip at 8 fps
+    # once failed with "pts < dts").
+    frames = np.concatenate([moving_square(t=17)] * 5)[:81]
+    info = probe(encode_video(frames, fps, ext))
+    assert info.num_frames == 81 and info.fps == pytest.approx(float(fps), rel=1e-6)
+    assert info.duration == pytest.approx(81 / float(fps), rel=1e-3)
+
+
 def test_encode_to_bytes_matches_file(tmp_path):
     frames = moving_square(t=5)
     assert read_video(encode_video(frames, 8, ".webm")).shape == (5, 64, 96, 3)
