@@ -1,6 +1,7 @@
 """Train the embedded default model (t2v/models/default) on one machine, both stages, with t2v.train's loop.
 
     python jobs/train_default.py --out out/default-run [--clips 24000] [--vae-seconds 190] [--denoiser-seconds 200]
+    python jobs/train_default.py --out out/more --continue-from t2v/models/default --denoiser-seconds 400
 
 1. A process pool renders `--clips` training-split clips of the synthetic world in the background
    (t2v.data.rendered), while
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--denoiser-seconds", type=float, default=215)
     ap.add_argument("--vae", nargs="*", default=[], help="key=value overrides of default-vae.yaml")
     ap.add_argument("--denoiser", nargs="*", default=[], help="key=value overrides of default-denoiser.yaml")
+    ap.add_argument("--continue-from", default=None, metavar="BUNDLE",
+                    help="skip stage 1: BUNDLE's VAE encodes the clips and its DiT trains on (e.g. t2v/models/default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t_start = time.perf_counter()
@@ -82,14 +85,16 @@ def main() -> None:
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # 2. Stage 1: the VAE, on whatever is rendered so far.
-    train(vae_cfg, lambda start: world.batches(vae_cfg.batch_size, seed=start, min_ready=4 * vae_cfg.batch_size),
-          FolderCheckpoints(vae_cfg.checkpoint_dir))
-    log.info("stage 1 done at %.0f s; %d clips rendered", time.perf_counter() - t_start, world.ready)
+    # 2. Stage 1: the VAE, on whatever is rendered so far (unless continuing a trained bundle).
+    init = args.continue_from or vae_cfg.out
+    if not args.continue_from:
+        train(vae_cfg, lambda start: world.batches(vae_cfg.batch_size, seed=start, min_ready=4 * vae_cfg.batch_size),
+              FolderCheckpoints(vae_cfg.checkpoint_dir))
+        log.info("stage 1 done at %.0f s; %d clips rendered", time.perf_counter() - t_start, world.ready)
 
     # 3. Latents of every rendered clip, once.
     world.wait(timeout=60)
-    vae_bundle = load(vae_cfg.out, device="cuda" if gpu else "cpu")
+    vae_bundle = load(init, device="cuda" if gpu else "cpu")
     t0 = time.perf_counter()
     latents, scenes = encode_world(vae_bundle, world, batch=64 if gpu else 8, budget_s=args.encode_seconds)
     log.info("encoded %d clips in %.1f s (rendering took %.1f s)", len(scenes), time.perf_counter() - t0,
@@ -99,7 +104,7 @@ def main() -> None:
 
     # 4. Stage 2: the DiT on those latents.
     den_cfg = TrainConfig.from_yaml("jobs/configs/default-denoiser.yaml", [
-        f"init={vae_cfg.out}", f"out={args.out}/model-fp32", f"checkpoint_dir={args.out}/checkpoints-denoiser",
+        f"init={init}", f"out={args.out}/model-fp32", f"checkpoint_dir={args.out}/checkpoints-denoiser",
         f"time_budget_s={args.denoiser_seconds}", "use_latents=true", *common, *args.denoiser])
     bundle = train(den_cfg, lambda start: latent_batches(latents, scenes, den_cfg.batch_size, seed=start),
                    FolderCheckpoints(den_cfg.checkpoint_dir))
