@@ -139,9 +139,9 @@ class Denoiser:
             if "program" in params:  # a whole programme, audio included: stored as made
                 with self._lock:
                     return stages.program_job(self.pipe, params, progress)
-            if stages.is_composed(params):  # long / multi-shot / post-processed (decodes here: the VAE is not
-                predictor = self._remote_predictor() if self.fan_out else batched  # re-entrant, so the lock)
-                with self._lock:
+            if stages.is_composed(params):  # long / multi-shot / post-processed
+                predictor = self._remote_predictor() if self.fan_out else batched
+                with self._lock:  # it decodes here too, and the causal VAE's caches are not re-entrant
                     return stages.compose_job(self.pipe, params, progress, predictor)
             if batched:
                 return stages.denoise(self.pipe, params, embeds, negative, progress, batched)
