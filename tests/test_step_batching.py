@@ -52,5 +52,5 @@ def test_pipeline_through_a_batching_predictor_makes_the_same_video(wan_pipe):
     through = wan_pipe("a red ball bouncing", predictor=batching, **kw).frames
     alone = wan_pipe("a red ball bouncing", predictor=one_by_one, **kw).frames
     assert seen == [1] * 4
-    np.testing.assert_array_equal(plain, through)  # the default predictor is the batched one
-    assert np.abs(plain.astype(int) - alone.astype(int)).max() <= 2
+    np.testing.assert_array_equal(plain, alone)  # on a CPU the default predictor runs one forward each
+    assert np.abs(plain.astype(int) - through.astype(int)).max() <= 2
