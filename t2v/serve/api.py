@@ -205,7 +205,6 @@ class JobService:
                 self.store.put_content(job.id, result.video, result.thumbnail)
             job.status, job.progress = "completed", 100
             job.timings = {**result.timings, "total_s": time.perf_counter() - t0}
-            job.quality = result.quality
             if "program" not in job.params:
                 total = job.timings["total_s"]
                 self._typical_s = total if self._typical_s is None else 0.7 * self._typical_s + 0.3 * total

@@ -33,8 +33,7 @@ class GeneratedVideo:
     video: bytes | None  # mp4 (None: already in the job store)
     thumbnail: bytes | None  # PNG of the middle frame
     timings: dict
-    quality: dict | None = None  # t2v.assess scores of the finished video
-    # Scoring runs after the video is stored, off the job's critical path: an awaitable of `quality`.
+    # Quality scores (t2v.assess) come after the video is stored, off the job's critical path: an awaitable.
     quality_later: Any = None
     frames: np.ndarray | None = field(default=None, repr=False)  # what `score` reads
 
