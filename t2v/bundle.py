@@ -140,15 +140,17 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
     if packaged:
         kwargs["tokenizer"], kwargs["text_encoder"] = load_default_text_encoder()
         config_values["text_encoder"] = DEFAULT_TEXT_ENCODER
-    missing = [k for k in (family.denoiser_key, "vae", "scheduler") if not (folder / k).is_dir()]
-    if missing:
-        raise BundleError(uri, f"missing component folder(s): {', '.join(missing)}")
+    _check_folder(folder, index, family, uri)
     pipeline_cls = getattr(diffusers, family.pipeline_class)
     try:
         with _quiet_diffusers():
             pipe = pipeline_cls.from_pretrained(folder, use_safetensors=True, **kwargs)
-    except (OSError, EnvironmentError, ValueError) as e:
-        raise BundleError(uri, f"cannot load ({e}); bundles hold safetensors weights only") from None
+    except ImportError as e:
+        raise BundleError(uri, f"a package this bundle needs is not installed: {e}") from None
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        component = _failing_component(e.__traceback__)
+        raise BundleError(uri, f"diffusers {diffusers.__version__} refused "
+                               f"{f'the {component} component' if component else 'the bundle'}: {e}") from None
     if "max_sequence_length" not in config_values and not packaged:
         config_values["max_sequence_length"] = min(int(pipe.tokenizer.model_max_length),
                                                   family.defaults["max_sequence_length"])
@@ -161,6 +163,46 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
         scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),
         config=config,
     )
+
+
+def _check_folder(folder: Path, index: dict, family: Family, uri: str) -> None:
+    """Name what is wrong with a bundle before diffusers reads it: a missing loader package, a missing
+    component folder, missing or unreadable safetensors weights."""
+    from diffusers.utils import is_accelerate_available
+    from safetensors import SafetensorError, safe_open
+
+    if not is_accelerate_available():
+        raise BundleError(uri, "loading needs the accelerate package, which is not installed "
+                               "(a t2v dependency): pip install accelerate")
+    required = (family.denoiser_key, "vae", "scheduler")
+    named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+    missing = [k for k in dict.fromkeys([*required, *named]) if not (folder / k).is_dir()]
+    if missing:
+        raise BundleError(uri, f"missing component folder(s): {', '.join(missing)}")
+    for name in (family.denoiser_key, "vae", *(k for k in named if k == "text_encoder")):
+        weights = sorted((folder / name).glob("*.safetensors"))
+        if not weights:
+            others = sorted(p.name for p in (folder / name).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            raise BundleError(uri, f"{name}/ has no .safetensors weights"
+                                   f"{f' (found {others[0]}: convert it with save_pretrained(safe_serialization=True))' if others else ''}"
+                                   "; bundles hold safetensors weights only")
+        for path in weights:
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise BundleError(uri, f"{name}/{path.name} is not a readable safetensors file ({e}): it is "
+                                       "truncated or corrupt; copy or save the bundle again") from None
+
+
+def _failing_component(tb) -> str | None:
+    """The pipeline component diffusers was loading when it raised (its `load_sub_model(name=...)` frame)."""
+    component = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "load_sub_model":
+            component = tb.tb_frame.f_locals.get("name")
+        tb = tb.tb_next
+    return component if isinstance(component, str) else None
 
 
 def from_components(family: str | Family, components: dict, config: dict | None = None,

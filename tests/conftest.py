@@ -4,6 +4,7 @@ and a real S3 endpoint (moto's server) on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ from t2v.families import UNET3D, WAN
 # Small enough that a whole generation takes well under a second on 2 cores.
 WAN_TINY = dict(max_sequence_length=32, num_frames=9, height=32, width=32, num_inference_steps=3, fps=8)
 UNET3D_TINY = dict(max_sequence_length=32, num_frames=4, height=32, width=32, num_inference_steps=3, fps=8)
+
+
+def needs_program(name: str):
+    """Skip a test when a system program is missing, except in CI (CI=true): .ci/run installs every program the
+    suite uses, so there a missing one fails the test instead of hiding behind a skip."""
+    return pytest.mark.skipif(shutil.which(name) is None and not os.environ.get("CI"),
+                              reason=f"needs {name} (.ci/run installs it from Debian)")
 
 
 def build_tiny(family, seed: int = 0) -> t2v.Bundle:

@@ -47,8 +47,51 @@ def test_bin_weights_are_refused(tmp_path):
     model = torch.nn.Module()
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(model.state_dict(), unet / "diffusion_pytorch_model.bin")
-    with pytest.raises(BundleError, match="safetensors"):
+    with pytest.raises(BundleError, match=r"unet/ has no \.safetensors weights \(found diffusion_pytorch_model\.bin: "
+                                          r"convert it with save_pretrained\(safe_serialization=True\)\)"):
         t2v.load(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not safetensors"])
+def test_a_corrupt_weights_file_is_named_with_its_cause(tmp_path, wan_dir, damage):
+    import shutil
+
+    shutil.copytree(wan_dir, tmp_path / "b")
+    weights = tmp_path / "b" / "vae" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"<html>not found</html>")
+    with pytest.raises(BundleError, match=r"vae/diffusion_pytorch_model\.safetensors is not a readable safetensors "
+                                          r"file \(.*\): it is truncated or corrupt"):
+        t2v.load(tmp_path / "b")
+
+
+def test_weights_that_do_not_fit_the_config_name_diffusers_and_the_component(tmp_path, wan_dir):
+    import shutil
+
+    import diffusers
+
+    shutil.copytree(wan_dir, tmp_path / "b")
+    config_path = tmp_path / "b" / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_attention_heads"] *= 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=rf"diffusers {diffusers.__version__} refused the transformer component: "
+                                          ".*expected shape"):
+        t2v.load(tmp_path / "b")
+
+
+def test_a_missing_accelerate_is_named_with_the_fix(wan_dir):
+    """diffusers itself would refuse Wan's transformer with a message about low_cpu_mem_usage."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['accelerate'] = None  # as if it were not installed\n"
+            "import t2v\n"
+            f"t2v.load({str(wan_dir)!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "loading needs the accelerate package, which is not installed" in r.stderr
+    assert "pip install accelerate" in r.stderr
 
 
 def test_missing_component_folder(tmp_path, wan_dir):

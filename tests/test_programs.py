@@ -13,10 +13,11 @@ import yaml
 from t2v.errors import InputError
 from t2v.programs import AUDIO_RATE, check_spec, compose_program, overlay_text, write_program
 
+from conftest import needs_program
 from test_cli import run
 from test_serve_api import Server
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (.ci/run installs it)")
+needs_espeak = needs_program("espeak-ng")
 FPS, SIZE = 8.0, (64, 64)
 
 

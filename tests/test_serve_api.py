@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from t2v.serve.api import Settings, create_app
@@ -16,7 +17,6 @@ from t2v.serve.jobs import (PriorityQueue, QueueWeights, VideoJob, credit_cost, 
                             to_generation_kwargs)
 from t2v.video import probe
 
-openai = pytest.importorskip("openai")
 
 
 class Server:

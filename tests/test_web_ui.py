@@ -11,13 +11,14 @@ import t2v
 from t2v.serve.api import Settings, create_app
 from t2v.serve.stages import LocalGenerator
 
+from conftest import needs_program
+from playwright import sync_api as playwright
 from test_serve_api import Server
 
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = shutil.which("chromium")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (.ci/run installs Debian's)")
+@needs_program("chromium")
 def test_generate_from_the_page_and_watch_it_play(wan_dir, tmp_path):
     srv = Server(create_app(LocalGenerator(t2v.load(wan_dir)), Settings(store=str(tmp_path / "store"))))
     try:
