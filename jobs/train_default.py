@@ -80,7 +80,8 @@ def main() -> None:
     vae_cfg = TrainConfig.from_yaml("jobs/configs/default-vae.yaml", [
         f"out={args.out}/vae", f"checkpoint_dir={args.out}/checkpoints-vae", f"time_budget_s={args.vae_seconds}",
         *common, *args.vae])
-    spec = RenderSpec(num_frames=vae_cfg.num_frames, size=vae_cfg.size, fps=vae_cfg.bundle_config.get("fps", 8.0))
+    spec = RenderSpec(num_frames=vae_cfg.num_frames, size=vae_cfg.size, fps=vae_cfg.bundle_config.get("fps", 8.0),
+                      masks=bool(vae_cfg.object_weight or vae_cfg.object_crops))  # the objects' masks, for those losses
     world = RenderedWorld(args.clips, spec, workers=args.workers).start()
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

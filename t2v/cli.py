@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="prompt adherence on the synthetic world's held-out or training prompts")
     ev.add_argument("--model", default=None)
+    ev.add_argument("--stage", default="video", choices=["video", "vae", "dit", "all"],
+                    help="video: generated videos; vae: reconstructions of the rendered clips; dit: the denoiser's "
+                         "loss with true vs shuffled vs empty captions; all: the three")
     ev.add_argument("--split", default="heldout", choices=["heldout", "train"])
     ev.add_argument("--n", type=int, default=200)
     ev.add_argument("--steps", type=int, default=25)
@@ -169,18 +172,30 @@ def evaluate(args) -> int:
     from tqdm import tqdm
 
     from .errors import InputError
-    from .evaluate import contact_sheet
+    from .evaluate import conditioning_losses, conditioning_table, contact_sheet, evaluate_vae
     from .evaluate import evaluate as run_eval
     from .pipeline import TextToVideoPipeline
 
     if args.n < 1:
         raise InputError("n", f"{args.n} prompts", "≥ 1")
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision)
-    with tqdm(total=args.n, desc="evaluating", unit="prompt", file=sys.stderr) as bar:
-        result = run_eval(pipe, args.split, args.n, args.steps, args.seed, progress=lambda i: bar.update(1))
-    print(result.table())
-    contact_sheet(result.rows, args.sheet)
-    print(f"contact sheet: {os.path.abspath(args.sheet)}")
+    stages = ["vae", "dit", "video"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        with tqdm(total=args.n, desc=f"evaluating ({stage})", unit="clip", file=sys.stderr) as bar:
+            progress = lambda i: bar.update(i - bar.n)  # noqa: E731
+            if stage == "dit":
+                print(conditioning_table(conditioning_losses(pipe, args.split, args.n, args.seed, progress=progress)))
+                continue
+            if stage == "vae":
+                result, errors = evaluate_vae(pipe, args.split, args.n, args.seed, progress=progress)
+            else:
+                result = run_eval(pipe, args.split, args.n, args.steps, args.seed, progress=progress)
+        print(f"[{stage}] " + result.table())
+        if stage == "vae":
+            print(errors.table())
+        sheet = args.sheet if len(stages) == 1 else args.sheet.replace(".png", f"-{stage}.png")
+        contact_sheet(result.rows, sheet)
+        print(f"contact sheet: {os.path.abspath(sheet)}")
     return 0
 
 

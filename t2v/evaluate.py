@@ -1,8 +1,16 @@
-"""Prompt adherence of a model on the synthetic world, measured by the pixel analyzer.
+"""Prompt adherence of a model on the synthetic world, measured by the pixel analyzer, and where it is lost.
 
 Prompts come from a split (held-out: unseen attribute combinations and paraphrases; or training) with their
 exact scenes; each generated video is scored against its scene, per attribute, separately for one- and
-two-object prompts.
+two-object prompts. The diagnosis stages take the model apart:
+
+- "video": generated videos (`evaluate`), with persistence: the prompt's single object, right colour, in every
+  frame in which the scene shows it;
+- "vae": the VAE alone (`evaluate_vae`): the same scores on reconstructions of the rendered clips, and the
+  per-frame error inside vs outside the objects;
+- "dit": text conditioning (`conditioning_losses`): the denoiser's flow-matching loss on the clips' latents
+  with the true caption, another clip's caption and the empty prompt, at the same noise. Losses that are close
+  mean the text is not being used.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Attributes reported per prompt kind, in table order ("colors" = every object's colour right).
-ONE_OBJECT = ("background", "camera", "count", "color", "shape", "size", "motion", "speed")
+ONE_OBJECT = ("background", "camera", "count", "color", "shape", "size", "motion", "speed", "persistence")
 TWO_OBJECTS = ("background", "count", "colors", "shapes", "relation")
 
 
@@ -24,6 +32,7 @@ class EvalResult:
     n: int
     hits: dict = field(default_factory=lambda: defaultdict(list))  # (kind, attribute) -> [bool]
     rows: list = field(default_factory=list)  # (prompt, frames) for the contact sheet
+    frame_hits: list = field(default_factory=list)  # one-object clips: per frame, object right (True/False/None)
 
     def accuracy(self, kind: str, attribute: str) -> float | None:
         values = self.hits.get((kind, attribute))
@@ -39,7 +48,18 @@ class EvalResult:
                 n = len(self.hits.get((kind, attribute), []))
                 cells.append(f"{acc * 100:6.1f}% {n:>3}" if acc is not None else f"{'—':>10}")
             lines.append(f"{attribute:<12}{cells[0]:>10} {cells[1]:>10}")
+        by_frame = self.per_frame()
+        if by_frame:
+            lines.append("one object right, by frame: " + " ".join(f"{v * 100:.0f}" for v in by_frame))
         return "\n".join(lines)
+
+    def per_frame(self) -> list[float]:
+        """Share of one-object clips whose object is right (one blob, its colour) at each frame index, over the
+        clips whose scene shows the object in that frame."""
+        if not self.frame_hits:
+            return []
+        cols = zip(*self.frame_hits)
+        return [float(np.mean([v for v in col if v is not None])) for col in cols]
 
 
 def eval_prompts(split: str, n: int, seed: int = 0, width: int = 128, height: int = 128, num_frames: int = 17):
@@ -53,11 +73,25 @@ def eval_prompts(split: str, n: int, seed: int = 0, width: int = 128, height: in
     return out
 
 
-def _record(result: EvalResult, scene, scores: dict) -> None:
+def persistence(frames: np.ndarray, scene) -> list[bool | None]:
+    """Per frame of a one-object scene: does it show the object as one blob of its colour and nothing else?
+    None for frames in which the scene itself does not (the object has left the view)."""
+    from .world import render
+    from .world.analyze import objects_per_frame
+
+    want = {scene.objects[0].color: 1}
+    truth = objects_per_frame(render(scene))
+    return [got == want if shown == want else None for got, shown in zip(objects_per_frame(frames), truth)]
+
+
+def _record(result: EvalResult, scene, scores: dict, frames: np.ndarray) -> None:
     if len(scene.objects) == 1:
         for attribute in ONE_OBJECT:
             if attribute in scores:
                 result.hits[("one", attribute)].append(bool(scores[attribute]))
+        per_frame = persistence(frames, scene)
+        result.frame_hits.append(per_frame)
+        result.hits[("one", "persistence")].append(all(v is not False for v in per_frame))
         return
     for attribute in ("background", "count", "relation"):
         if attribute in scores:
@@ -68,20 +102,134 @@ def _record(result: EvalResult, scene, scores: dict) -> None:
             result.hits[("two", plural)].append(all(per_object))
 
 
-def evaluate(pipe, split: str = "heldout", n: int = 200, num_inference_steps: int = 25, seed: int = 0,
-             sheet_rows: int = 12, progress=None) -> EvalResult:
+def _score_clips(pipe, split: str, n: int, seed: int, make_frames, sheet_rows: int, progress) -> EvalResult:
+    """Score make_frames(i, prompt, scene) -> uint8 [T, H, W, 3] against each prompt's scene."""
     from .world.analyze import score
 
     cfg = pipe.bundle.config
     result = EvalResult(split=split, n=n)
     for i, (prompt, scene) in enumerate(eval_prompts(split, n, seed, cfg.width, cfg.height, cfg.num_frames)):
-        frames = pipe(prompt, num_inference_steps=num_inference_steps, seed=seed + i).frames[0]
-        _record(result, scene, score(frames, scene))
+        frames = make_frames(i, prompt, scene)
+        _record(result, scene, score(frames, scene), frames)
         if len(result.rows) < sheet_rows:
             result.rows.append((prompt, frames))
         if progress:
             progress(i + 1)
     return result
+
+
+def evaluate(pipe, split: str = "heldout", n: int = 200, num_inference_steps: int = 25, seed: int = 0,
+             sheet_rows: int = 12, progress=None) -> EvalResult:
+    """Adherence of generated videos (stage "video")."""
+    def generate(i, prompt, scene):
+        return pipe(prompt, num_inference_steps=num_inference_steps, seed=seed + i).frames[0]
+
+    return _score_clips(pipe, split, n, seed, generate, sheet_rows, progress)
+
+
+@dataclass
+class FrameErrors:
+    """Mean absolute error (0..1) per frame index, inside and outside the objects' masks, summed over clips."""
+
+    inside: np.ndarray | None = None
+    outside: np.ndarray | None = None
+    inside_px: np.ndarray | None = None
+    outside_px: np.ndarray | None = None
+
+    def add(self, frames: np.ndarray, truth: np.ndarray, masks: np.ndarray) -> None:
+        err = np.abs(frames.astype(np.float32) - truth.astype(np.float32)).mean(-1) / 255.0  # [T, H, W]
+        parts = ((err * masks).sum((1, 2)), (err * ~masks).sum((1, 2)), masks.sum((1, 2)), (~masks).sum((1, 2)))
+        if self.inside is None:
+            self.inside, self.outside, self.inside_px, self.outside_px = (p.astype(np.float64) for p in parts)
+        else:
+            for name, p in zip(("inside", "outside", "inside_px", "outside_px"), parts):
+                setattr(self, name, getattr(self, name) + p)
+
+    def mean(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.inside / np.maximum(self.inside_px, 1), self.outside / np.maximum(self.outside_px, 1)
+
+    def table(self) -> str:
+        inside, outside = self.mean()
+        return "\n".join([
+            "reconstruction error (mean |x - x'|, 0..1) by frame",
+            "  inside objects:  " + " ".join(f"{v:.3f}" for v in inside),
+            "  outside objects: " + " ".join(f"{v:.3f}" for v in outside)])
+
+
+def evaluate_vae(pipe, split: str = "heldout", n: int = 200, seed: int = 0, sheet_rows: int = 12,
+                 progress=None) -> tuple[EvalResult, FrameErrors]:
+    """The VAE alone (stage "vae"): each prompt's rendered clip encoded (posterior mode) and decoded, scored like a
+    generated video, with its per-frame error inside vs outside the objects."""
+    import torch
+
+    from .train.loop import video_tensor
+    from .world import render
+    from .world.render import object_masks
+
+    bundle, errors = pipe.bundle, FrameErrors()
+
+    def reconstruct(i, prompt, scene):
+        clip = render(scene)
+        with torch.no_grad():
+            frames = pipe.decode_latents(bundle.family.encode(bundle, video_tensor({"video": clip[None]}, "cpu")))[0]
+        errors.add(frames, clip, object_masks(scene))
+        return frames
+
+    return _score_clips(pipe, split, n, seed, reconstruct, sheet_rows, progress), errors
+
+
+SIGMAS = (0.3, 0.6, 0.8, 0.95)  # noise levels of the conditioning check: the text matters most at high noise
+
+
+def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0, batch_size: int = 8,
+                        sigmas=SIGMAS, progress=None) -> dict[str, dict[float, float]]:
+    """Stage "dit": {"true" | "shuffled" | "empty": {sigma: mean flow-matching loss}} on the latents of the
+    split's clips, every caption at the same noise and levels ("shuffled": the next clip's caption)."""
+    import torch
+
+    from .errors import InputError
+    from .train.loop import video_tensor
+    from .train.losses import flow_matching_pair
+    from .world import render
+
+    bundle = pipe.bundle
+    fam = bundle.family
+    if not fam.flow:
+        raise InputError("stage", f"the dit stage measures flow-matching loss; {fam.name} is not a flow family",
+                         "vae, video")
+    cfg = bundle.config
+    prompts = eval_prompts(split, n, seed, cfg.width, cfg.height, cfg.num_frames)
+    generator = torch.Generator().manual_seed(seed)
+    sums = {name: {s: 0.0 for s in sigmas} for name in ("true", "shuffled", "empty")}
+    for start in range(0, n, batch_size):
+        chunk = prompts[start:start + batch_size]
+        captions = [p for p, _ in chunk]
+        video = video_tensor({"video": np.stack([render(scene) for _, scene in chunk])}, bundle.device)
+        with torch.no_grad():
+            x0 = fam.encode(bundle, video).float()
+            texts = {"true": captions, "shuffled": captions[1:] + captions[:1], "empty": [""] * len(chunk)}
+            embeds = {k: pipe.encode_prompt(v) for k, v in texts.items()}
+            for s in sigmas:
+                noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+                sigma = torch.full((len(chunk),), s, device=x0.device)
+                x_t, target = flow_matching_pair(x0, noise, sigma)
+                for name, e in embeds.items():
+                    pred = fam.predict(bundle, x_t, sigma * 1000, e, bundle.scheduler).float()
+                    sums[name][s] += float(((pred - target) ** 2).mean((1, 2, 3, 4)).sum())
+        if progress:
+            progress(min(start + batch_size, n))
+    return {name: {s: v / n for s, v in per.items()} for name, per in sums.items()}
+
+
+def conditioning_table(losses: dict[str, dict[float, float]]) -> str:
+    sigmas = list(losses["true"])
+    lines = ["flow-matching loss by noise level (sigma), the same noise for every caption",
+             f"{'caption':<10}" + "".join(f"{s:>9.2f}" for s in sigmas)]
+    for name, per in losses.items():
+        lines.append(f"{name:<10}" + "".join(f"{per[s]:>9.4f}" for s in sigmas))
+    gaps = [(losses["shuffled"][s] - losses["true"][s]) / losses["true"][s] for s in sigmas]
+    lines.append(f"{'shuffled/true - 1':<10}" + "".join(f"{g * 100:>8.1f}%" for g in gaps))
+    return "\n".join(lines)
 
 
 def contact_sheet(rows, path: str, columns: int = 6) -> None:

@@ -211,3 +211,62 @@ def test_periodic_samples_and_adherence_eval(tmp_path, world32):
     assert probe(videos[0]).num_frames == 9
     assert len((folder / "prompts.txt").read_text().splitlines()) == 2
     assert not (Path(cfg.out) / "samples" / "step-000002").exists()  # eval only at step 2: no files
+
+
+def test_weighted_vae_loss_counts_object_pixels_more():
+    from types import SimpleNamespace
+
+    from t2v.train.losses import vae_loss
+
+    target = torch.zeros(2, 3, 5, 8, 8)
+    recon = target.clone()
+    recon[:, :, :, :2, :2] = 0.5  # wrong only on a small "object"
+    posterior = SimpleNamespace(kl=lambda: torch.zeros(2))
+    plain, _ = vae_loss(recon, target, posterior, 0.0)
+    same, _ = vae_loss(recon, target, posterior, 0.0, torch.ones(2, 1, 5, 8, 8))
+    assert torch.allclose(plain, same)
+    weight = torch.ones(2, 1, 5, 8, 8)
+    weight[:, :, :, :2, :2] = 16.0  # the object weighs as much as the other 60 pixels together
+    weighted, _ = vae_loss(recon, target, posterior, 0.0, weight)
+    err = 0.5 + 0.25
+    assert weighted.item() == pytest.approx(err * 16 * 4 / (16 * 4 + 60))
+    assert weighted > 5 * plain
+
+
+def test_object_crops_hold_the_object_pixel_they_are_centred_on():
+    import random
+
+    from t2v.train.loop import crop_window
+
+    rng = random.Random(0)
+    for _ in range(200):
+        at = (rng.randrange(17), rng.randrange(128), rng.randrange(128))
+        f, y, x = crop_window((1, 3, 17, 128, 128), 64, 17, rng, around=at)
+        assert (f.stop - f.start, y.stop - y.start, x.stop - x.start) == (17, 64, 64)
+        assert f.start <= at[0] < f.stop and y.start <= at[1] < y.stop and x.start <= at[2] < x.stop
+    assert crop_window((1, 3, 9, 32, 32), 64, None, rng) == (slice(0, 9), slice(0, 32), slice(0, 32))
+
+
+def test_vae_stage_with_object_weighting_trains_on_masked_rendered_clips(tmp_path):
+    from t2v.data.rendered import RenderedWorld, RenderSpec
+    from t2v.world.render import object_masks
+
+    world = RenderedWorld(8, RenderSpec(num_frames=9, size=32, chunk=4, masks=True), workers=1).start()
+    try:
+        world.wait(timeout=120)
+        item = world.items()[0]
+        video, scene = world.clip(item)
+        assert np.array_equal(world.mask(item), object_masks(scene, video))
+        assert next(world.batches(3))["mask"].shape == (3, 9, 32, 32)
+        cfg = config(tmp_path, "", stage="vae", steps=3, crop=16, crop_frames=5, object_weight=8.0,
+                     object_crops=1.0, checkpoint_every=3)
+        losses = []
+        train(cfg, lambda start: world.batches(cfg.batch_size, seed=start), FolderCheckpoints(cfg.checkpoint_dir),
+              on_step=lambda step, m: losses.append(m["loss"]))
+        assert len(losses) == 3 and all(np.isfinite(losses))
+    finally:
+        world.close()
+    with pytest.raises(ValueError, match="object_weight / object_crops need the objects' masks"):
+        unmasked = [{"video": np.zeros((2, 9, 32, 32, 3), np.uint8), "caption": np.array(["", ""])}] * 2
+        train(config(tmp_path / "no-masks", "", stage="vae", steps=1, object_weight=4.0),
+              lambda start: iter(unmasked), FolderCheckpoints(str(tmp_path / "no-masks-ckpt")))

@@ -28,6 +28,7 @@ class RenderSpec:
     size: int = 128
     fps: float = 8.0
     chunk: int = 64  # clips per worker task and chunk file
+    masks: bool = False  # also the objects' exact masks (world.render.object_masks), for object-weighted losses
 
 
 def scene_at(spec: RenderSpec, index: int):
@@ -41,12 +42,16 @@ def scene_at(spec: RenderSpec, index: int):
 def _render_chunk(args: tuple) -> tuple[int, list[str]]:
     spec, folder, chunk_index, start, stop = args
     from ..world import render
+    from ..world.render import object_masks
 
     scenes = [scene_at(spec, i) for i in range(start, stop)]
     video = np.stack([render(s) for s in scenes])
     path = os.path.join(folder, f"chunk-{chunk_index:05d}.npy")
+    if spec.masks:  # bits packed along the width: 1/24 of the frames' bytes
+        masks = np.stack([object_masks(s, v) for s, v in zip(scenes, video)])
+        np.save(path[:-4] + ".masks.npy", np.packbits(masks, axis=-1))
     np.save(path + ".tmp.npy", video)
-    os.replace(path + ".tmp.npy", path)  # readers never see a half-written chunk
+    os.replace(path + ".tmp.npy", path)  # readers never see a half-written chunk (its masks are written first)
     return chunk_index, [s.to_json() for s in scenes]
 
 
@@ -63,6 +68,7 @@ class RenderedWorld:
         need = clips * spec.num_frames * spec.size * spec.size * 3
         self.folder = folder or tempfile.mkdtemp(prefix="t2v-world-", dir=_roomy_tmp(need))
         self._chunks: dict[int, tuple[np.ndarray, list]] = {}  # chunk index -> (memmap [n, T, H, W, 3], scenes)
+        self._masks: dict[int, np.ndarray] = {}  # chunk index -> packed masks [n, T, H, W / 8] (spec.masks)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -85,8 +91,12 @@ class RenderedWorld:
                     from ..world import Scene
 
                     video = np.load(os.path.join(self.folder, f"chunk-{k:05d}.npy"), mmap_mode="r")
+                    masks = np.load(os.path.join(self.folder, f"chunk-{k:05d}.masks.npy"),
+                                    mmap_mode="r") if self.spec.masks else None
                     with self._lock:
                         self._chunks[k] = (video, [Scene.from_json(s) for s in scenes])
+                        if masks is not None:
+                            self._masks[k] = masks
             except BaseException as e:  # surfaced by batches()/wait()
                 self._error = e
             finally:
@@ -124,9 +134,13 @@ class RenderedWorld:
         video, scenes = self._chunks[item[0]]
         return np.asarray(video[item[1]]), scenes[item[1]]
 
+    def mask(self, item: tuple[int, int]) -> np.ndarray:
+        """bool [T, H, W]: where the clip's objects are (a world rendered with spec.masks)."""
+        return np.unpackbits(self._masks[item[0]][item[1]], axis=-1, count=self.spec.size).astype(bool)
+
     def batches(self, batch_size: int, seed: int = 0, min_ready: int = 1) -> Iterator[dict]:
         """Endless random batches {"video": uint8 [B, T, H, W, 3], "caption": [B]} over the clips ready so far,
-        each caption freshly phrased."""
+        each caption freshly phrased; with spec.masks also "mask": bool [B, T, H, W]."""
         from ..world import caption
 
         rng = random.Random(seed)
@@ -138,12 +152,16 @@ class RenderedWorld:
             items = self.items()
             picked = [items[rng.randrange(len(items))] for _ in range(batch_size)]
             clips = [self.clip(it) for it in picked]
-            yield {"video": np.stack([v for v, _ in clips]),
-                   "caption": np.array([caption(s, rng, heldout=self.spec.split == "heldout") for _, s in clips])}
+            batch = {"video": np.stack([v for v, _ in clips]),
+                     "caption": np.array([caption(s, rng, heldout=self.spec.split == "heldout") for _, s in clips])}
+            if self.spec.masks:
+                batch["mask"] = np.stack([self.mask(it) for it in picked])
+            yield batch
 
     def close(self) -> None:
         with self._lock:
             self._chunks.clear()
+            self._masks.clear()
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -41,6 +41,8 @@ class TrainConfig:
     temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
     smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
     kl_weight: float = 1e-6  # VAE stage
+    object_weight: float = 0.0  # VAE stage: object pixels weigh 1 + this in the reconstruction loss (needs masks)
+    object_crops: float = 0.0  # VAE stage: share of crops centred on an object pixel (needs masks)
     vae_trainable: str = "all"  # VAE stage: "all", or "decoder" (fine-tune the decoder of an `init` bundle; its
     # latents, and so a denoiser trained on them, stay valid)
 

@@ -102,23 +102,52 @@ def video_tensor(batch: dict, device) -> torch.Tensor:
     return v.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
+def crop_window(shape, size: int | None, frames: int | None, rng: random.Random,
+                around: tuple[int, int, int] | None = None) -> tuple[slice, slice, slice]:
+    """(frames, rows, columns) of a random crop of a [..., T, H, W] clip: `frames` x `size` x `size` (whole
+    where None or larger); with `around` (t, y, x), a crop that holds that pixel."""
+    def start(n: int, k: int | None, at: int | None) -> slice:
+        if not k or k >= n:
+            return slice(0, n)
+        s = rng.randrange(n - k + 1) if at is None else min(max(at - rng.randrange(k), 0), n - k)
+        return slice(s, s + k)
+
+    t, h, w = shape[-3:]
+    size = size if size and size < min(h, w) else None
+    at = around or (None, None, None)
+    return start(t, frames, at[0]), start(h, size, at[1]), start(w, size, at[2])
+
+
 def random_crop(video: torch.Tensor, size: int | None, frames: int | None, rng: random.Random) -> torch.Tensor:
-    _, _, t, h, w = video.shape
-    f0 = rng.randrange(t - frames + 1) if frames and frames < t else 0
-    f1 = f0 + (frames or t)
-    if size and size < min(h, w):
-        y, x = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
-        return video[:, :, f0:f1, y:y + size, x:x + size]
-    return video[:, :, f0:f1]
+    f, y, x = crop_window(video.shape, size, frames, rng)
+    return video[:, :, f, y, x]
+
+
+def _object_pixel(mask: torch.Tensor, rng: random.Random) -> tuple[int, int, int] | None:
+    """A random (t, y, x) inside a clip's objects (mask [T, H, W]), or None when it shows none."""
+    where = mask.nonzero()
+    return tuple(where[rng.randrange(len(where))].tolist()) if len(where) else None
 
 
 def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Random, device) -> tuple:
-    x = random_crop(video_tensor(batch, device), cfg.crop, cfg.crop_frames, rng)
+    video, weight = video_tensor(batch, device), None
+    if cfg.object_weight or cfg.object_crops:
+        if batch.get("mask") is None:
+            raise ValueError("object_weight / object_crops need the objects' masks in the batches "
+                             "(t2v.data.rendered.RenderSpec(masks=True))")
+        masks = torch.as_tensor(np.asarray(batch["mask"]), device=device)  # [B, T, H, W]
+        windows = [crop_window(video.shape, cfg.crop, cfg.crop_frames, rng,
+                               _object_pixel(m, rng) if rng.random() < cfg.object_crops else None) for m in masks]
+        x = torch.stack([v[:, f, y, xs] for v, (f, y, xs) in zip(video, windows)])
+        weight = 1 + cfg.object_weight * torch.stack([m[f, y, xs] for m, (f, y, xs) in zip(masks, windows)])[:, None].float()
+    else:
+        x = random_crop(video, cfg.crop, cfg.crop_frames, rng)
     if bundle.family.name == "unet3d":  # a per-frame image VAE
         x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        weight = None if weight is None else weight.permute(0, 2, 1, 3, 4).flatten(0, 1)
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample()).sample
-    return vae_loss(recon, x, posterior, cfg.kl_weight)
+    return vae_loss(recon, x, posterior, cfg.kl_weight, weight)
 
 
 def denoiser_step(bundle: Bundle, model, batch: dict, cfg: TrainConfig, rng: random.Random, device) -> tuple:

@@ -30,7 +30,15 @@ def temporal_difference_loss(pred_x0: torch.Tensor, x0: torch.Tensor, order: int
     return F.mse_loss(torch.diff(pred_x0, n=order, dim=2), torch.diff(x0, n=order, dim=2))
 
 
-def vae_loss(recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    rec = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: float,
+             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """L1 + MSE reconstruction + kl_weight * KL per element. `weight` (broadcast over channels, e.g.
+    [B, 1, T, H, W]) weighs pixels: objects that cover a few percent of a frame can count as much as its
+    background."""
+    if weight is None:
+        rec = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+    else:
+        err = (recon - target).abs() + (recon - target) ** 2
+        rec = (err * weight).sum() / (weight.expand_as(err).sum())
     kl = posterior.kl().mean() / target[0].numel()
     return rec + kl_weight * kl, {"recon": rec.item(), "kl": kl.item()}

@@ -341,13 +341,9 @@ def analyze(frames: np.ndarray, debug: bool = False) -> dict:
     us = np.arange(t_count) / max(t_count - 1, 1)
 
     objects = []
-    min_first_area = max(20, int(0.004 * h * w))
     for k, name in enumerate(_OBJ_NAMES):
-        mask0 = (labels[0] == k) & (alphas[0] >= 0.5)
-        if mask0.sum() < min_first_area:
-            continue
-        comp0 = _component(mask0, min_area=min_first_area)
-        if comp0 is None or comp0.sum() < min_first_area:
+        comp0 = _object_component(labels[0], alphas[0], k)
+        if comp0 is None:
             continue
         # Track through the clip.
         xs, ys, areas = np.zeros(t_count), np.zeros(t_count), np.zeros(t_count)
@@ -432,6 +428,45 @@ def analyze(frames: np.ndarray, debug: bool = False) -> dict:
         o["x"], o["y"], o["area"] = float(o["x"]), float(o["y"]), float(o["area"])
     return {"background": background, "camera": camera, "objects": objects, "relation": relation,
             "relations": relations}
+
+
+def _min_object_area(h: int, w: int) -> int:
+    return max(20, int(0.004 * h * w))
+
+
+def _object_component(labels: np.ndarray, alphas: np.ndarray, k: int):
+    """The largest blob of object colour k in one frame, or None where none is large enough to be an object."""
+    min_area = _min_object_area(*labels.shape)
+    mask = (labels == k) & (alphas >= 0.5)
+    if mask.sum() < min_area:
+        return None
+    comp = _component(mask, min_area=min_area)
+    return comp if comp is not None and comp.sum() >= min_area else None
+
+
+def objects_per_frame(frames: np.ndarray) -> list[dict[str, int]]:
+    """Frame by frame, how many separate object-sized blobs of each colour it shows ({colour: count}), found as
+    `analyze` finds objects in a first frame (the background is classified once for the clip). A drawn object
+    that breaks up or changes colour part-way through a clip shows here."""
+    frames = np.asarray(frames)
+    lab_lut, alpha_lut = _lut(classify_background(frames))
+    q = _quantise(frames)
+    labels, alphas = lab_lut[q], alpha_lut[q].astype(np.float32) / 255.0
+    min_area = _min_object_area(*frames.shape[1:3])
+    out = []
+    for t in range(len(frames)):
+        counts = {}
+        for k, name in enumerate(_OBJ_NAMES):
+            mask = (labels[t] == k) & (alphas[t] >= 0.5)
+            if mask.sum() < min_area:
+                continue
+            opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, _KERNEL)
+            n, _, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+            blobs = int((stats[1:n, cv2.CC_STAT_AREA] >= min_area).sum())
+            if blobs:
+                counts[name] = blobs
+        out.append(counts)
+    return out
 
 
 def _pick_relation(objects: list[dict], held: list[str]) -> str | None:

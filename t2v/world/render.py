@@ -3,6 +3,7 @@ backgrounds, with camera pans and zooms applied to the whole world."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -173,3 +174,11 @@ def render(scene: Scene) -> np.ndarray:
         view = world.resize((scene.width, scene.height), Image.Resampling.BOX, box=box)
         frames.append(np.asarray(view))
     return np.stack(frames)
+
+
+def object_masks(scene: Scene, frames: np.ndarray | None = None) -> np.ndarray:
+    """Where the scene's objects cover each frame, antialiased rims included: bool [num_frames, height, width]
+    (the pixels in which the scene's frames, `render(scene)` unless given, differ from those of the same scene
+    without its objects)."""
+    empty = dataclasses.replace(scene, objects=[])
+    return ((render(scene) if frames is None else frames) != render(empty)).any(-1)

@@ -1,0 +1,97 @@
+"""VAE designs side by side, one run: each candidate fine-tunes the embedded model's VAE for the same wall-clock
+budget on the same rendered clips, then its reconstructions of held-out clips are scored by the analyzer
+(`t2v eval --stage vae`). Prints adherence per attribute, the error inside vs outside the objects, and the
+adherence gained per training minute.
+
+    python bench/vae_candidates.py [--minutes 6] [--n 100] [--clips 2000] [--only NAME ...]
+
+Candidates: the shipped VAE as it is; its decoder trained on plain random crops (the recipe it was made with);
+its decoder with object-weighted loss and object-centred crops (the renderer's exact masks); the whole VAE with
+the same (new latents: a denoiser must be trained on them afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import numpy as np
+
+ATTRIBUTES = ("background", "color", "shape", "count", "size", "motion", "persistence")
+
+CANDIDATES = {
+    "shipped": None,
+    "decoder, random crops": dict(vae_trainable="decoder", object_weight=0.0, object_crops=0.0),
+    "decoder, objects x10": dict(vae_trainable="decoder", object_weight=10.0, object_crops=0.75),
+    "all, objects x10": dict(vae_trainable="all", object_weight=10.0, object_crops=0.75),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=6.0, help="training budget per candidate")
+    ap.add_argument("--n", type=int, default=100, help="held-out clips scored per candidate")
+    ap.add_argument("--clips", type=int, default=2000, help="training clips rendered (with masks)")
+    ap.add_argument("--only", nargs="*", default=None, help="candidate names to run")
+    ap.add_argument("--out", default=None, help="keep the candidates' bundles here")
+    args = ap.parse_args()
+
+    import torch
+
+    from t2v.bundle import DEFAULT_MODEL, load
+    from t2v.data.rendered import RenderedWorld, RenderSpec
+    from t2v.evaluate import evaluate_vae
+    from t2v.pipeline import TextToVideoPipeline
+    from t2v.train import FolderCheckpoints, TrainConfig, train
+
+    out = args.out or tempfile.mkdtemp(prefix="t2v-vae-candidates-")
+    base = TrainConfig(stage="vae", family="wan", init=str(DEFAULT_MODEL), batch_size=4, lr=3e-4, warmup_steps=20,
+                       ema_decay=0.99, crop=32, crop_frames=17, kl_weight=0.0, num_frames=17, size=128,
+                       steps=100_000, time_budget_s=args.minutes * 60, checkpoint_every=100_000, log_every=50)
+    world = RenderedWorld(args.clips, RenderSpec(seed=11, masks=True), workers=1).start()
+    rows = []
+    try:
+        for name, overrides in CANDIDATES.items():
+            if args.only and name not in args.only:
+                continue
+            folder = os.path.join(out, name.replace(" ", "-").replace(",", ""))
+            steps, minutes = 0, 0.0
+            if overrides is None:
+                bundle = load(DEFAULT_MODEL)
+            else:
+                cfg = dataclasses.replace(base, **overrides, out=folder, checkpoint_dir=folder + "-ckpt")
+                counted = []
+                t0 = time.perf_counter()
+                bundle = train(cfg, lambda start: world.batches(cfg.batch_size, seed=start, min_ready=64),
+                               FolderCheckpoints(cfg.checkpoint_dir), on_step=lambda s, m: counted.append(s))
+                minutes, steps = (time.perf_counter() - t0) / 60, len(counted)
+                bundle = load(folder)
+            torch.manual_seed(0)
+            result, errors = evaluate_vae(TextToVideoPipeline(bundle), "heldout", args.n)
+            inside, outside = errors.mean()
+            rows.append((name, steps, minutes, {a: result.accuracy("one", a) for a in ATTRIBUTES},
+                         result.accuracy("two", "colors"), inside, outside))
+            print(f"done: {name} ({steps} steps, {minutes:.1f} min)", flush=True)
+    finally:
+        world.close()
+
+    print(f"\nVAE candidates: {args.n} held-out clips each (one-object attributes; colours of two-object clips), "
+          f"{args.minutes:g} min of training each from the shipped VAE on {args.clips} rendered clips")
+    head = f"{'candidate':<24}{'steps':>6}{'min':>5}" + "".join(f"{a[:7]:>8}" for a in ATTRIBUTES)
+    print(head + f"{'colors2':>8}{'err in':>8}{'err out':>8}{'err f0':>8}{'gain/min':>9}")
+    shipped = None
+    for name, steps, minutes, acc, colors2, inside, outside in rows:
+        score = np.mean([acc["color"], acc["shape"], acc["persistence"]])
+        shipped = score if name == "shipped" else shipped
+        gain = (score - shipped) / minutes * 100 if shipped is not None and minutes else float("nan")
+        print(f"{name:<24}{steps:>6}{minutes:>5.1f}" + "".join(f"{acc[a] * 100:>7.1f}%" for a in ATTRIBUTES)
+              + f"{colors2 * 100:>7.1f}%{inside.mean():>8.3f}{outside.mean():>8.3f}{inside[0]:>8.3f}{gain:>8.1f}p")
+    print("gain/min: points of mean(colour, shape, persistence) gained over the shipped VAE per training minute; "
+          "err: mean |x - x'| (0..1) inside / outside the objects, and inside on frame 0")
+
+
+if __name__ == "__main__":
+    main()
