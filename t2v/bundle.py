@@ -183,9 +183,8 @@ def _check_folder(folder: Path, index: dict, family: Family, uri: str) -> None:
         weights = sorted((folder / name).glob("*.safetensors"))
         if not weights:
             others = sorted(p.name for p in (folder / name).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            raise BundleError(uri, f"{name}/ has no .safetensors weights"
-                                   f"{f' (found {others[0]}: convert it with save_pretrained(safe_serialization=True))' if others else ''}"
-                                   "; bundles hold safetensors weights only")
+            found = f" (found {others[0]}: convert it with save_pretrained(safe_serialization=True))" if others else ""
+            raise BundleError(uri, f"{name}/ has no .safetensors weights{found}; bundles hold safetensors weights only")
         for path in weights:
             try:
                 with safe_open(str(path), "pt"):

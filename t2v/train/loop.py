@@ -139,7 +139,8 @@ def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Ran
         windows = [crop_window(video.shape, cfg.crop, cfg.crop_frames, rng,
                                _object_pixel(m, rng) if rng.random() < cfg.object_crops else None) for m in masks]
         x = torch.stack([v[:, f, y, xs] for v, (f, y, xs) in zip(video, windows)])
-        weight = 1 + cfg.object_weight * torch.stack([m[f, y, xs] for m, (f, y, xs) in zip(masks, windows)])[:, None].float()
+        cropped = torch.stack([m[f, y, xs] for m, (f, y, xs) in zip(masks, windows)])
+        weight = 1 + cfg.object_weight * cropped[:, None].float()  # [B, 1, T, H, W]
     else:
         x = random_crop(video, cfg.crop, cfg.crop_frames, rng)
     if bundle.family.name == "unet3d":  # a per-frame image VAE
