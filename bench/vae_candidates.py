@@ -74,23 +74,27 @@ def main() -> None:
             inside, outside = errors.mean()
             rows.append((name, steps, minutes, {a: result.accuracy("one", a) for a in ATTRIBUTES},
                          result.accuracy("two", "colors"), inside, outside))
-            print(f"done: {name} ({steps} steps, {minutes:.1f} min)", flush=True)
+            print(table(rows, args), flush=True)  # after each candidate, so a stopped run still reports
     finally:
         world.close()
 
-    print(f"\nVAE candidates: {args.n} held-out clips each (one-object attributes; colours of two-object clips), "
-          f"{args.minutes:g} min of training each from the shipped VAE on {args.clips} rendered clips")
-    head = f"{'candidate':<24}{'steps':>6}{'min':>5}" + "".join(f"{a[:7]:>8}" for a in ATTRIBUTES)
-    print(head + f"{'colors2':>8}{'err in':>8}{'err out':>8}{'err f0':>8}{'gain/min':>9}")
+
+def table(rows: list, args) -> str:
+    lines = [f"VAE candidates: {args.n} held-out clips each (one-object attributes; colours of two-object clips), "
+             f"{args.minutes:g} min of training each from the shipped VAE on {args.clips} rendered clips",
+             f"{'candidate':<24}{'steps':>6}{'min':>5}" + "".join(f"{a[:7]:>8}" for a in ATTRIBUTES)
+             + f"{'colors2':>8}{'err in':>8}{'err out':>8}{'err f0':>8}{'gain/min':>9}"]
     shipped = None
     for name, steps, minutes, acc, colors2, inside, outside in rows:
         score = np.mean([acc["color"], acc["shape"], acc["persistence"]])
         shipped = score if name == "shipped" else shipped
         gain = (score - shipped) / minutes * 100 if shipped is not None and minutes else float("nan")
-        print(f"{name:<24}{steps:>6}{minutes:>5.1f}" + "".join(f"{acc[a] * 100:>7.1f}%" for a in ATTRIBUTES)
-              + f"{colors2 * 100:>7.1f}%{inside.mean():>8.3f}{outside.mean():>8.3f}{inside[0]:>8.3f}{gain:>8.1f}p")
-    print("gain/min: points of mean(colour, shape, persistence) gained over the shipped VAE per training minute; "
-          "err: mean |x - x'| (0..1) inside / outside the objects, and inside on frame 0")
+        lines.append(f"{name:<24}{steps:>6}{minutes:>5.1f}" + "".join(f"{acc[a] * 100:>7.1f}%" for a in ATTRIBUTES)
+                     + f"{colors2 * 100:>7.1f}%{inside.mean():>8.3f}{outside.mean():>8.3f}{inside[0]:>8.3f}"
+                     f"{gain:>8.1f}p")
+    lines.append("gain/min: points of mean(colour, shape, persistence) gained over the shipped VAE per training "
+                 "minute; err: mean |x - x'| (0..1) inside / outside the objects, and inside on frame 0")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
