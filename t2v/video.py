@@ -105,6 +105,7 @@ def write_video(path: str | os.PathLike, frames, fps: float, crf: int = 18) -> P
     os.close(fd)
     try:
         _encode_to_file(tmp, frames, fps, fmt, crf)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a video is an ordinary file others may read
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

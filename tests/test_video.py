@@ -27,6 +27,7 @@ def test_round_trip_and_probe(tmp_path, ext, codec, fmt):
     info = probe(path)
     assert info.codec == codec and fmt in info.format
     assert (info.width, info.height, info.num_frames) == (96, 64, 17)
+    assert path.stat().st_mode & 0o777 == 0o644  # an ordinary file, not mkstemp's private 0600
     # GIF stores centisecond delays: 8 fps is 12 cs per frame.
     assert info.fps == pytest.approx(8, rel=0.05 if ext == ".gif" else 1e-6)
     back = read_video(path)
