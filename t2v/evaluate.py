@@ -172,7 +172,7 @@ def evaluate_vae(pipe, split: str = "heldout", n: int = 200, seed: int = 0, shee
         clip = render(scene)
         with torch.no_grad():
             frames = pipe.decode_latents(bundle.family.encode(bundle, video_tensor({"video": clip[None]}, "cpu")))[0]
-        errors.add(frames, clip, object_masks(scene))
+        errors.add(frames, clip, object_masks(scene, clip))
         return frames
 
     return _score_clips(pipe, split, n, seed, reconstruct, sheet_rows, progress), errors
