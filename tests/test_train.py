@@ -257,7 +257,20 @@ def test_vae_stage_with_object_weighting_trains_on_masked_rendered_clips(tmp_pat
         item = world.items()[0]
         video, scene = world.clip(item)
         assert np.array_equal(world.mask(item), object_masks(scene, video))
-        assert next(world.batches(3))["mask"].shape == (3, 9, 32, 32)
+        batch = next(world.batches(3))
+        assert batch["mask"].shape == (3, 9, 32, 32)
+        # The step weighs what it crops by the masks: same crops (same rng), same noise, other loss.
+        import random
+
+        from t2v.train.loop import build_bundle, vae_step
+
+        bundle = build_bundle(config(tmp_path, "", stage="vae"))
+        recon = {}
+        for weight in (0.0, 8.0):
+            torch.manual_seed(0)
+            step_cfg = config(tmp_path, "", stage="vae", crop=16, crop_frames=5, object_weight=weight, object_crops=1.0)
+            recon[weight] = vae_step(bundle, bundle.vae, batch, step_cfg, random.Random(1), "cpu")[1]["recon"]
+        assert recon[8.0] != pytest.approx(recon[0.0], rel=1e-3)
         cfg = config(tmp_path, "", stage="vae", steps=3, crop=16, crop_frames=5, object_weight=8.0,
                      object_crops=1.0, checkpoint_every=3)
         losses = []
