@@ -18,7 +18,7 @@ def main() -> None:
     import t2v
     from t2v.evaluate import eval_prompts
     from t2v.prompting import optimize_prompt
-    from t2v.world.analyze import score
+    from t2v.world.score import score
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)

@@ -113,7 +113,9 @@ def describe(analysis: dict) -> str:
 
 def text_alignment(frames: np.ndarray, prompt: str) -> tuple[float, str, list[str]]:
     """(score, method, the attributes the video gets wrong)."""
-    from .world.analyze import analyze, parse_prompt, score
+    from .world.analyze import analyze
+    from .world.parse import parse_prompt
+    from .world.score import score
 
     asked = parse_prompt(prompt)
     if asked.get("objects") or asked.get("background"):

@@ -100,7 +100,7 @@ def _words(prompt: str) -> list[str]:
 
 
 def analyze_text(prompt: str) -> TextAnalysis:
-    from .world.analyze import parse_prompt
+    from .world.parse import parse_prompt
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt", "is empty", "a non-empty string")

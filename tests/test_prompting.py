@@ -7,7 +7,7 @@ import pytest
 
 from t2v.errors import InputError
 from t2v.prompting import analyze_text, fill_template, optimize_prompt, world_caption
-from t2v.world.analyze import parse_prompt
+from t2v.world.parse import parse_prompt
 
 from test_serve_api import Server
 

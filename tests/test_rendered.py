@@ -7,7 +7,7 @@ import pytest
 
 from t2v.data.rendered import RenderedWorld, RenderSpec, scene_at
 from t2v.world import render
-from t2v.world.analyze import parse_prompt
+from t2v.world.parse import parse_prompt
 from t2v.world.splits import split_of
 
 

@@ -11,8 +11,7 @@ import pytest
 from t2v.world import Scene, WorldObject, caption, random_scene, render, sample_scene, split_of
 from t2v.world.captions import (BACKGROUND_WORDS, CAMERA_WORDS, COLOR_WORDS, MOTION_WORDS, RELATION_WORDS,
                                 SHAPE_WORDS, SIZE_WORDS)
-from t2v.world.render import BG
-from t2v.world.scene import COLORS
+from t2v.world.scene import BG, COLORS
 from t2v.world.splits import HELDOUT_PAIRS, HELDOUT_SHAPE_MOTIONS
 
 

@@ -1,4 +1,4 @@
-"""The pixel analyzer, the prompt parser and the scorer of t2v.world.analyze, on rendered scenes."""
+"""The pixel analyzer, the prompt parser and the scorer of t2v.world (analyze, parse, score), on rendered scenes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-from t2v.world.analyze import analyze, parse_prompt, score
+from t2v.world.analyze import analyze
+from t2v.world.parse import parse_prompt
 from t2v.world.render import render
 from t2v.world.scene import COLORS, SHAPES, TRANSLATIONS, Scene, WorldObject, random_scene
+from t2v.world.score import score
 
 NUM_SCENES = 520
 MIN_ACCURACY = 0.98

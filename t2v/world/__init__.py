@@ -1,4 +1,7 @@
-"""The synthetic captioned-video world: scenes, rendering, captions, splits (and the pixel analyzer)."""
+"""The synthetic captioned-video world: scenes, rendering, captions, splits.
+
+The submodules analyze (pixels, OpenCV), parse (prompts) and score are imported only where needed, so that
+importing the package (or parsing text) never loads OpenCV."""
 
 from .captions import caption
 from .render import render

@@ -1,5 +1,6 @@
 """Caption writer: several templates and synonyms for every attribute, so the text encoder has to
-generalize. Each synonym list's last entries (after HELDOUT_FROM) are held out of training captions."""
+generalize. Every table holds (training phrasings, held-out phrasings): training captions use only the first,
+held-out captions (heldout=True) mostly the second, so evaluation can measure generalization to paraphrases."""
 
 from __future__ import annotations
 

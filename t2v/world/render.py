@@ -10,32 +10,13 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scene import COLORS, SIZES, SPEEDS, Scene, WorldObject
+from .scene import BG, COLORS, GROW, SHRINK, SIZES, SPEEDS, Scene, WorldObject
 
 SUPERSAMPLE = 4
 PAN = 0.30  # a pan travels this fraction of the frame width over the clip
 ZOOM = 0.72  # a zoom's tighter view covers this fraction of the wider one
 SPIN_DEGREES = 135.0  # not a multiple of any shape's symmetry angle, so the turn stays visible
 BOUNCE_HEIGHT = 0.30
-GROW, SHRINK = 1.4, 0.6
-
-BG = {
-    "black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128),
-    "night": (12, 18, 58), "star": (215, 215, 240),
-    "sky": (110, 170, 240), "cloud": (236, 242, 252), "grass": (52, 135, 48), "grass_dark": (38, 105, 36),
-    "sunset_top": (88, 40, 112), "sunset_mid": (245, 130, 60), "sunset_low": (120, 50, 70), "sun": (255, 215, 120),
-    "hills": (45, 22, 45),
-}
-
-
-def background_palette(name: str) -> list[tuple[int, int, int]]:
-    """The colours a background is made of (for colour-contrast checks and the analyzer)."""
-    return {
-        "black": [BG["black"]], "white": [BG["white"]], "gray": [BG["gray"]],
-        "night": [BG["night"], BG["star"]],
-        "sky": [BG["sky"], BG["cloud"], BG["grass"], BG["grass_dark"]],
-        "sunset": [BG["sunset_top"], BG["sunset_mid"], BG["sunset_low"], BG["sun"], BG["hills"]],
-    }[name]
 
 
 def _world_size(scene: Scene) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -16,10 +17,37 @@ EXTENT = {"circle": 1.0, "square": 1.0, "triangle": 1.1, "star": 1.15, "heart": 
 MOTIONS = ("left", "right", "up", "down", "bounce", "spin", "grow", "shrink", "still")
 TRANSLATIONS = ("left", "right", "up", "down")
 SPEEDS = {"slowly": 0.22, "normal": 0.40, "quickly": 0.62}  # translation over the clip, fraction of the frame
+GROW, SHRINK = 1.4, 0.6  # size at the end of the clip, relative to the start
 BACKGROUNDS = ("black", "white", "gray", "night", "sky", "sunset")
 STRUCTURED = ("night", "sky", "sunset")  # camera motion is only visible over structure
 CAMERAS = ("static", "pan left", "pan right", "zoom in", "zoom out")
 RELATIONS = ("left of", "right of", "above", "below")
+INVERSE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+BG = {  # the colours backgrounds are drawn with
+    "black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128),
+    "night": (12, 18, 58), "star": (215, 215, 240),
+    "sky": (110, 170, 240), "cloud": (236, 242, 252), "grass": (52, 135, 48), "grass_dark": (38, 105, 36),
+    "sunset_top": (88, 40, 112), "sunset_mid": (245, 130, 60), "sunset_low": (120, 50, 70), "sun": (255, 215, 120),
+    "hills": (45, 22, 45),
+}
+MIN_CONTRAST = 90  # RGB distance an object colour keeps from every colour of its background
+
+
+def background_palette(name: str) -> list[tuple[int, int, int]]:
+    """The colours a background is made of (for colour-contrast checks and the analyzer)."""
+    return {
+        "black": [BG["black"]], "white": [BG["white"]], "gray": [BG["gray"]],
+        "night": [BG["night"], BG["star"]],
+        "sky": [BG["sky"], BG["cloud"], BG["grass"], BG["grass_dark"]],
+        "sunset": [BG["sunset_top"], BG["sunset_mid"], BG["sunset_low"], BG["sun"], BG["hills"]],
+    }[name]
+
+
+def contrasts(color: str, background: str) -> bool:
+    """Whether objects of this colour may appear on this background: scenes use only such colours, so the
+    analyzer can tell every object from its background by colour."""
+    return all(math.dist(COLORS[color], bg) > MIN_CONTRAST for bg in background_palette(background))
 
 
 @dataclass
@@ -56,17 +84,8 @@ class Scene:
         return cls(**d)
 
 
-def _contrast_ok(color: str, background: str) -> bool:
-    from .render import background_palette
-
-    c = COLORS[color]
-    return all(sum((a - b) ** 2 for a, b in zip(c, bg)) ** 0.5 > 90 for bg in background_palette(background))
-
-
 def _margin(obj: WorldObject, r: float) -> float:
     """Distance from the centre to the frame edge that keeps the whole shape in view all clip long."""
-    from .render import GROW
-
     return r * EXTENT[obj.shape] * (GROW if obj.motion == "grow" else 1.0) + 0.02
 
 
@@ -93,7 +112,7 @@ def random_scene(rng: random.Random, num_objects: int | None = None, **fixed) ->
     background = fixed.get("background") or rng.choice(BACKGROUNDS)
     camera = fixed.get("camera") or (rng.choice(CAMERAS) if background in STRUCTURED else "static")
     n = num_objects or rng.choice((1, 1, 2))
-    colors = [c for c in COLORS if _contrast_ok(c, background)]
+    colors = [c for c in COLORS if contrasts(c, background)]
     rng.shuffle(colors)
     relation = rng.choice(RELATIONS) if n == 2 else None
     objects = []
