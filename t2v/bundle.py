@@ -155,9 +155,7 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
         config_values["max_sequence_length"] = min(int(pipe.tokenizer.model_max_length),
                                                   family.defaults["max_sequence_length"])
     config = BundleConfig.from_dict(family, config_values)
-    if family is FAMILIES["unet3d"]:
-        # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
-        pipe.tokenizer.model_max_length = config.max_sequence_length
+    family.after_load(pipe, config)
     return Bundle(
         family=family, denoiser=getattr(pipe, family.denoiser_key).eval(), vae=pipe.vae.eval(),
         scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),

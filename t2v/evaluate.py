@@ -104,7 +104,7 @@ def _record(result: EvalResult, scene, scores: dict, frames: np.ndarray) -> None
 
 def _score_clips(pipe, split: str, n: int, seed: int, make_frames, sheet_rows: int, progress) -> EvalResult:
     """Score make_frames(i, prompt, scene) -> uint8 [T, H, W, 3] against each prompt's scene."""
-    from .world.analyze import score
+    from .world.score import score
 
     cfg = pipe.bundle.config
     result = EvalResult(split=split, n=n)
@@ -189,7 +189,6 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
 
     from .errors import InputError
     from .train.loop import video_tensor
-    from .train.losses import flow_matching_pair
     from .world import render
 
     bundle = pipe.bundle
@@ -200,6 +199,7 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
     cfg = bundle.config
     prompts = eval_prompts(split, n, seed, cfg.width, cfg.height, cfg.num_frames)
     generator = torch.Generator().manual_seed(seed)
+    objective = fam.training_objective(bundle)
     sums = {name: {s: 0.0 for s in sigmas} for name in ("true", "shuffled", "empty")}
     for start in range(0, n, batch_size):
         chunk = prompts[start:start + batch_size]
@@ -212,9 +212,9 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
             for s in sigmas:
                 noise = torch.randn(x0.shape, generator=generator).to(x0.device)
                 sigma = torch.full((len(chunk),), s, device=x0.device)
-                x_t, target = flow_matching_pair(x0, noise, sigma)
+                x_t, timestep, target = objective.pair(x0, noise, sigma)
                 for name, e in embeds.items():
-                    pred = fam.predict(bundle, x_t, sigma * 1000, e, bundle.scheduler).float()
+                    pred = fam.predict(bundle, x_t, timestep, e).float()
                     sums[name][s] += float(((pred - target) ** 2).mean((1, 2, 3, 4)).sum())
         if progress:
             progress(min(start + batch_size, n))

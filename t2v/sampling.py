@@ -58,6 +58,24 @@ def make_scheduler(base_config: dict, samplers: dict[str, tuple[str, dict]], nam
     return getattr(diffusers, cls_name).from_config(base_config, **overrides)
 
 
+def scheduler_for(bundle, sampler: str | None, num_inference_steps: int):
+    """The scheduler of one generation, its timesteps set: the bundle's own, or the named sampler's class with
+    the bundle's training schedule."""
+    # (a scheduler built in memory has no _class_name in its config until saved)
+    config = {**bundle.scheduler.config, "_class_name": type(bundle.scheduler).__name__}
+    fam = bundle.family
+    scheduler = make_scheduler(config, fam.samplers, sampler, fam.flow)
+    scheduler.set_timesteps(num_inference_steps, device=bundle.device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return scheduler
+
+
+def model_input(scheduler, latents: torch.Tensor, t) -> torch.Tensor:
+    """The latents as the denoiser takes them at step t (some schedulers scale them; flow schedulers don't)."""
+    return scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+
+
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Ho & Salimans: move the conditional prediction away from the unconditional one by `scale`."""
     return uncond + scale * (cond - uncond)
@@ -65,23 +83,14 @@ def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: fl
 
 # -- predictions (the denoising loops call these through a `predictor`, so a server may batch or fan out) --
 
-class _Prescaled:
-    """Stands for the scheduler in `family.predict` when the caller already applied scale_model_input (the
-    scheduler lives with the sampling loop; the forward may run elsewhere)."""
-
-    @staticmethod
-    def scale_model_input(x, t):
-        return x
-
-
 def predict_guided(bundle, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float):
     """One prediction for latents x (already scaled by the scheduler), guided when guidance_scale > 1; then
     embeds holds the negative prompts' embeddings first, as the pipeline encodes them."""
     fam = bundle.family
     if guidance_scale > 1.0:
-        return classifier_free_guidance(*fam.predict(bundle, torch.cat([x, x]), t, embeds, _Prescaled).chunk(2),
+        return classifier_free_guidance(*fam.predict(bundle, torch.cat([x, x]), t, embeds).chunk(2),
                                         guidance_scale)
-    return fam.predict(bundle, x, t, embeds, _Prescaled)
+    return fam.predict(bundle, x, t, embeds)
 
 
 def local_predictor(bundle):
@@ -111,7 +120,7 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
             es.append(e)
             ts.append(t.reshape(-1)[:1].to(x.device).expand(copies * x.shape[0]))
             sizes.append(copies * x.shape[0])
-        pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat(es), _Prescaled)
+        pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat(es))
         for i, part in zip(members, pred.split(sizes)):
             g = requests[i][3]
             out[i] = classifier_free_guidance(*part.chunk(2), g) if g > 1.0 else part

@@ -1,13 +1,26 @@
-"""What a family must say about its models; `wan.py` and `unet3d.py` fill it in."""
+"""What a family must say about its models; `wan.py` and `unet3d.py` fill it in. Everything that differs
+between families lives behind these methods: nothing outside families/ branches on a family."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..errors import BundleError
+
+@dataclass(frozen=True)
+class DenoisingObjective:
+    """What a family's denoiser learns, as tensor functions (built once per training run).
+
+    levels(batch, device): training noise levels in (0, 1), drawn as the family's schedule weighs them;
+    pair(x0, noise, levels): (noised latents, the denoiser's timestep, its regression target);
+    clean(x_t, prediction, timestep): the clean latents that prediction implies (for losses on x0).
+    """
+
+    levels: Callable
+    pair: Callable
+    clean: Callable
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,9 @@ class Family:
     def init_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
         return noise
 
-    def predict(self, bundle, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, scheduler) -> torch.Tensor:
+    def predict(self, bundle, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for latents already passed through the scheduler's scale_model_input (the
+        scheduler lives with the sampling loop; the forward may run elsewhere, batched with other jobs)."""
         raise NotImplementedError
 
     def step(self, scheduler, pred: torch.Tensor, t, latents: torch.Tensor, generator=None, eta: float = 0.0):
@@ -56,19 +71,22 @@ class Family:
         """Video in [-1, 1] [B, 3, F, H, W] -> normalized latents (the inverse of decode)."""
         raise NotImplementedError
 
+    def after_load(self, pipe, config) -> None:
+        """Adjust a pipeline diffusers just loaded to the bundle's config (default: nothing to do)."""
 
-def family_of(model_index: dict, uri: str = "") -> "Family":
-    """Which family a diffusers model_index.json describes."""
-    from . import FAMILIES
+    # --- training -------------------------------------------------------------------------------
+    def training_overrides(self, cfg) -> dict:
+        """Component config overrides that a TrainConfig implies for a model built from a preset."""
+        return {}
 
-    cls = model_index.get("_class_name", "")
-    for fam in FAMILIES.values():
-        if cls == fam.pipeline_class:
-            return fam
-    for fam in FAMILIES.values():
-        if model_index.get(fam.denoiser_key, [None])[0]:
-            return fam
-    raise BundleError(
-        uri, f"pipeline {cls!r} is not a t2v family (supported: "
-        + ", ".join(f"{f.name} = {f.pipeline_class}" for f in FAMILIES.values()) + ")"
-    )
+    def training_objective(self, bundle, cfg=None) -> DenoisingObjective:
+        """The denoiser's training target; cfg None: the bundle's own schedule."""
+        raise NotImplementedError
+
+    def vae_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Video-shaped [B, C, T, H, W] tensors (clips, pixel weights) -> the layout the VAE itself takes."""
+        return x
+
+    def set_latent_statistics(self, vae, mean: list[float], std: list[float]) -> None:
+        """Store a trained VAE's per-channel latent statistics the way the family's pipeline normalizes."""
+        raise NotImplementedError

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 
 from ..sampling import DIFFUSION_SAMPLERS
-from .base import Family
+from .base import DenoisingObjective, Family
 
 PRESETS = {
     "tiny": {
@@ -54,10 +55,9 @@ class UNet3DFamily(Family):
     def init_latents(self, noise, scheduler):
         return noise * scheduler.init_noise_sigma
 
-    def predict(self, bundle, latents, t, embeds, scheduler):
+    def predict(self, bundle, latents, t, embeds):
         model = bundle.denoiser
-        x = scheduler.scale_model_input(latents, t)
-        return model(x.to(model.dtype), t, encoder_hidden_states=embeds.to(model.dtype), return_dict=False)[0]
+        return model(latents.to(model.dtype), t, encoder_hidden_states=embeds.to(model.dtype), return_dict=False)[0]
 
     def step(self, scheduler, pred, t, latents, generator=None, eta=0.0):
         # ModelScope steps each frame as an image; stochastic samplers then draw noise in that layout.
@@ -82,6 +82,45 @@ class UNet3DFamily(Family):
         dist = vae.encode(x).latent_dist
         z = (dist.sample(generator) if sample else dist.mode()) * vae.config.scaling_factor
         return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    def after_load(self, pipe, config):
+        # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
+        pipe.tokenizer.model_max_length = config.max_sequence_length
+
+    def vae_batch(self, x):
+        return x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # a per-frame image VAE: frames as a batch of images
+
+    def training_overrides(self, cfg):
+        return {"scheduler": {"prediction_type": cfg.prediction}}
+
+    def training_objective(self, bundle, cfg=None):
+        """DDPM: the U-Net predicts the noise (epsilon) or v at an integer timestep of the training schedule."""
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(bundle.scheduler.config)
+        prediction = cfg.prediction if cfg is not None else sched.config.prediction_type
+        steps = sched.config.num_train_timesteps
+
+        def alpha(t, like):
+            return sched.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.ndim - 1)))
+
+        def levels(batch, device):
+            return torch.rand(batch, device=device)
+
+        def pair(x0, noise, level):
+            t = (level * steps).long().clamp(0, steps - 1)
+            target = noise if prediction == "epsilon" else sched.get_velocity(x0, noise, t)
+            return sched.add_noise(x0, noise, t), t, target
+
+        def clean(x_t, pred, t):
+            a = alpha(t, x_t)
+            eps = pred if prediction == "epsilon" else a.sqrt() * pred + (1 - a).sqrt() * x_t
+            return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+        return DenoisingObjective(levels, pair, clean)
+
+    def set_latent_statistics(self, vae, mean, std):
+        vae.register_to_config(scaling_factor=1.0 / float(sum(std) / len(std)))
 
     def build(self, preset: str = "tiny", text_dim: int = 384, **overrides):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel

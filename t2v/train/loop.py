@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import itertools
 import logging
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 
 from .. import storage
 from ..bundle import Bundle, from_components, load
-from ..families import FAMILIES
+from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
-from .losses import flow_matching_pair, flow_x0, shifted_sigmas, temporal_difference_loss, vae_loss
+from .losses import temporal_difference_loss, vae_loss
 
 log = logging.getLogger("t2v.train")
 
@@ -89,10 +90,8 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
         return bundle
     family = FAMILIES[cfg.family]
     overrides = copy.deepcopy(cfg.overrides)
-    if family.name == "unet3d":
-        overrides.setdefault("scheduler", {})["prediction_type"] = cfg.prediction
-    else:
-        overrides.setdefault("scheduler", {})["shift"] = cfg.flow_shift
+    for part, values in family.training_overrides(cfg).items():
+        overrides.setdefault(part, {}).update(values)
     return from_components(family, family.build(cfg.preset, **overrides), config=cfg.bundle_config)
 
 
@@ -143,15 +142,15 @@ def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Ran
         weight = 1 + cfg.object_weight * cropped[:, None].float()  # [B, 1, T, H, W]
     else:
         x = random_crop(video, cfg.crop, cfg.crop_frames, rng)
-    if bundle.family.name == "unet3d":  # a per-frame image VAE
-        x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
-        weight = None if weight is None else weight.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    x = bundle.family.vae_batch(x)
+    weight = None if weight is None else bundle.family.vae_batch(weight)
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample()).sample
     return vae_loss(recon, x, posterior, cfg.kl_weight, weight)
 
 
-def denoiser_step(bundle: Bundle, model, batch: dict, cfg: TrainConfig, rng: random.Random, device) -> tuple:
+def denoiser_step(bundle: Bundle, model, batch: dict, cfg: TrainConfig, rng: random.Random, device,
+                  objective: DenoisingObjective) -> tuple:
     fam = bundle.family
     captions = ["" if rng.random() < cfg.text_dropout else str(c) for c in batch["caption"]]
     with torch.no_grad():
@@ -161,23 +160,9 @@ def denoiser_step(bundle: Bundle, model, batch: dict, cfg: TrainConfig, rng: ran
         else:
             x0 = fam.encode(bundle, video_tensor(batch, device))
     noise = torch.randn_like(x0)
-    b = x0.shape[0]
-    if fam.flow:
-        sigma = shifted_sigmas(torch.rand(b, device=device).clamp(1e-4, 1 - 1e-4), cfg.flow_shift)
-        x_t, target = flow_matching_pair(x0, noise, sigma)
-        pred = model(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
-        pred_x0 = flow_x0(x_t, pred, sigma)
-    else:
-        from diffusers import DDPMScheduler
-
-        sched = DDPMScheduler.from_config(bundle.scheduler.config)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=device)
-        x_t = sched.add_noise(x0, noise, t)
-        target = noise if cfg.prediction == "epsilon" else sched.get_velocity(x0, noise, t)
-        pred = model(x_t, t, encoder_hidden_states=text, return_dict=False)[0]
-        a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1, 1)
-        eps = pred if cfg.prediction == "epsilon" else a.sqrt() * pred + (1 - a).sqrt() * x_t
-        pred_x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    x_t, t, target = objective.pair(x0, noise, objective.levels(x0.shape[0], device))
+    pred = fam.predict(bundle, x_t, t, text)
+    pred_x0 = objective.clean(x_t, pred, t)
     mse = F.mse_loss(pred.float(), target.float())
     loss, parts = mse, {"mse": mse.item()}
     if cfg.temporal_loss_weight:
@@ -195,9 +180,7 @@ def latent_statistics(bundle: Bundle, batches: Iterator[dict], n: int, device) -
     zs, seen = [], 0
     vae = bundle.vae
     for batch in batches:
-        x = video_tensor(batch, device)
-        if bundle.family.name == "unet3d":
-            x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        x = bundle.family.vae_batch(video_tensor(batch, device))
         z = vae.encode(x).latent_dist.mode().float()
         zs.append(z.transpose(0, 1).flatten(1))
         seen += len(batch["video"])
@@ -260,7 +243,10 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         step, samples_seen = state["step"], state["samples_seen"]
         log.info("resumed from step %d (%d samples seen)", step, samples_seen)
     batches = make_batches(samples_seen // world_size)
-    step_fn = vae_step if cfg.stage == "vae" else denoiser_step
+    if cfg.stage == "vae":
+        step_fn = vae_step
+    else:
+        step_fn = functools.partial(denoiser_step, objective=bundle.family.training_objective(bundle, cfg))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     t0, window, first_step, probe_elapsed = time.perf_counter(), [], step, 0.0
@@ -318,11 +304,7 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
 
 
 def set_latent_statistics(bundle: Bundle, batches: Iterator[dict], device, n: int = 256) -> None:
-    mean, std = latent_statistics(bundle, batches, n, device)
-    if bundle.family.name == "wan":
-        bundle.vae.register_to_config(latents_mean=mean, latents_std=std)
-    else:
-        bundle.vae.register_to_config(scaling_factor=1.0 / float(np.mean(std)))
+    bundle.family.set_latent_statistics(bundle.vae, *latent_statistics(bundle, batches, n, device))
 
 
 def data_columns(cfg: TrainConfig) -> list[str]:

@@ -41,11 +41,7 @@ def sample_and_eval(bundle, trained: torch.nn.Module, ema, cfg, step: int, write
                                               width=cfg.size, height=cfg.size):
                 video = render(scene)
                 x = torch.as_tensor(video, device=bundle.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-                if bundle.family.name == "unet3d":
-                    z = trained.encode(x[0].transpose(0, 1)).latent_dist.mode()
-                    recon = trained.decode(z).sample.transpose(0, 1)[None]
-                else:
-                    recon = trained.decode(trained.encode(x).latent_dist.mode()).sample
+                recon = bundle.family.decode(bundle, bundle.family.encode(bundle, x))  # trained is bundle.vae
                 frames = ((recon[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
                 errors.append(float(np.abs(frames.astype(np.float32) - video).mean() / 255))
                 rows.append((prompt, np.concatenate([video, frames], axis=2)))  # original | reconstruction
