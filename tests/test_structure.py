@@ -107,3 +107,25 @@ def test_text_parsing_does_not_load_opencv():
             "assert 'cv2' not in sys.modules, 'cv2 was imported'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def family_branches(root: pathlib.Path = ROOT) -> list[str]:
+    """`... == "wan"` / `is FAMILIES["unet3d"]`-style comparisons with a family's name outside families/."""
+    from t2v.families import FAMILIES
+
+    names, hits = set(FAMILIES), []
+    for path in sorted(root.rglob("*.py")):
+        if "families" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                consts = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant)}
+                if consts & names:
+                    hits.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    return hits
+
+
+def test_nothing_outside_families_branches_on_a_family(tmp_path):
+    assert family_branches() == []
+    (tmp_path / "loop.py").write_text('def f(bundle):\n    if bundle.family.name == "unet3d":\n        return 1\n')
+    assert family_branches(tmp_path) == [f"{tmp_path.name}/loop.py:2"]
