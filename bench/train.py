@@ -1,5 +1,5 @@
-"""Training throughput on this machine, one run: samples/s of the plain loop vs Ray Train with N workers on the
-same config (jobs/configs/tiny.yaml by default) and the same shards.
+"""Training throughput, one run on the machine it runs on: samples/s of the plain loop vs Ray Train with N
+workers on the same config (jobs/configs/tiny.yaml by default) and the same shards.
 
     python bench/train.py [--config jobs/configs/tiny.yaml] [--steps 60] [--workers 2]
 """

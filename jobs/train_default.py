@@ -11,7 +11,7 @@
 5. the bundle is saved with an fp16 denoiser to <out>/model (copy it to t2v/models/default).
 
 Each stage runs within its wall-clock budget (TrainConfig.time_budget_s), so the whole job fits a fixed
-machine lease. `--vae key=value` / `--denoiser key=value` override either YAML config.
+amount of machine time. `--vae key=value` / `--denoiser key=value` override either YAML config.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Video quality assessment (the seed's VideoQualityAssessment), offline and from pixels: each score is a
+"""Video quality assessment, offline and from pixels: each score is a
 short function of uint8 frames [T, H, W, 3] in [0, 1], higher is better, and `assess` combines them with a
 weighted total and plain-language recommendations.
 

@@ -1,4 +1,4 @@
-"""Shot planning (the seed's planVideo / designShots): a prompt and a duration -> a VideoPlan of shots, each
+"""Shot planning: a prompt and a duration -> a VideoPlan of shots, each
 with its frame range, camera motion and prompt. "then"-separated prompts become consecutive shots; a single
 prompt longer than one shot gets establishing / medium / closing shots, about one per `shot_seconds`.
 The long-video pipeline gives every window the prompt of the shot it falls in.

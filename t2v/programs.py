@@ -1,4 +1,4 @@
-"""Application composers (the seed's section 7): whole programmes assembled into one mp4 from generated clips.
+"""Programme composers: whole programmes assembled into one mp4 from generated clips.
 
 - education: title card, one clip per section with burned-in subtitles (and a WebVTT file), an espeak-ng
   voice-over muxed as an AAC audio track, a summary card;

@@ -1,4 +1,4 @@
-"""Prompt analysis and optimization (the seed's TextAnalysis / SmartPromptOptimizer), offline: rules plus
+"""Prompt analysis and optimization, offline: rules plus
 zero-shot similarity of all-MiniLM-L6-v2 embeddings to label descriptions.
 
 The optimizer never adds words a model cannot use. For a model trained on the synthetic world (the embedded

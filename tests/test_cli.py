@@ -91,7 +91,7 @@ def test_the_embedded_default_model_shows_the_background_asked_for(tmp_path):
 
     assert (DEFAULT_MODEL / "model_index.json").exists()
     sizes = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
-    assert sizes <= 80 * 2**20  # the budget for the shipped weights
+    assert sizes <= 80 * 2**20  # the budget for the shipped weights (they travel with every clone)
     for prompt, background in [("a red ball bouncing on a black background", "black"),
                                ("a white square sliding to the right on a gray background", "gray"),
                                ("a yellow star spinning under a blue sky over green grass", "sky")]:
