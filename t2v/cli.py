@@ -108,7 +108,7 @@ def generate(args) -> int:
     from tqdm import tqdm
 
     from .compose import PostOptions, compose
-    from .errors import InputError
+    from .params import frames_for_seconds
     from .pipeline import TextToVideoPipeline
     from .video import _format, write_video
 
@@ -118,10 +118,8 @@ def generate(args) -> int:
     cfg = pipe.bundle.config
     frames = args.frames
     if args.seconds is not None:
-        if not args.seconds > 0:
-            raise InputError("seconds", f"{args.seconds}", "> 0")
         tf = pipe.bundle.family.temporal_factor(pipe.bundle)
-        frames = 1 + tf * max(1, round(args.seconds * (args.fps or cfg.fps) / tf))
+        frames = frames_for_seconds(args.seconds, args.fps or cfg.fps, tf)
     bars = []
 
     def progress(step, total):
@@ -204,6 +202,7 @@ def compose_program_cmd(args) -> int:
 
     from .compose import compose
     from .errors import InputError
+    from .params import frames_for_seconds
     from .pipeline import TextToVideoPipeline
     from .programs import compose_program, write_program
 
@@ -218,7 +217,7 @@ def compose_program_cmd(args) -> int:
     seeds = iter(range(args.seed, args.seed + 1000))
 
     def clip_fn(prompt, seconds):
-        frames = 1 + tf * max(1, round(seconds * cfg.fps / tf))
+        frames = frames_for_seconds(seconds, cfg.fps, tf)
         return compose(pipe, prompt, num_frames=frames, seed=next(seeds), num_inference_steps=args.steps).frames
 
     program = compose_program(args.kind, spec, clip_fn, fps=cfg.fps, size=(cfg.width, cfg.height),

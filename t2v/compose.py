@@ -12,7 +12,8 @@ import numpy as np
 
 from .errors import InputError
 from .long_video import LongVideoPipeline, default_overlap, latent_windows
-from .pipeline import TextToVideoPipeline
+from .pipeline import TextToVideoPipeline, progress_callback
+from .sampling import num_timesteps
 from .planner import VideoPlan, plan_video, window_prompts
 from .postprocess import INTERPOLATIONS, color_match_shots, interpolate, motion_blur, temporal_smooth
 
@@ -61,6 +62,7 @@ def compose(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = Non
     key_fps = float(post.keyframe_fps or fps)
     key_frames, factor = keyframes(num_frames, fps, key_fps, tf)
     steps = generation.get("num_inference_steps") or b.config.num_inference_steps
+    on_step = progress_callback(progress, num_timesteps(b, generation.get("sampler"), steps))
 
     # 2. Plan the shots (then-parts, or establishing / medium / closing for long single prompts).
     plan = plan_video(prompt, key_frames, key_fps)
@@ -68,14 +70,14 @@ def compose(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = Non
     # 3. Keyframes: one clip when it fits the model and the plan is one shot; else co-denoised windows.
     if key_frames <= b.config.num_frames and len(plan.shots) == 1:
         out = pipe(plan.shots[0].prompt, negative_prompt=negative_prompt, num_frames=key_frames, fps=key_fps,
-                   seed=seed, callback_on_step_end=_per_step(progress, steps), **generation)
+                   seed=seed, callback_on_step_end=on_step, **generation)
         frames, windows = out.frames[0], None
     else:
         long = LongVideoPipeline(pipe)
         total = (key_frames - 1) // tf + 1
         runs = latent_windows(total, long.native_latent_frames(), default_overlap(long.native_latent_frames()))
         out = long(window_prompts(plan, runs, tf), num_frames=key_frames, negative_prompt=negative_prompt,
-                   fps=key_fps, seed=seed, callback_on_step_end=progress, predictor=predictor, **generation)
+                   fps=key_fps, seed=seed, callback_on_step_end=on_step, predictor=predictor, **generation)
         frames, windows = out.frames[0], out.windows
     params = asdict(out.params)
     t1 = time.perf_counter()
@@ -108,15 +110,3 @@ def keyframes(num_frames: int, fps: float, keyframe_fps: float, temporal_factor:
     if factor == 1:
         return num_frames, 1
     return 1 + temporal_factor * max(0, round((num_frames - 1) / factor / temporal_factor)), factor
-
-
-def _per_step(progress: Callable[[int, int], None] | None, total: int):
-    """progress(step, total) as a pipeline callback_on_step_end."""
-    if progress is None:
-        return None
-
-    def callback(_pipe, i, _t, tensors):
-        progress(i + 1, total)
-        return tensors
-
-    return callback

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .errors import InputError
 from .params import resolve
 from .pipeline import TextToVideoPipeline, VideoOutput, to_uint8
-from .sampling import local_predictor, make_scheduler
+from .sampling import local_predictor, model_input, scheduler_for
 
 MAX_WINDOWS = 32
 
@@ -52,10 +52,11 @@ def default_overlap(window: int) -> int:
     return max(1, (window - 1) // 2)
 
 
-def max_long_frames(window: int, temporal_factor: int) -> int:
-    """The longest clip (pixel frames) MAX_WINDOWS windows of `window` latent frames can cover."""
+def max_long_frames(window: int, temporal_factor: int, overlap: int | None = None) -> int:
+    """The longest clip (pixel frames) MAX_WINDOWS windows of `window` latent frames, overlapping by `overlap`
+    (default: `default_overlap`), can cover."""
     run = window - 1
-    stride = max(1, run - default_overlap(window))
+    stride = max(1, run - (default_overlap(window) if overlap is None else overlap))
     return 1 + ((MAX_WINDOWS - 1) * stride + run) * temporal_factor
 
 
@@ -159,9 +160,6 @@ def concatenated_clips(pipe: TextToVideoPipeline, prompt: str | list[str], num_f
 
 # --- the pipeline ----------------------------------------------------------------------------------------
 
-WindowPredictor = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
-
-
 @dataclass
 class LongVideoOutput(VideoOutput):
     windows: list = None  # latent [start, end) per window
@@ -187,8 +185,10 @@ class LongVideoPipeline:
                  guidance_scale: float | None = None, seed: int | None = None, sampler: str | None = None,
                  fps: float | None = None, output_type: str = "np",
                  predictor: Callable | None = None,  # (window latents, t, window embeds, guidance) -> preds
-                 callback_on_step_end: Callable[[int, int], None] | None = None) -> LongVideoOutput:
-        """prompt: one prompt, or one per window (multi-shot)."""
+                 callback_on_step_end: Callable[["LongVideoPipeline", int, Any, dict], dict] | None = None,
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)) -> LongVideoOutput:
+        """prompt: one prompt, or one per window (multi-shot). callback_on_step_end as TextToVideoPipeline's
+        (its "prompt_embeds" are the per-window embeddings)."""
         b, fam = self.bundle, self.bundle.family
         start = time.perf_counter()
         tf = fam.temporal_factor(b)
@@ -196,8 +196,9 @@ class LongVideoPipeline:
         # 1. Check inputs: every per-window field through the model's own limits; the length here.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         native = window_frames or b.config.num_frames
-        p = resolve(b, prompts[0], negative_prompt, native, height, width, num_inference_steps, guidance_scale,
-                    sampler, fps, seed)
+        p = resolve(b, prompts[0], negative_prompt=negative_prompt, num_frames=native, height=height, width=width,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, fps=fps,
+                    seed=seed)
         if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
             raise InputError("num_frames", f"{num_frames} is not supported by this model", f"1 + {tf}k")
         total = (num_frames - 1) // tf + 1
@@ -206,7 +207,7 @@ class LongVideoPipeline:
         windows = latent_windows(total, window, overlap)
         if len(windows) > MAX_WINDOWS:
             raise InputError("num_frames", f"{num_frames} frames need {len(windows)} windows",
-                             f"at most {MAX_WINDOWS} windows ({1 + (MAX_WINDOWS * (window - overlap)) * tf} frames)")
+                             f"at most {MAX_WINDOWS} windows ({max_long_frames(window, tf, overlap)} frames)")
         if len(prompts) not in (1, len(windows)):
             raise InputError("prompt", f"{len(prompts)} prompts for {len(windows)} windows", f"1 or {len(windows)}")
         window_prompts = prompts * len(windows) if len(prompts) == 1 else prompts
@@ -220,11 +221,7 @@ class LongVideoPipeline:
                   for i in (distinct.index(wp) for wp in window_prompts)]
 
         # 3. Scheduler and timesteps.
-        config = {**b.scheduler.config, "_class_name": type(b.scheduler).__name__}
-        scheduler = make_scheduler(config, fam.samplers, p.sampler, fam.flow)
-        scheduler.set_timesteps(p.num_inference_steps, device=b.device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+        scheduler = scheduler_for(b, p.sampler, p.num_inference_steps)
 
         # 4. Initial noise, FreeNoise-shared across windows.
         generator = torch.Generator("cpu").manual_seed(p.seed)
@@ -236,12 +233,14 @@ class LongVideoPipeline:
         predict = predictor or local_predictor(b)
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
-            scaled = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+            scaled = model_input(scheduler, latents, t)
             preds = predict([window_latents(scaled, run) for run in windows], t, embeds, p.guidance_scale)
             fused = fuse_windows(preds, windows, total, ramp=overlap)
             latents = fam.step(scheduler, fused, t, latents, generator=generator)
-            if callback_on_step_end:
-                callback_on_step_end(i + 1, len(scheduler.timesteps))
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "prompt_embeds": embeds}
+                outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                latents = (outputs or {}).get("latents", latents)
         denoise_s = time.perf_counter() - t0
 
         # 6. Decode window by window (the VAE decodes the lengths it was trained on), blending the overlaps.

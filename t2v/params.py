@@ -68,7 +68,15 @@ def _float(field: str, value, lo: float, hi: float, lo_open: bool = False) -> fl
     return float(value)
 
 
-def resolve(bundle, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
+def frames_for_seconds(seconds: float, fps: float, temporal_factor: int) -> int:
+    """A duration -> the nearest frame count the model makes: 1 + k * temporal_factor (the causal VAE's
+    chunks), at least one chunk."""
+    if not seconds > 0:
+        raise InputError("seconds", f"{seconds:g} is out of range", "> 0")
+    return 1 + temporal_factor * max(1, round(seconds * fps / temporal_factor))
+
+
+def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=None, width=None,
             num_inference_steps=None, guidance_scale=None, sampler=None, fps=None, seed=None) -> GenerationParams:
     """Fill unset fields from the bundle's defaults and check every field against the model's limits."""
     cfg, fam = bundle.config, bundle.family

@@ -14,7 +14,7 @@ from diffusers.video_processor import VideoProcessor
 from . import bundle as bundle_lib
 from .errors import InputError
 from .params import GenerationParams, resolve
-from .sampling import local_predictor, make_scheduler
+from .sampling import local_predictor, model_input, scheduler_for
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 
@@ -78,8 +78,9 @@ class TextToVideoPipeline:
         # 1. Check inputs; unset fields take the bundle's defaults.
         if output_type not in OUTPUT_TYPES:
             raise InputError("output_type", f"unknown output type {output_type!r}", ", ".join(OUTPUT_TYPES))
-        p = resolve(b, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                    sampler, fps, seed if generator is None else (seed or 0))
+        p = resolve(b, prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+                    fps=fps, seed=seed if generator is None else (seed or 0))
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(p.seed)
         batch = len(p.prompts)
@@ -97,12 +98,7 @@ class TextToVideoPipeline:
         timings["encode_s"] = time.perf_counter() - start
 
         # 3. A fresh scheduler for this call, and its timesteps.
-        # (a scheduler built in memory has no _class_name in its config until saved)
-        config = {**b.scheduler.config, "_class_name": type(b.scheduler).__name__}
-        scheduler = make_scheduler(config, fam.samplers, p.sampler, fam.flow)
-        scheduler.set_timesteps(p.num_inference_steps, device=b.device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+        scheduler = scheduler_for(b, p.sampler, p.num_inference_steps)
 
         # 4. Initial noise, drawn on the CPU so a seed gives the same video on any device.
         shape = fam.latent_shape(b, batch, p.num_frames, p.height, p.width)
@@ -116,7 +112,7 @@ class TextToVideoPipeline:
         predict = predictor or local_predictor(b)
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+            x = model_input(scheduler, latents, t)
             pred = predict([x], t, [embeds], p.guidance_scale)[0]
             latents = fam.step(scheduler, pred, t, latents, generator=generator, eta=eta)
             if callback_on_step_end is not None:
@@ -139,6 +135,19 @@ class TextToVideoPipeline:
         video = self.video_processor.postprocess_video(self.bundle.family.decode(self.bundle, latents),
                                                        output_type="pt")
         return video if output_type == "pt" else to_uint8(video)
+
+
+def progress_callback(report: Callable[[int, int], None] | None, total: int):
+    """report(step, total) after every step, as a `callback_on_step_end` (None: no callback). total: the
+    call's number of timesteps (`sampling.num_timesteps`; a second-order sampler takes two per step)."""
+    if report is None:
+        return None
+
+    def callback(_pipe, i, _t, tensors):
+        report(i + 1, total)
+        return tensors
+
+    return callback
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

@@ -71,6 +71,12 @@ def scheduler_for(bundle, sampler: str | None, num_inference_steps: int):
     return scheduler
 
 
+def num_timesteps(bundle, sampler: str | None, num_inference_steps: int) -> int:
+    """How many denoiser calls a generation makes (a second-order sampler takes two per step): a progress bar's
+    total."""
+    return len(scheduler_for(bundle, sampler, num_inference_steps).timesteps)
+
+
 def model_input(scheduler, latents: torch.Tensor, t) -> torch.Tensor:
     """The latents as the denoiser takes them at step t (some schedulers scale them; flow schedulers don't)."""
     return scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents

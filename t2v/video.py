@@ -1,4 +1,5 @@
-"""Video files with PyAV: H.264 mp4 (yuv420p, faststart), VP9 WebM and animated GIF; read back; probe."""
+"""Video files with PyAV: H.264 mp4 (yuv420p, faststart), VP9 WebM and animated GIF; read back; probe; PNG
+thumbnails."""
 
 from __future__ import annotations
 
@@ -116,6 +117,15 @@ def encode_video(frames, fps: float, fmt: str = ".mp4", crf: int = 18) -> bytes:
     """uint8 [T, H, W, 3] frames -> the bytes of a video file in `fmt` (.mp4, .webm, .gif)."""
     with tempfile.TemporaryDirectory(prefix="t2v-video-") as tmp:
         return write_video(Path(tmp) / f"video{_ext(fmt)}", frames, fps, crf).read_bytes()
+
+
+def png_bytes(frame) -> bytes:
+    """One uint8 [H, W, 3] frame -> the bytes of a PNG (a video's thumbnail)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(frame)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def read_video(source) -> np.ndarray:

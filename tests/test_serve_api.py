@@ -151,6 +151,16 @@ def test_invalid_fields_name_the_param(server, body, param):
     assert httpx.get(server.url + "/v1/videos").json()["data"] == []  # nothing was queued
 
 
+@pytest.mark.parametrize("path", ["/v1/videos", "/v1/programs"])
+def test_a_json_body_that_is_not_an_object_is_a_400(server, path):
+    r = httpx.post(server.url + path, json=[{"prompt": "a red ball", "size": "32x32"}])
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "body" and error["code"] == "invalid_json" and error["type"] == "invalid_request_error"
+    assert error["message"]
+    assert httpx.get(server.url + "/v1/videos").json()["data"] == []  # nothing was queued
+
+
 def test_unknown_id_and_not_ready_and_too_large(server):
     r = httpx.get(server.url + "/v1/videos/video_doesnotexist")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

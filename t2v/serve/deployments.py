@@ -19,8 +19,9 @@ from ..errors import InputError
 from ..pipeline import TextToVideoPipeline
 from ..sampling import predict_batch, predict_guided
 from . import stages
-from .api import Settings, create_app
+from .api import create_app
 from .jobs import JobStore
+from .service import Settings
 
 
 def _device() -> str:
@@ -60,8 +61,8 @@ class TextEncoder:
 
 @serve.deployment
 class Denoiser:
-    """The denoiser and its scheduler; streams ("progress", step, total) events, then ("latents", tensor), or
-    for a composed job ("frames", uint8 array) after its windows and post-processing.
+    """The denoiser and its scheduler; streams ("progress", step, total) events, then ("sampled", `stages.Sampled`):
+    a clip's latents, a composed video's frames (after its windows and post-processing) or a finished programme.
 
     step_batching ({max_batch_size, wait_s}, from the YAML): concurrent jobs' sampling loops run side by side
     and every forward goes through one `@serve.batch` queue, so the steps waiting at the same moment run as one
@@ -106,12 +107,14 @@ class Denoiser:
 
     def _remote_predictor(self):
         """Predict each step's windows on the Denoiser replicas (this one included) and gather them."""
-        ctx = serve.get_replica_context()
-        peers = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
         device = self.pipe.bundle.device
+        peers = []  # their handle, got at the first step: a job without windows never needs one
 
         def predict(xs, t, embeds, guidance):
-            calls = [peers.predict_window.remote(x.cpu(), t.cpu(), e.cpu(), guidance) for x, e in zip(xs, embeds)]
+            if not peers:
+                ctx = serve.get_replica_context()
+                peers.append(serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name))
+            calls = [peers[0].predict_window.remote(x.cpu(), t.cpu(), e.cpu(), guidance) for x, e in zip(xs, embeds)]
             return [c.result().to(device) for c in calls]
 
         return predict
@@ -136,17 +139,9 @@ class Denoiser:
         def run():
             progress = lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n))  # noqa: E731
             batched = self._batched_predictor(loop, batch_sizes) if self.step_batching else None
-            if "program" in params:  # a whole programme, audio included: stored as made
-                with self._lock:
-                    return stages.program_job(self.pipe, params, progress)
-            if stages.is_composed(params):  # long / multi-shot / post-processed
-                predictor = self._remote_predictor() if self.fan_out else batched
-                with self._lock:  # it decodes here too, and the causal VAE's caches are not re-entrant
-                    return stages.compose_job(self.pipe, params, progress, predictor)
-            if batched:
-                return stages.denoise(self.pipe, params, embeds, negative, progress, batched)
-            with self._lock:
-                return stages.denoise(self.pipe, params, embeds, negative, progress)
+            windows = self._remote_predictor() if self.fan_out else batched
+            return stages.run_job(self.pipe, params, progress, (embeds, negative), predictor=batched,
+                                  window_predictor=windows, lock=self._lock)
 
         task = asyncio.ensure_future(asyncio.to_thread(run))
         while not task.done() or not events.empty():
@@ -156,13 +151,12 @@ class Denoiser:
                 yield ("progress", *getter.result())
             else:
                 getter.cancel()
-        result = task.result()
+        sampled = task.result()
         if batch_sizes:  # the largest batch this job's steps shared (observability: is batching happening?)
             yield ("step_batch_max", max(batch_sizes))
-        if "program" in params:
-            yield ("program", result)
-        else:
-            yield ("frames", result) if stages.is_composed(params) else ("latents", result.cpu())
+        if sampled.latents is not None:
+            sampled.latents = sampled.latents.cpu()
+        yield ("sampled", sampled)
 
 
 @serve.deployment
@@ -224,12 +218,11 @@ class ServeGenerator:
             else:
                 result[event[0]] = event[1]
         t2 = time.perf_counter()
-        if "program" in result:  # finished in the Denoiser replica (audio and all)
-            made = result["program"]
-            return stages.GeneratedVideo(video=made.video, thumbnail=made.thumbnail, timings=made.timings)
+        sampled = result["sampled"]
+        if sampled.finished is not None:  # a programme, finished in the Denoiser replica (audio and all)
+            return sampled.finished
         finished = self.decoder.options(stream=True).finish.remote(
-            result.get("latents"), params["fps"], self.store, job_id, frames=result.get("frames"),
-            prompt=params["prompt"])
+            sampled.latents, params["fps"], self.store, job_id, frames=sampled.frames, prompt=params["prompt"])
         _, timings = await finished.__anext__()  # stored: the job is complete
 
         async def quality() -> dict:

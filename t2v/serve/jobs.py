@@ -13,10 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 from .. import storage
 from ..errors import InputError
+from ..params import frames_for_seconds
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _JOB_ID = re.compile(r"video_[0-9a-f]{24}")
 STATUSES = ("queued", "in_progress", "completed", "failed")
+# What a job makes, set when it is validated: one clip, a composed video (long, multi-shot or post-processed:
+# t2v.compose) or a programme (t2v.programs).
+KINDS = ("video", "composed", "program")
 T2V_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "fps", "sampler")
 MAX_PRIORITY = 9
 
@@ -49,12 +53,7 @@ def to_generation_kwargs(fields: dict, temporal_factor: int, default_fps: float)
             seconds = float(fields["seconds"])
         except (TypeError, ValueError):
             raise InputError("seconds", f"must be a number, got {fields['seconds']!r}") from None
-        if not seconds > 0:
-            raise InputError("seconds", f"{seconds} is out of range", "> 0")
-        fps = float(kw.get("fps", default_fps))
-        # Frames come in 1 + k * temporal_factor (the causal VAE's chunks): the nearest count to seconds * fps.
-        k = max(1, round(seconds * fps / temporal_factor))
-        kw["num_frames"] = 1 + k * temporal_factor
+        kw["num_frames"] = frames_for_seconds(seconds, float(kw.get("fps", default_fps)), temporal_factor)
     return kw
 
 
@@ -88,7 +87,7 @@ class VideoJob:
     id: str
     prompt: str
     model: str
-    params: dict  # resolved generation parameters (GenerationParams.as_dict of one prompt)
+    params: dict  # resolved generation parameters (GenerationParams.as_dict of one prompt) and the "kind"
     seconds: str
     size: str
     created_at: int
@@ -112,6 +111,10 @@ class VideoJob:
     def new_id() -> str:
         return "video_" + secrets.token_hex(12)
 
+    @property
+    def kind(self) -> str:
+        return self.params["kind"]
+
     def to_api(self) -> dict:
         """The OpenAI `Video` object, with t2v's own fields under "t2v"."""
         return {
@@ -119,9 +122,9 @@ class VideoJob:
             "expires_at": self.expires_at, "status": self.status, "progress": self.progress, "model": self.model,
             "prompt": self.prompt, "seconds": self.seconds, "size": self.size, "error": self.error,
             "remixed_from_video_id": None,
-            "t2v": {"params": {k: v for k, v in self.params.items() if k != "plan"}, "plan": self.params.get("plan"),
-                    "priority": self.priority, "cost": self.cost, "timings": self.timings, "cached_from": self.cached_from,
-                    "quality": self.quality},
+            "t2v": {"kind": self.kind, "params": {k: v for k, v in self.params.items() if k not in ("kind", "plan")},
+                    "plan": self.params.get("plan"), "priority": self.priority, "cost": self.cost,
+                    "timings": self.timings, "cached_from": self.cached_from, "quality": self.quality},
         }
 
     @property
@@ -164,7 +167,12 @@ class JobStore:
         if not _JOB_ID.fullmatch(job_id):
             return None
         value = self._read_json(self._uri("jobs", f"{job_id}.json"))
-        return VideoJob(**value) if value else None
+        if not value:
+            return None
+        if "kind" not in value["params"]:  # stored before jobs carried their kind: the keys tell it
+            p = value["params"]
+            p["kind"] = "program" if "program" in p else "composed" if "post" in p else "video"
+        return VideoJob(**value)
 
     def all(self) -> list[VideoJob]:
         folder = self._uri("jobs")

@@ -1,13 +1,14 @@
 """The serving stages as plain functions over a pipeline (no Ray): check a request, encode the prompt,
-denoise, decode + encode the video. The Ray Serve deployments (`deployments.py`) call exactly these, one
-stage per deployment; `LocalGenerator` chains them in one process (tests, a laptop without Ray Serve).
+sample it by its kind (`run_job`), decode + encode the video. The Ray Serve deployments (`deployments.py`)
+call exactly these, one stage per deployment; `LocalGenerator` chains them in one process (tests, a laptop
+without Ray Serve).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import io
 import json
 import threading
 import time
@@ -21,11 +22,13 @@ from ..compose import PostOptions, compose, keyframes
 from ..programs import CARD_SECONDS
 from ..errors import InputError
 from ..long_video import max_long_frames
-from ..params import resolve
+from ..params import frames_for_seconds, resolve
 from ..planner import plan_video, split_then
 from ..prompting import optimize_prompt
-from ..pipeline import TextToVideoPipeline
-from .jobs import to_generation_kwargs
+from ..pipeline import TextToVideoPipeline, progress_callback
+from ..sampling import num_timesteps
+from ..video import png_bytes
+from .jobs import KINDS, to_generation_kwargs
 
 
 @dataclass
@@ -36,6 +39,17 @@ class GeneratedVideo:
     # Quality scores (t2v.assess) come after the video is stored, off the job's critical path: an awaitable.
     quality_later: Any = None
     frames: np.ndarray | None = field(default=None, repr=False)  # what `score` reads
+
+
+@dataclass
+class Sampled:
+    """A job after `run_job`: a programme finished where it was made (audio and all), or a video's latents
+    or frames for `finish`."""
+
+    latents: torch.Tensor | None = None
+    frames: np.ndarray | None = None
+    finished: GeneratedVideo | None = None
+    timings: dict = field(default_factory=dict)
 
 
 def model_version(bundle) -> str:
@@ -70,17 +84,17 @@ def validate_program(bundle, fields: dict) -> dict:
     """POST /v1/programs: {kind, spec, seed?, num_inference_steps?, guidance_scale?} -> job parameters."""
     from ..programs import check_spec
 
-    kind, spec = fields.get("kind"), fields.get("spec")
-    check_spec(kind, spec)
+    program_kind, spec = fields.get("kind"), fields.get("spec")
+    check_spec(program_kind, spec)
     items = spec.get("sections") or spec.get("clips") or spec.get("items")
     title = spec.get("title") or spec.get("headline") or spec.get("brand")
-    p = resolve(bundle, items[0]["prompt"], None, None, None, None, fields.get("num_inference_steps"),
-                fields.get("guidance_scale"), None, None, fields.get("seed"))
+    p = resolve(bundle, items[0]["prompt"], num_inference_steps=fields.get("num_inference_steps"),
+                guidance_scale=fields.get("guidance_scale"), seed=fields.get("seed"))
     params = p.as_dict()
     params.pop("prompts"), params.pop("negative_prompts")
     seconds = sum(float(i.get("seconds", 2)) for i in items) + 2 * CARD_SECONDS
-    params.update(prompt=f"{kind}: {title}", original_prompt=f"{kind}: {title}", negative_prompt="",
-                  prompt_changes=[], program={"kind": kind, "spec": spec},
+    params.update(kind="program", prompt=f"{program_kind}: {title}", original_prompt=f"{program_kind}: {title}",
+                  negative_prompt="", prompt_changes=[], program={"kind": program_kind, "spec": spec},
                   num_frames=int(round(seconds * params["fps"])))
     return params
 
@@ -96,8 +110,7 @@ def program_job(pipe: TextToVideoPipeline, params: dict, progress) -> GeneratedV
     done = [0]
 
     def clip_fn(prompt: str, seconds: float) -> np.ndarray:
-        tf = pipe.bundle.family.temporal_factor(pipe.bundle)
-        frames = 1 + tf * max(1, round(seconds * params["fps"] / tf))
+        frames = frames_for_seconds(seconds, params["fps"], pipe.bundle.family.temporal_factor(pipe.bundle))
         out = compose(pipe, prompt, num_frames=frames, fps=params["fps"], seed=params["seed"] + done[0],
                       num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
                       height=params["height"], width=params["width"])
@@ -112,17 +125,14 @@ def program_job(pipe: TextToVideoPipeline, params: dict, progress) -> GeneratedV
     with tempfile.TemporaryDirectory() as tmp:
         path = write_program(program, f"{tmp}/program.mp4")
         video = path.read_bytes()
-    buf = io.BytesIO()
-    from PIL import Image
-
-    Image.fromarray(program.frames[len(program.frames) // 2]).save(buf, format="PNG")
-    return GeneratedVideo(video=video, thumbnail=buf.getvalue(), timings={"program_s": time.perf_counter() - t0})
+    return GeneratedVideo(video=video, thumbnail=thumbnail(program.frames),
+                          timings={"program_s": time.perf_counter() - t0})
 
 
 def validate(bundle, fields: dict) -> dict:
     """Request fields (OpenAI + t2v) -> resolved parameters of one video, or InputError naming the field.
     A video longer than the model's clip, with several shots or with post-processing is "composed": its
-    parameters carry the post options and the shot plan (returned with the job)."""
+    parameters carry the post options and the shot plan (returned with the job). Sets the job's "kind"."""
     fam, cfg = bundle.family, bundle.config
     tf = fam.temporal_factor(bundle)
     kw = to_generation_kwargs(fields, tf, cfg.fps)
@@ -141,9 +151,11 @@ def validate(bundle, fields: dict) -> dict:
     # Every per-clip field goes through the model's own limits (a composed video's windows are native clips).
     # A composed video's windows each read one shot's prompt: each must fit the model, not the joined text.
     shot_prompts = [s.prompt for s in plan.shots] if composed else [prompt]
-    p = resolve(bundle, shot_prompts, kw.pop("negative_prompt", None), cfg.num_frames if composed else frames, **kw)
+    p = resolve(bundle, shot_prompts, negative_prompt=kw.pop("negative_prompt", None),
+                num_frames=cfg.num_frames if composed else frames, **kw)
     params = p.as_dict()
     params.pop("prompts")
+    params["kind"] = "composed" if composed else "video"
     params["prompt"], params["negative_prompt"] = prompt, params.pop("negative_prompts")[0]
     params["original_prompt"], params["prompt_changes"] = original, changes
     if composed:
@@ -174,10 +186,6 @@ def optimize_parts(bundle, prompt: str, negative: str | None) -> tuple[str, str,
     return ", then ".join(out), negative_out, list(dict.fromkeys(changes))
 
 
-def is_composed(params: dict) -> bool:
-    return "post" in params
-
-
 def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None,
                 predictor: Callable | None = None):
     """A composed job's frames [T, H, W, 3] (planning, windows, post-processing: t2v.compose); `predictor`
@@ -200,36 +208,65 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
             progress: Callable[[int, int], None] | None = None, predictor: Callable | None = None) -> torch.Tensor:
     """The sampling loop; progress(step, total) after every step; `predictor` runs the forwards elsewhere
     (the Denoiser's per-step batching)."""
-    total = params["num_inference_steps"]
-
-    def on_step(_pipe, i, _t, tensors):
-        if progress:
-            progress(i + 1, total)
-        return tensors
-
+    total = num_timesteps(pipe.bundle, params["sampler"], params["num_inference_steps"])
     out = pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_frames=params["num_frames"],
-               height=params["height"], width=params["width"], num_inference_steps=total,
+               height=params["height"], width=params["width"], num_inference_steps=params["num_inference_steps"],
                guidance_scale=params["guidance_scale"], seed=params["seed"], sampler=params["sampler"],
                fps=params["fps"], output_type="latent", prompt_embeds=embeds,
-               negative_prompt_embeds=negative_embeds, callback_on_step_end=on_step, predictor=predictor)
+               negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
+               predictor=predictor)
     return out.frames
 
 
 def finish(pipe: TextToVideoPipeline, latents: torch.Tensor | None, fps: float,
            frames: np.ndarray | None = None) -> GeneratedVideo:
     """Decode (unless given frames), encode the mp4 and a PNG thumbnail; the frames stay for `score`."""
-    from PIL import Image
-
     from ..video import encode_video
 
     t0 = time.perf_counter()
     frames = pipe.decode_latents(latents)[0] if frames is None else frames
     t1 = time.perf_counter()
     video = encode_video(frames, fps, ".mp4")
-    buf = io.BytesIO()
-    Image.fromarray(frames[len(frames) // 2]).save(buf, format="PNG")
-    return GeneratedVideo(video=video, thumbnail=buf.getvalue(), frames=frames,
+    return GeneratedVideo(video=video, thumbnail=thumbnail(frames), frames=frames,
                           timings={"decode_s": t1 - t0, "encode_video_s": time.perf_counter() - t1})
+
+
+def thumbnail(frames: np.ndarray) -> bytes:
+    """A video's thumbnail: its middle frame as PNG."""
+    return png_bytes(frames[len(frames) // 2])
+
+
+def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None,
+            embeds: tuple[torch.Tensor, torch.Tensor] | None = None, predictor: Callable | None = None,
+            window_predictor: Callable | None = None, lock=None) -> Sampled:
+    """Sample one job by its kind. embeds: (prompt, negative) from a text-encoder stage (else encoded here);
+    predictor: where a clip's steps are predicted (the Denoiser's step batching); window_predictor: where a
+    composed video's windows are; lock: held while the job uses the pipeline's own modules, which are not
+    re-entrant (a clip whose forwards all go through `predictor` needs no lock)."""
+    kind, lock = params["kind"], contextlib.nullcontext() if lock is None else lock
+    t0 = time.perf_counter()
+    if kind == "program":
+        with lock:
+            return Sampled(finished=program_job(pipe, params, progress))
+    if kind == "composed":
+        with lock:  # it decodes too, and the causal VAE's caches are not re-entrant
+            frames = compose_job(pipe, params, progress, window_predictor)
+        return Sampled(frames=frames, timings={"generate_s": time.perf_counter() - t0})
+    if kind != "video":
+        raise ValueError(f"unknown job kind {kind!r} (known: {', '.join(KINDS)})")
+    timings = {}
+    if embeds is None:
+        with lock:
+            embeds = encode(pipe, params)
+        timings["encode_prompt_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if predictor is None:
+        with lock:
+            latents = denoise(pipe, params, *embeds, progress)
+    else:
+        latents = denoise(pipe, params, *embeds, progress, predictor)
+    timings["denoise_s"] = time.perf_counter() - t1
+    return Sampled(latents=latents, timings=timings)
 
 
 def score(frames: np.ndarray, prompt: str | None) -> dict:
@@ -262,18 +299,9 @@ class LocalGenerator:
 
     def _generate(self, params, progress) -> GeneratedVideo:
         with self._lock:
-            t0 = time.perf_counter()
-            if "program" in params:
-                return program_job(self.pipe, params, progress)
-            if is_composed(params):
-                frames = compose_job(self.pipe, params, progress)
-                result = finish(self.pipe, None, params["fps"], frames)
-                result.timings["generate_s"] = time.perf_counter() - t0
-                return result
-            embeds, negative = encode(self.pipe, params)
-            t1 = time.perf_counter()
-            latents = denoise(self.pipe, params, embeds, negative, progress)
-            t2 = time.perf_counter()
-            result = finish(self.pipe, latents, params["fps"])
-            result.timings.update(encode_prompt_s=t1 - t0, denoise_s=t2 - t1)
-            return result
+            sampled = run_job(self.pipe, params, progress)
+            if sampled.finished is not None:
+                return sampled.finished
+            result = finish(self.pipe, sampled.latents, params["fps"], sampled.frames)
+        result.timings.update(sampled.timings)
+        return result
