@@ -16,8 +16,8 @@ def main() -> None:
     import torch
 
     import t2v
-    from t2v.evaluate import eval_prompts
-    from t2v.prompting import optimize_prompt
+    from t2v.quality.evaluate import eval_prompts
+    from t2v.production.prompting import optimize_prompt
     from t2v.world.score import score
 
     ap = argparse.ArgumentParser()

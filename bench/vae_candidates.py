@@ -43,7 +43,7 @@ def main() -> None:
 
     from t2v.bundle import DEFAULT_MODEL, load
     from t2v.data.rendered import RenderedWorld, RenderSpec
-    from t2v.evaluate import evaluate_vae
+    from t2v.quality.evaluate import evaluate_vae
     from t2v.pipeline import TextToVideoPipeline
     from t2v.train import FolderCheckpoints, TrainConfig, train
 

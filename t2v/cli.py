@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
     ev.add_argument("--precision", default="fp32")
 
-    prog = sub.add_parser("compose", help="an education / ad / news programme from a YAML spec (t2v.programs)")
+    prog = sub.add_parser("compose", help="an education / ad / news programme from a YAML spec")
     prog.add_argument("kind", choices=["education", "ad", "news"])
     prog.add_argument("spec", help="YAML or JSON file")
     prog.add_argument("-o", "--output", default="program.mp4")
@@ -107,7 +107,7 @@ def _resolve_model(uri: str | None) -> str:
 def generate(args) -> int:
     from tqdm import tqdm
 
-    from .compose import PostOptions, compose
+    from .production.generate import PostOptions, generate
     from .params import frames_for_seconds
     from .pipeline import TextToVideoPipeline
     from .video import _format, write_video
@@ -130,7 +130,7 @@ def generate(args) -> int:
     post = PostOptions(keyframe_fps=args.keyframe_fps, interpolate=args.interpolate, motion_blur=args.motion_blur,
                        smooth=args.smooth, color_match=args.color_match)
     try:
-        out = compose(pipe, args.prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=args.negative,
+        out = generate(pipe, args.prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=args.negative,
                       seed=args.seed, progress=progress, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler)
     finally:
@@ -170,8 +170,8 @@ def evaluate(args) -> int:
     from tqdm import tqdm
 
     from .errors import InputError
-    from .evaluate import conditioning_losses, conditioning_table, contact_sheet, evaluate_vae
-    from .evaluate import evaluate as run_eval
+    from .quality.evaluate import conditioning_losses, conditioning_table, contact_sheet, evaluate_vae
+    from .quality.evaluate import evaluate as run_eval
     from .pipeline import TextToVideoPipeline
 
     if args.n < 1:
@@ -200,11 +200,11 @@ def evaluate(args) -> int:
 def compose_program_cmd(args) -> int:
     import yaml
 
-    from .compose import compose
+    from .production.generate import generate
     from .errors import InputError
     from .params import frames_for_seconds
     from .pipeline import TextToVideoPipeline
-    from .programs import compose_program, write_program
+    from .production.programs import compose_program, write_program
 
     if not os.path.isfile(args.spec):
         raise InputError("spec", f"no such file: {args.spec}")
@@ -218,7 +218,7 @@ def compose_program_cmd(args) -> int:
 
     def clip_fn(prompt, seconds):
         frames = frames_for_seconds(seconds, cfg.fps, tf)
-        return compose(pipe, prompt, num_frames=frames, seed=next(seeds), num_inference_steps=args.steps).frames
+        return generate(pipe, prompt, num_frames=frames, seed=next(seeds), num_inference_steps=args.steps).frames
 
     program = compose_program(args.kind, spec, clip_fn, fps=cfg.fps, size=(cfg.width, cfg.height),
                               voice=not args.no_voice)
@@ -232,7 +232,7 @@ def compose_program_cmd(args) -> int:
 def assess_video(args) -> int:
     import json
 
-    from .assess import assess
+    from .quality.assess import assess
     from .errors import InputError
     from .video import read_video
 

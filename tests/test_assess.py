@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from t2v.assess import (assess, colorfulness_score, consistency_score, flicker_score, motion_scores,
+from t2v.quality.assess import (assess, colorfulness_score, consistency_score, flicker_score, motion_scores,
                         sharpness_score)
 from t2v.video import write_video
 from t2v.world import caption, render, sample_scene

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from t2v.errors import InputError
-from t2v.evaluate import FrameErrors, conditioning_losses, contact_sheet, eval_prompts, evaluate, evaluate_vae
+from t2v.quality.evaluate import FrameErrors, conditioning_losses, contact_sheet, eval_prompts, evaluate, evaluate_vae
 from t2v.world import Scene, WorldObject, render
 from t2v.world.analyze import objects_per_frame
 from t2v.world.render import object_masks

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from t2v.errors import InputError
-from t2v.programs import AUDIO_RATE, check_spec, compose_program, overlay_text, write_program
+from t2v.production.programs import AUDIO_RATE, check_spec, compose_program, overlay_text, write_program
 
 from conftest import needs_program
 from test_cli import run

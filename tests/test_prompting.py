@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from t2v.errors import InputError
-from t2v.prompting import analyze_text, fill_template, optimize_prompt, world_caption
+from t2v.production.prompting import analyze_text, fill_template, optimize_prompt, world_caption
 from t2v.world.parse import parse_prompt
 
 from test_serve_api import Server

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from t2v.serve.api import Settings, create_app
-from t2v.serve.jobs import (PriorityQueue, QueueWeights, VideoJob, credit_cost, queue_score,
+from t2v.serve.store import (PriorityQueue, QueueWeights, VideoJob, credit_cost, queue_score,
                             to_generation_kwargs)
 from t2v.video import probe
 
@@ -311,7 +311,7 @@ def test_jobs_and_videos_on_s3_with_presigned_downloads(generator, s3_bucket):
 
 
 def test_no_request_reaches_outside_the_store(server, tmp_path):
-    from t2v.serve.jobs import JobStore
+    from t2v.serve.store import JobStore
 
     secret = tmp_path / "secret.json"
     secret.write_text('{"not": "a job"}')

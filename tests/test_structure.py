@@ -99,11 +99,12 @@ def test_the_world_needs_no_lazy_import_to_dodge_a_cycle():
 
 def test_text_parsing_does_not_load_opencv():
     """Prompt parsing is all words: it must work (and stay cheap) where OpenCV is absent or slow to load."""
-    code = ("import sys, t2v.prompting, t2v.world.parse\n"
-            "t2v.prompting.zero_shot = lambda *args, **kwargs: None  # the MiniLM encoder is not under test\n"
-            "analysis = t2v.prompting.analyze_text('a small red ball moving left above a blue star at sunset')\n"
+    code = ("import sys, t2v.world.parse\n"
+            "import t2v.production.prompting as prompting\n"
+            "prompting.zero_shot = lambda *args, **kwargs: None  # the MiniLM encoder is not under test\n"
+            "analysis = prompting.analyze_text('a small red ball moving left above a blue star at sunset')\n"
             "assert analysis.world['objects'][0]['color'] == 'red', analysis.world\n"
-            "t2v.prompting.world_caption(analysis.world)\n"
+            "prompting.world_caption(analysis.world)\n"
             "assert 'cv2' not in sys.modules, 'cv2 was imported'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

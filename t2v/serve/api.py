@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..errors import InputError
-from .jobs import VideoJob
+from .store import VideoJob
 from .service import APIError, JobService, Settings
 
 UI = Path(__file__).with_name("ui.html")
@@ -107,7 +107,8 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/programs")
     async def create_program(request: Request):
-        """An education / ad / news programme (t2v.programs) as a video job: poll and download it as a video."""
+        """An education / ad / news programme (t2v.production.programs) as a video job: poll and download it
+        as a video."""
         return await submit(request, program=True)
 
     @app.get("/v1/videos/{video_id}")

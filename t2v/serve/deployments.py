@@ -20,7 +20,7 @@ from ..pipeline import TextToVideoPipeline
 from ..sampling import predict_batch, predict_guided
 from . import stages
 from .api import create_app
-from .jobs import JobStore
+from .store import JobStore
 from .service import Settings
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
-from .jobs import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
+from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
 
 log = logging.getLogger("t2v.serve")
 

@@ -18,17 +18,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..compose import PostOptions, compose, keyframes
-from ..programs import CARD_SECONDS
+from ..production.generate import PostOptions, generate, keyframes
+from ..production.programs import CARD_SECONDS
 from ..errors import InputError
 from ..long_video import max_long_frames
 from ..params import frames_for_seconds, resolve
-from ..planner import plan_video, split_then
-from ..prompting import optimize_prompt
+from ..production.planner import plan_video, split_then
+from ..production.prompting import optimize_prompt
 from ..pipeline import TextToVideoPipeline, progress_callback
 from ..sampling import num_timesteps
 from ..video import png_bytes
-from .jobs import KINDS, to_generation_kwargs
+from .store import KINDS, to_generation_kwargs
 
 
 @dataclass
@@ -36,7 +36,7 @@ class GeneratedVideo:
     video: bytes | None  # mp4 (None: already in the job store)
     thumbnail: bytes | None  # PNG of the middle frame
     timings: dict
-    # Quality scores (t2v.assess) come after the video is stored, off the job's critical path: an awaitable.
+    # Quality scores (t2v.quality.assess) come after the video is stored, off the job's critical path: an awaitable.
     quality_later: Any = None
     frames: np.ndarray | None = field(default=None, repr=False)  # what `score` reads
 
@@ -82,7 +82,7 @@ def _post_options(fields: dict) -> PostOptions:
 
 def validate_program(bundle, fields: dict) -> dict:
     """POST /v1/programs: {kind, spec, seed?, num_inference_steps?, guidance_scale?} -> job parameters."""
-    from ..programs import check_spec
+    from ..production.programs import check_spec
 
     program_kind, spec = fields.get("kind"), fields.get("spec")
     check_spec(program_kind, spec)
@@ -100,10 +100,10 @@ def validate_program(bundle, fields: dict) -> dict:
 
 
 def program_job(pipe: TextToVideoPipeline, params: dict, progress) -> GeneratedVideo:
-    """A whole programme: its clips through compose(), cards, overlays, voice-over, one mp4 with audio."""
+    """A whole programme: its clips through generate(), cards, overlays, voice-over, one mp4 with audio."""
     import tempfile
 
-    from ..programs import compose_program, write_program
+    from ..production.programs import compose_program, write_program
 
     items = params["program"]["spec"].get("sections") or params["program"]["spec"].get("clips") or \
         params["program"]["spec"].get("items")
@@ -111,7 +111,7 @@ def program_job(pipe: TextToVideoPipeline, params: dict, progress) -> GeneratedV
 
     def clip_fn(prompt: str, seconds: float) -> np.ndarray:
         frames = frames_for_seconds(seconds, params["fps"], pipe.bundle.family.temporal_factor(pipe.bundle))
-        out = compose(pipe, prompt, num_frames=frames, fps=params["fps"], seed=params["seed"] + done[0],
+        out = generate(pipe, prompt, num_frames=frames, fps=params["fps"], seed=params["seed"] + done[0],
                       num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
                       height=params["height"], width=params["width"])
         done[0] += 1
@@ -188,9 +188,9 @@ def optimize_parts(bundle, prompt: str, negative: str | None) -> tuple[str, str,
 
 def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None,
                 predictor: Callable | None = None):
-    """A composed job's frames [T, H, W, 3] (planning, windows, post-processing: t2v.compose); `predictor`
+    """A composed job's frames [T, H, W, 3] (planning, windows, post-processing: t2v.production.generate); `predictor`
     predicts each step's windows elsewhere (the Serve graph's Denoiser replicas)."""
-    out = compose(pipe, params["prompt"], num_frames=params["num_frames"], fps=params["fps"],
+    out = generate(pipe, params["prompt"], num_frames=params["num_frames"], fps=params["fps"],
                   post=PostOptions(**params["post"]), negative_prompt=params["negative_prompt"] or None,
                   seed=params["seed"], progress=progress, height=params["height"], width=params["width"],
                   num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
@@ -270,8 +270,8 @@ def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, in
 
 
 def score(frames: np.ndarray, prompt: str | None) -> dict:
-    """The finished video's quality scores (t2v.assess)."""
-    from ..assess import assess
+    """The finished video's quality scores (t2v.quality.assess)."""
+    from ..quality.assess import assess
 
     return assess(frames, prompt).to_dict()
 

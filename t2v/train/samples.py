@@ -1,6 +1,6 @@
 """Periodic sample videos and adherence eval during training, from the EMA weights (rank 0 only).
 
-Denoiser stage: videos of held-out prompts (t2v.evaluate), scored by the world analyzer.
+Denoiser stage: videos of held-out prompts (t2v.quality.evaluate), scored by the world analyzer.
 VAE stage: reconstructions of held-out clips beside the originals, with their mean absolute error.
 Files go to <out>/samples/step-NNNNNN/ (local paths; the metrics reach the log or Ray Train's report).
 """
@@ -15,7 +15,7 @@ import torch
 
 @torch.no_grad()
 def sample_and_eval(bundle, trained: torch.nn.Module, ema, cfg, step: int, write: bool, score: bool) -> dict:
-    from ..evaluate import contact_sheet, eval_prompts, evaluate
+    from ..quality.evaluate import contact_sheet, eval_prompts, evaluate
     from ..video import write_video
 
     folder = os.path.join(cfg.out, "samples", f"step-{step:06d}")

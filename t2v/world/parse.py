@@ -1,7 +1,8 @@
 """Parse prompts in the world's vocabulary: parse_prompt(prompt) -> what a prompt asks for (only the attributes
 it mentions), in the structure analyze.analyze gives a clip.
 
-Words only: nothing here (or in what it imports) loads OpenCV, so text-side callers (t2v.prompting) stay light.
+Words only: nothing here (or in what it imports) loads OpenCV, so text-side callers
+(t2v.production.prompting) stay light.
 """
 
 from __future__ import annotations

@@ -113,9 +113,9 @@ def describe(analysis: dict) -> str:
 
 def text_alignment(frames: np.ndarray, prompt: str) -> tuple[float, str, list[str]]:
     """(score, method, the attributes the video gets wrong)."""
-    from .world.analyze import analyze
-    from .world.parse import parse_prompt
-    from .world.score import score
+    from ..world.analyze import analyze
+    from ..world.parse import parse_prompt
+    from ..world.score import score
 
     asked = parse_prompt(prompt)
     if asked.get("objects") or asked.get("background"):
@@ -136,7 +136,7 @@ def text_alignment(frames: np.ndarray, prompt: str) -> tuple[float, str, list[st
 
 @functools.lru_cache(maxsize=1)
 def _minilm():
-    from .text import load_default_text_encoder
+    from ..text import load_default_text_encoder
 
     return load_default_text_encoder()
 

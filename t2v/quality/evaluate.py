@@ -63,7 +63,7 @@ class EvalResult:
 
 
 def eval_prompts(split: str, n: int, seed: int = 0, width: int = 128, height: int = 128, num_frames: int = 17):
-    from .world import caption, sample_scene
+    from ..world import caption, sample_scene
 
     rng = random.Random(f"eval/{split}/{seed}")
     out = []
@@ -76,8 +76,8 @@ def eval_prompts(split: str, n: int, seed: int = 0, width: int = 128, height: in
 def persistence(frames: np.ndarray, scene) -> list[bool | None]:
     """Per frame of a one-object scene: does it show the object as one blob of its colour and nothing else?
     None for frames in which the scene itself does not (the object has left the view)."""
-    from .world import render
-    from .world.analyze import objects_per_frame
+    from ..world import render
+    from ..world.analyze import objects_per_frame
 
     want = {scene.objects[0].color: 1}
     truth = objects_per_frame(render(scene))
@@ -104,7 +104,7 @@ def _record(result: EvalResult, scene, scores: dict, frames: np.ndarray) -> None
 
 def _score_clips(pipe, split: str, n: int, seed: int, make_frames, sheet_rows: int, progress) -> EvalResult:
     """Score make_frames(i, prompt, scene) -> uint8 [T, H, W, 3] against each prompt's scene."""
-    from .world.score import score
+    from ..world.score import score
 
     cfg = pipe.bundle.config
     result = EvalResult(split=split, n=n)
@@ -162,9 +162,9 @@ def evaluate_vae(pipe, split: str = "heldout", n: int = 200, seed: int = 0, shee
     generated video, with its per-frame error inside vs outside the objects."""
     import torch
 
-    from .train.loop import video_tensor
-    from .world import render
-    from .world.render import object_masks
+    from ..train.loop import video_tensor
+    from ..world import render
+    from ..world.render import object_masks
 
     bundle, errors = pipe.bundle, FrameErrors()
 
@@ -187,9 +187,9 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
     split's clips, every caption at the same noise and levels ("shuffled": the next clip's caption)."""
     import torch
 
-    from .errors import InputError
-    from .train.loop import video_tensor
-    from .world import render
+    from ..errors import InputError
+    from ..train.loop import video_tensor
+    from ..world import render
 
     bundle = pipe.bundle
     fam = bundle.family

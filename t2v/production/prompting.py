@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 STYLES = {
     "realistic": "a photorealistic, realistic live-action video",
@@ -67,7 +67,7 @@ class TextAnalysis:
 
 @functools.lru_cache(maxsize=1)
 def _encoder():
-    from .text import load_default_text_encoder
+    from ..text import load_default_text_encoder
 
     return load_default_text_encoder()
 
@@ -100,7 +100,7 @@ def _words(prompt: str) -> list[str]:
 
 
 def analyze_text(prompt: str) -> TextAnalysis:
-    from .world.parse import parse_prompt
+    from ..world.parse import parse_prompt
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt", "is empty", "a non-empty string")
@@ -166,7 +166,7 @@ class OptimizedPrompt:
 
 def world_caption(parsed: dict) -> str:
     """A prompt in the world's training phrasing (each attribute's first training synonym)."""
-    from .world.captions import (BACKGROUND_WORDS, CAMERA_WORDS, COLOR_WORDS, MOTION_WORDS, RELATION_WORDS,
+    from ..world.captions import (BACKGROUND_WORDS, CAMERA_WORDS, COLOR_WORDS, MOTION_WORDS, RELATION_WORDS,
                                  SHAPE_WORDS, SIZE_WORDS, SPEED_WORDS)
 
     def obj(o: dict) -> str:

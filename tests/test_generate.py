@@ -7,10 +7,10 @@ import httpx
 import numpy as np
 import pytest
 
-from t2v.compose import PostOptions, compose, keyframes
+from t2v.production.generate import PostOptions, generate, keyframes
 from t2v.errors import InputError
-from t2v.planner import plan_video, split_then, window_prompts
-from t2v.postprocess import (color_match_shots, interpolate, match_histogram, motion_blur, temporal_smooth)
+from t2v.production.planner import plan_video, split_then, window_prompts
+from t2v.production.postprocess import (color_match_shots, interpolate, match_histogram, motion_blur, temporal_smooth)
 from t2v.video import probe
 
 from test_cli import run
@@ -89,7 +89,7 @@ def test_keyframes_and_compose_with_the_tiny_model(wan_pipe):
     assert keyframes(33, 8.0, 4.0, 4) == (17, 2) and keyframes(33, 8.0, 8.0, 4) == (33, 1)
     with pytest.raises(InputError, match="keyframe_fps"):
         keyframes(33, 8.0, 3.0, 4)
-    out = compose(wan_pipe, "a red ball, then a blue star", num_frames=17, fps=8, seed=1,
+    out = generate(wan_pipe, "a red ball, then a blue star", num_frames=17, fps=8, seed=1,
                   post=PostOptions(keyframe_fps=4, interpolate="linear", color_match=True, smooth=3))
     assert out.frames.shape == (17, 32, 32, 3) and out.fps == 8
     assert [s.prompt for s in out.plan.shots] == ["a red ball", "a blue star"]

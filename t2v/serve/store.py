@@ -19,7 +19,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _JOB_ID = re.compile(r"video_[0-9a-f]{24}")
 STATUSES = ("queued", "in_progress", "completed", "failed")
 # What a job makes, set when it is validated: one clip, a composed video (long, multi-shot or post-processed:
-# t2v.compose) or a programme (t2v.programs).
+# t2v.production.generate) or a programme (t2v.production.programs).
 KINDS = ("video", "composed", "program")
 T2V_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "fps", "sampler")
 MAX_PRIORITY = 9
@@ -101,7 +101,7 @@ class VideoJob:
     expires_at: int | None = None
     error: dict | None = None
     timings: dict = field(default_factory=dict)
-    quality: dict | None = None  # t2v.assess of the finished video
+    quality: dict | None = None  # t2v.quality.assess of the finished video
     cached_from: str | None = None
     attempts: int = 0
     created_ts: float = 0.0  # time.time() at creation: orders the list within a second

@@ -10,10 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
-from .long_video import LongVideoPipeline, default_overlap, latent_windows
-from .pipeline import TextToVideoPipeline, progress_callback
-from .sampling import num_timesteps
+from ..errors import InputError
+from ..long_video import LongVideoPipeline, default_overlap, latent_windows
+from ..pipeline import TextToVideoPipeline, progress_callback
+from ..sampling import num_timesteps
 from .planner import VideoPlan, plan_video, window_prompts
 from .postprocess import INTERPOLATIONS, color_match_shots, interpolate, motion_blur, temporal_smooth
 
@@ -45,7 +45,7 @@ class ComposedVideo:
     windows: list | None = None
 
 
-def compose(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = None, fps: float | None = None,
+def generate(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = None, fps: float | None = None,
             post: PostOptions = PostOptions(), negative_prompt: str | None = None, seed: int | None = None,
             progress: Callable[[int, int], None] | None = None, predictor: Callable | None = None,
             **generation) -> ComposedVideo:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import InputError
+from ..errors import InputError
 
 # Camera motions the world (and so the default model) knows, in the phrasing of its captions.
 CAMERA_PHRASES = {"zoom out": "the camera zooms out", "zoom in": "the camera zooms in",

@@ -7,7 +7,7 @@
 
 A spec is a small YAML/JSON document (see `SPEC_KEYS`); `compose_program(kind, spec, clip_fn)` returns the
 frames, the audio and the subtitle cues, `write_program` writes mp4 (+ .vtt). `clip_fn(prompt, seconds)` makes
-each clip: the default model through `t2v.compose` from the CLI and the API.
+each clip: the default model through `t2v.production.generate` from the CLI and the API.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import InputError
+from ..errors import InputError
 
 KINDS = ("education", "ad", "news")
 SPEC_KEYS = {
