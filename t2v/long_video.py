@@ -60,6 +60,31 @@ def max_long_frames(window: int, temporal_factor: int, overlap: int | None = Non
     return 1 + ((MAX_WINDOWS - 1) * stride + run) * temporal_factor
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may ask of a bundle, from its config alone (`limits`): validation refuses anything
+    beyond before any planning, and the planner and the window loop stay inside it."""
+
+    temporal_factor: int
+    window: int  # latent frames of the native clip: one window
+    max_frames: int  # the longest video (pixel frames): MAX_WINDOWS windows of the native clip
+    max_windows: int = MAX_WINDOWS
+    max_shots: int = MAX_WINDOWS  # a shot is seen through a window's prompt: more could never show
+
+    def check_length(self, frames: int, fps: float) -> None:
+        """A video of `frames` frames at `fps` must fit; checked before planning, whose work grows with it."""
+        if frames > self.max_frames:
+            raise InputError("seconds", f"{(frames - 1) / fps:g} s at {fps:g} fps is {frames} frames",
+                             f"at most {self.max_frames} frames ({(self.max_frames - 1) / fps:g} s at {fps:g} fps)")
+
+
+def limits(bundle) -> Limits:
+    """The bundle's limits (see `Limits`)."""
+    tf = bundle.family.temporal_factor(bundle)
+    window = (bundle.config.num_frames - 1) // tf + 1
+    return Limits(temporal_factor=tf, window=window, max_frames=max_long_frames(window, tf))
+
+
 def window_latents(latents: torch.Tensor, run: tuple[int, int]) -> torch.Tensor:
     """A window's latents: the anchor frame, then its run."""
     return torch.cat([latents[:, :, :1], latents[:, :, run[0]:run[1]]], dim=2)
@@ -175,8 +200,7 @@ class LongVideoPipeline:
         self.bundle = pipe.bundle
 
     def native_latent_frames(self) -> int:
-        b = self.bundle
-        return (b.config.num_frames - 1) // b.family.temporal_factor(b) + 1
+        return limits(self.bundle).window
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_frames: int, negative_prompt: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -11,6 +12,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 MAX_FPS = 120.0
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -71,9 +73,10 @@ def _float(field: str, value, lo: float, hi: float, lo_open: bool = False) -> fl
 def frames_for_seconds(seconds: float, fps: float, temporal_factor: int) -> int:
     """A duration -> the nearest frame count the model makes: 1 + k * temporal_factor (the causal VAE's
     chunks), at least one chunk."""
-    if not seconds > 0:
-        raise InputError("seconds", f"{seconds:g} is out of range", "> 0")
-    return 1 + temporal_factor * max(1, round(seconds * fps / temporal_factor))
+    chunks = seconds * fps / temporal_factor
+    if not seconds > 0 or not math.isfinite(chunks):  # inf: round() would raise OverflowError, not this
+        raise InputError("seconds", f"{seconds:g} is out of range", "> 0, finite")
+    return 1 + temporal_factor * max(1, round(chunks))
 
 
 def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=None, width=None,
@@ -109,5 +112,5 @@ def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=Non
                               0.0, MAX_GUIDANCE),
         sampler=sampler,
         fps=_float("fps", cfg.fps if fps is None else fps, 0.0, MAX_FPS, lo_open=True),
-        seed=_int("seed", seed, 0, 2**63 - 1),
+        seed=_int("seed", seed, 0, MAX_SEED),
     )

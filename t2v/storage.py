@@ -94,6 +94,33 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create a file or object only if none exists; True if this call created it. Atomic against every other
+    writer: an O_EXCL open locally, a conditional put (If-None-Match: *) on S3. (An S3-compatible store that
+    ignores the condition overwrites instead: there, keep one writer.) A reader may find a local file before
+    its content is written, and must treat unreadable content as not there yet."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client()
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except client.exceptions.ClientError as e:
+            # 412: the object exists; 409: another conditional put of it is in flight (it will win).
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
 def delete(uri: str) -> None:
     """Remove one file or object; a missing one is not an error."""
     if is_s3(uri):

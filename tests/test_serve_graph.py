@@ -1,10 +1,15 @@
 """The Ray Serve graph as shipped: `serve run serve_configs/t2v.yaml` (with a tiny model and a temporary
-store swapped in), driven over HTTP by the official openai client; and a restart that loses no job."""
+store swapped in), driven over HTTP by the official openai client; a restart that loses no job; and an API key,
+given through the environment, found in none of Ray's logs nor on its dashboard."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import secrets
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +67,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_nowhere(key: str, folders: list[Path]) -> int:
+    """No file under the folders holds the key; how many files were searched."""
+    files = [p for folder in folders for p in ([folder] if folder.is_file() else folder.rglob("*")) if p.is_file()]
+    holding = [str(p) for p in files if key.encode() in p.read_bytes()]
+    assert not holding, f"the API key is in {holding}"
+    return len(files)
+
+
+def assert_key_not_exposed(key: str, ray_tmp: Path, serve_log: Path, dashboard: str | None = None) -> None:
+    """The key is in no file Ray wrote (every session's logs: controller, replicas' worker-*.out/err, ...), not
+    in serve run's output, and not in the dashboard's Serve REST API (the application's config and args)."""
+    assert assert_nowhere(key, [ray_tmp, serve_log]) > 10
+    logs = b"".join(p.read_bytes() for p in ray_tmp.rglob("*.log") if p.is_file())
+    assert b"Importing application 't2v' with arguments" in logs  # where the args (and keys, before) were printed
+    if dashboard:
+        apps = httpx.get(dashboard + "/api/serve/applications/", timeout=30)
+        assert apps.status_code == 200 and '"t2v"' in apps.text and "import_path" in apps.text
+        assert key not in apps.text
+
+
 @pytest.mark.slow
 def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir, generator):
     config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
@@ -74,13 +99,21 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
     path = tmp_path / "t2v.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "serve.log"
+    # The API key only in the environment, as a Secret gives it; Ray in a temp folder of its own, so every log it
+    # writes is this test's (short: Ray's socket paths have a length limit).
+    key = "t2v-test-key-" + secrets.token_hex(16)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="t2vray-", dir="/tmp"))
+    env = {"T2V_API_KEYS": key, "RAY_TMPDIR": str(ray_tmp)}
 
-    serve = ServeProcess(path, f"http://127.0.0.1:{port}", log, cwd=ROOT)
+    serve = ServeProcess(path, f"http://127.0.0.1:{port}", log, cwd=ROOT, env=env)
     try:
-        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        assert httpx.get(serve.url + "/v1/videos").status_code == 401
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key=key, max_retries=0)
         video = c.videos.create_and_poll(prompt="a red ball bouncing on a black background", size="32x32",
                                          extra_body={"seed": 1, "num_inference_steps": 3})
         assert video.status == "completed", video.error
+        dashboard = re.findall(r"View the dashboard at (?:\x1b\[[\d;]*m)*(http://[\w.:]+)", log.read_text())[-1]
+        assert_key_not_exposed(key, ray_tmp, log, dashboard)
         from t2v.video import probe
 
         info = probe(c.videos.download_content(video.id).read())
@@ -88,7 +121,8 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
         timings = video.model_extra["t2v"]["timings"]
         assert timings["denoise_s"] > 0 and timings["decode_s"] > 0  # went through every stage
         # A bad field raised in the TextEncoder replica is a 400 naming it, not a 500.
-        bad = httpx.post(serve.url + "/v1/videos", json={"prompt": "x", "num_inference_steps": 0})
+        bad = httpx.post(serve.url + "/v1/videos", json={"prompt": "x", "num_inference_steps": 0},
+                         headers={"Authorization": f"Bearer {key}"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_inference_steps"
         # A long, two-shot video: each step's windows fan out to the Denoiser replicas and are fused.
         long = c.videos.create_and_poll(prompt="a red ball, then a blue star", size="32x32", seconds="3",
@@ -111,9 +145,9 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
     args["step_batching"] = {"max_batch_size": 4, "wait_s": 0.01}
     args["settings"]["concurrency"] = 3  # the pending job and the two below in the Denoiser at once
     path.write_text(yaml.safe_dump(config))
-    serve = ServeProcess(path, f"http://127.0.0.1:{port}", log, cwd=ROOT)
+    serve = ServeProcess(path, f"http://127.0.0.1:{port}", log, cwd=ROOT, env=env)
     try:
-        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key=key, max_retries=0)
         assert pending.id in [v.id for v in c.videos.list().data]
         pair = [c.videos.create(prompt=p, size="32x32", extra_body={"seed": 5, "num_inference_steps": 40})
                 for p in ("a red ball bouncing on a black background", "a blue star spinning")]
@@ -135,3 +169,5 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
         assert np.abs(served - read_video(alone.video).astype(float)).mean() < 2.0
     finally:
         serve.stop()
+    assert_key_not_exposed(key, ray_tmp, log)  # both runs' logs, complete now that Ray has stopped
+    shutil.rmtree(ray_tmp, ignore_errors=True)

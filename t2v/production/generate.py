@@ -11,11 +11,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from ..long_video import LongVideoPipeline, default_overlap, latent_windows
+from ..long_video import LongVideoPipeline, default_overlap, latent_windows, limits
 from ..pipeline import TextToVideoPipeline, progress_callback
 from ..sampling import num_timesteps
 from .planner import VideoPlan, plan_video, window_prompts
-from .postprocess import INTERPOLATIONS, color_match_shots, interpolate, motion_blur, temporal_smooth
+from .postprocess import INTERPOLATIONS, MAX_SMOOTH, color_match_shots, interpolate, motion_blur, temporal_smooth
 
 
 @dataclass
@@ -31,8 +31,8 @@ class PostOptions:
             raise InputError("interpolate", f"unknown method {self.interpolate!r}", ", ".join(INTERPOLATIONS))
         if not 0 <= self.motion_blur <= 1:
             raise InputError("motion_blur", f"{self.motion_blur}", "0 to 1")
-        if self.smooth < 1 or self.smooth % 2 == 0:
-            raise InputError("smooth", f"{self.smooth}", "an odd number of frames ≥ 1")
+        if not 1 <= self.smooth <= MAX_SMOOTH or self.smooth % 2 == 0:
+            raise InputError("smooth", f"{self.smooth}", f"an odd number of frames, 1 to {MAX_SMOOTH}")
 
 
 @dataclass
@@ -60,12 +60,14 @@ def generate(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = No
     fps = float(fps or b.config.fps)
     num_frames = num_frames or b.config.num_frames
     key_fps = float(post.keyframe_fps or fps)
+    lim = limits(b)
+    lim.check_length(num_frames, fps)  # before the plan and the buffers, which grow with it
     key_frames, factor = keyframes(num_frames, fps, key_fps, tf)
     steps = generation.get("num_inference_steps") or b.config.num_inference_steps
     on_step = progress_callback(progress, num_timesteps(b, generation.get("sampler"), steps))
 
     # 2. Plan the shots (then-parts, or establishing / medium / closing for long single prompts).
-    plan = plan_video(prompt, key_frames, key_fps)
+    plan = plan_video(prompt, key_frames, key_fps, max_shots=lim.max_shots)
 
     # 3. Keyframes: one clip when it fits the model and the plan is one shot; else co-denoised windows.
     if key_frames <= b.config.num_frames and len(plan.shots) == 1:

@@ -66,20 +66,26 @@ def with_camera(prompt: str, camera: str | None) -> str:
     return f"{prompt}, {CAMERA_PHRASES[camera]}"
 
 
-def plan_video(prompt: str, num_frames: int, fps: float, shot_seconds: float = 3.0) -> VideoPlan:
+def plan_video(prompt: str, num_frames: int, fps: float, shot_seconds: float = 3.0,
+               max_shots: int | None = None) -> VideoPlan:
+    """max_shots: the most shots the video can show (`long_video.limits(bundle).max_shots`); None: one a frame.
+    The shot count is bounded before any shot is made: a plan is as large as a request may ask, no larger."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt", "is empty", "a non-empty string")
     if num_frames < 1:
         raise InputError("num_frames", f"{num_frames}", "≥ 1")
     parts = split_then(prompt)
-    if len(parts) > 1:
-        kinds = ["scene"] * len(parts)
-        prompts = parts
-    else:
-        n = max(1, round((num_frames - 1) / fps / shot_seconds))
+    if not parts:  # "then" alone, or with punctuation
+        raise InputError("prompt", "is empty once split at \"then\"", "a non-empty string")
+    if len(parts) > 1:  # a shot per part
+        n = len(parts)
+        if max_shots is not None and n > max_shots:
+            raise InputError("prompt", f"has {n} \"then\" parts (shots)", f"at most {max_shots}")
+        kinds, prompts = ["scene"] * n, parts
+    else:  # about one shot per shot_seconds, as many as the video can show
+        n = max(1, min(round((num_frames - 1) / fps / shot_seconds), max_shots or num_frames))
         kinds = ["single"] if n == 1 else ["establishing"] + ["medium"] * (n - 2) + ["closing"]
         prompts = [parts[0]] * n
-    n = len(kinds)
     if n > num_frames:
         raise InputError("seconds", f"{num_frames} frames are too few for {n} shots", f"≥ {n} frames")
     bounds = [round(i * num_frames / n) for i in range(n + 1)]

@@ -11,6 +11,8 @@ import numpy as np
 from ..errors import InputError
 
 INTERPOLATIONS = ("linear", "flow")
+# A moving average wider than this only blurs (about two seconds at 16 fps), and its edge padding grows with it.
+MAX_SMOOTH = 31
 
 
 def interpolate(frames: np.ndarray, factor: int, method: str = "linear") -> np.ndarray:
@@ -71,8 +73,8 @@ def motion_blur(frames: np.ndarray, strength: float) -> np.ndarray:
 
 def temporal_smooth(frames: np.ndarray, window: int) -> np.ndarray:
     """Centered moving average over `window` frames (odd), edges replicated: removes frame-to-frame flicker."""
-    if window < 1 or window % 2 == 0:
-        raise InputError("smooth", f"{window}", "an odd number of frames ≥ 1")
+    if not 1 <= window <= MAX_SMOOTH or window % 2 == 0:
+        raise InputError("smooth", f"{window}", f"an odd number of frames, 1 to {MAX_SMOOTH}")
     if window == 1:
         return frames.copy()
     r = window // 2

@@ -32,10 +32,15 @@ SPEC_KEYS = {
     "ad": {"brand": str, "clips": list, "call_to_action": str, "logo": str},  # clip: {prompt, seconds?}
     "news": {"headline": str, "items": list, "ticker": str},  # item: {prompt, caption, seconds?}
 }
+ITEMS = {"education": "sections", "ad": "clips", "news": "items"}  # where each kind keeps its clips
 REQUIRED = {"education": ("title", "sections"), "ad": ("brand", "clips", "call_to_action"),
             "news": ("headline", "items", "ticker")}
 AUDIO_RATE = 22050
 CARD_SECONDS = 2.0
+# What one spec may ask for: clips, each clip's length, and the text drawn and spoken (a card, a caption).
+MAX_CLIPS = 12
+CLIP_SECONDS = (0.5, 10.0)
+MAX_TEXT_CHARS = 500
 
 ClipFn = Callable[[str, float], np.ndarray]  # (prompt, seconds) -> uint8 frames [T, H, W, 3] at the program fps
 
@@ -61,16 +66,18 @@ def check_spec(kind: str, spec: dict) -> None:
             raise InputError(key, f"is not a field of a {kind} spec", ", ".join(SPEC_KEYS[kind]))
         if not isinstance(value, SPEC_KEYS[kind][key]):
             raise InputError(key, f"must be a {SPEC_KEYS[kind][key].__name__}")
-    items = spec[{"education": "sections", "ad": "clips", "news": "items"}[kind]]
-    if not items or len(items) > 12:
-        raise InputError("sections" if kind == "education" else "clips" if kind == "ad" else "items",
-                         f"has {len(items)} entries", "1 to 12")
+        if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+            raise InputError(key, f"is {len(value)} characters long", f"at most {MAX_TEXT_CHARS}")
+    items = spec[ITEMS[kind]]
+    if not items or len(items) > MAX_CLIPS:
+        raise InputError(ITEMS[kind], f"has {len(items)} entries", f"1 to {MAX_CLIPS}")
+    lo, hi = CLIP_SECONDS
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise InputError(f"item {i}", "needs a prompt")
         seconds = item.get("seconds", 2)
-        if not isinstance(seconds, (int, float)) or not 0.5 <= seconds <= 10:
-            raise InputError(f"item {i}.seconds", f"{seconds}", "0.5 to 10")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not lo <= seconds <= hi:
+            raise InputError(f"item {i}.seconds", f"{seconds}", f"{lo:g} to {hi:g}")
 
 
 # --- drawing ----------------------------------------------------------------------------------------------

@@ -7,14 +7,17 @@ progress)` and `version`: `stages.LocalGenerator` (one process, no Ray) or the S
 
 from __future__ import annotations
 
-import hmac
 import json
+from contextlib import aclosing
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..errors import InputError
+from .auth import ANONYMOUS
+from .requests import invalid, program_fields, video_fields
 from .store import VideoJob
 from .service import APIError, JobService, Settings
 
@@ -24,20 +27,34 @@ FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 async def read_fields(request: Request, max_bytes: int) -> dict:
     """A request's body as fields: a JSON object, or a form's string fields; too large or not an object is
-    a 4xx in the OpenAI error shape."""
+    a 4xx in the OpenAI error shape. The body is counted as it streams in and refused as soon as it passes
+    max_bytes, with or without a Content-Length (chunked uploads): no request holds more than max_bytes of
+    body (and the one chunk in hand)."""
     length = request.headers.get("content-length")
+    if length is not None and not (length.isascii() and length.isdigit()):
+        raise APIError(400, "Content-Length is not a number", param="body", code="invalid_value")
     if length and int(length) > max_bytes:
-        raise APIError(413, f"request body is {length} bytes", param="body", code="body_too_large")
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise APIError(413, f"request body is {len(body)} bytes (limit {max_bytes})", param="body",
+        raise APIError(413, f"request body is {length} bytes (limit {max_bytes})", param="body",
                        code="body_too_large")
+    body = bytearray()
+    async with aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            if len(body) + len(chunk) > max_bytes:
+                raise APIError(413, f"request body is over the limit of {max_bytes} bytes", param="body",
+                               code="body_too_large")
+            body += chunk
+    body = bytes(body)
     if request.headers.get("content-type", "").startswith(FORM_TYPES):
-        return {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        async def replay():  # the form parser reads the body we already hold, not the spent stream
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return {k: v for k, v in (await Request(request.scope, replay).form()).items() if isinstance(v, str)}
     try:
         fields = json.loads(body or b"{}")
     except ValueError:
         raise APIError(400, "the body is not valid JSON", param="body", code="invalid_json") from None
+    except RecursionError:  # arrays nested ~1000 deep, well inside the size limit
+        raise APIError(400, "the body nests too deeply", param="body", code="invalid_json") from None
     if not isinstance(fields, dict):
         raise APIError(400, "the body must be a JSON object", param="body", code="invalid_json")
     return fields
@@ -65,23 +82,27 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
     async def _input_error(_request, exc: InputError):
         return APIError(400, str(exc), param=exc.field, code="invalid_value").response()
 
-    def user_level(request: Request) -> int:
+    @app.exception_handler(RequestValidationError)
+    async def _query_error(request, exc: RequestValidationError):
+        # FastAPI's own checks (query parameters such as ?limit=) answer in the OpenAI shape, not its 422.
+        errors = [{**e, "loc": e["loc"][1:]} for e in exc.errors()]  # ("query", "limit") -> limit
+        return await _input_error(request, invalid(errors))
+
+    def caller(request: Request) -> tuple[str, int]:
+        """(tenant, user level) of the request's API key (auth.py); one anonymous tenant when auth is off."""
         if not settings.api_keys:
-            return 0
+            return ANONYMOUS, 0
         auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else ""
-        level = None
-        for key, lvl in settings.api_keys.items():  # compare against every key: no early exit to time
-            if hmac.compare_digest(given.encode(), str(key).encode()):
-                level = int(lvl)
-        if level is None:
+        found = settings.api_keys.authenticate(auth[7:] if auth.lower().startswith("bearer ") else "")
+        if found is None:
             raise APIError(401, "a valid API key is required (Authorization: Bearer <key>)",
                            type_="authentication_error", code="invalid_api_key")
-        return level
+        return found
 
-    def job_or_404(job_id: str) -> VideoJob:
+    def job_or_404(job_id: str, tenant: str) -> VideoJob:
+        # Another tenant's job is answered exactly like a missing one: its existence is not told either.
         job = service.get(job_id)
-        if job is None:
+        if job is None or job.tenant != tenant:
             raise APIError(404, f"no video with id {job_id!r}", param="video_id", code="not_found")
         return job
 
@@ -95,10 +116,13 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
         return {"openai-poll-after-ms": str(service.poll_after_ms())} if job.status in ("queued", "in_progress") else {}
 
     async def submit(request: Request, program: bool = False) -> JSONResponse:
-        level = user_level(request)
+        tenant, level = caller(request)
         fields = await read_fields(request, settings.max_body_bytes)
+        # The body against its route's request model: types and bounds, before anything is planned or queued.
+        fields = (program_fields if program else video_fields)(fields)
         service.ensure_started()
-        job = await service.create(fields, level, request.headers.get("idempotency-key"), program=program)
+        job = await service.create(fields, level, request.headers.get("idempotency-key"), program=program,
+                                   tenant=tenant)
         return JSONResponse(show(job), headers=poll_headers(job))
 
     @app.post("/v1/videos")
@@ -113,15 +137,15 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/videos/{video_id}")
     async def retrieve_video(video_id: str, request: Request):
-        user_level(request)
+        tenant, _ = caller(request)
         service.ensure_started()
-        job = job_or_404(video_id)
+        job = job_or_404(video_id, tenant)
         return JSONResponse(show(job), headers=poll_headers(job))
 
     @app.get("/v1/videos/{video_id}/content")
     async def video_content(video_id: str, request: Request, variant: str = "video"):
-        user_level(request)
-        job = job_or_404(video_id)
+        tenant, _ = caller(request)
+        job = job_or_404(video_id, tenant)
         if variant not in ("video", "thumbnail"):
             raise APIError(400, f"unknown variant {variant!r} (allowed: video, thumbnail)", param="variant",
                            code="invalid_value")
@@ -133,13 +157,13 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/videos")
     async def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc"):
-        user_level(request)
+        tenant, _ = caller(request)
         if not 1 <= limit <= 100:
             raise APIError(400, f"limit {limit} is out of range (allowed: 1 to 100)", param="limit",
                            code="invalid_value")
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be asc or desc, got {order!r}", param="order", code="invalid_value")
-        jobs = [service.get(j.id) or j for j in service.store.all()]
+        jobs = [service.get(j.id) or j for j in service.store.all() if j.tenant == tenant]
         if order == "desc":
             jobs.reverse()
         if after:
@@ -154,9 +178,9 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str, request: Request):
-        user_level(request)
-        if not service.delete(video_id):
-            raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+        tenant, _ = caller(request)
+        job_or_404(video_id, tenant)
+        service.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
     @app.get("/healthz")
@@ -167,7 +191,7 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/t2v/defaults")
     async def defaults(request: Request):
         """The served model's default parameters (the web UI starts from them)."""
-        user_level(request)
+        caller(request)
         params = await generator.validate({"prompt": "-", "seed": 0})
         return {k: v for k, v in params.items() if k not in ("kind", "prompt", "negative_prompt", "seed")}
 

@@ -20,6 +20,7 @@ from ..pipeline import TextToVideoPipeline
 from ..sampling import predict_batch, predict_guided
 from . import stages
 from .api import create_app
+from .auth import refuse_keys_in_args
 from .store import JobStore
 from .service import Settings
 
@@ -237,7 +238,8 @@ class ServeGenerator:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    """The job API (FastAPI) and the web UI; the job queue lives here, so keep one replica."""
+    """The job API (FastAPI) and the web UI; the job queue lives here, so keep one replica. Its API keys come
+    from this replica's environment (T2V_API_KEYS / T2V_API_KEYS_FILE, auth.py), never from its args."""
 
     def __init__(self, encoder, denoiser, decoder, settings: dict | None = None):
         self.settings = Settings.from_dict(settings)
@@ -260,6 +262,7 @@ def build_app(args: dict):
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
+    refuse_keys_in_args(args.get("settings"))  # at build time, before any replica starts (Settings refuses too)
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
     denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"))
     return Ingress.bind(TextEncoder.bind(*stage), denoiser, Decoder.bind(*stage), args.get("settings"))

@@ -15,11 +15,12 @@ import httpx
 
 class ServeProcess:
     """Start `serve run config` (its own process group) and wait until the HTTP API answers; `stop()` sends
-    Ctrl-C like a user would, so Serve shuts down cleanly."""
+    Ctrl-C like a user would, so Serve shuts down cleanly. `env`: variables added to its environment (and so
+    to every Ray process it starts), e.g. T2V_API_KEYS."""
 
     def __init__(self, config: str | Path, url: str, log: str | Path, cwd: str | Path | None = None,
-                 timeout: float = 240):
-        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+                 timeout: float = 240, env: dict | None = None):
+        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **(env or {})}
         serve = os.path.join(os.path.dirname(sys.executable), "serve")
         self.log_path, self.url = Path(log), url.rstrip("/")
         self._log = open(self.log_path, "ab")

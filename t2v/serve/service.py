@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
+from .auth import ANONYMOUS, APIKeys, refuse_keys_in_args
 from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
 
 log = logging.getLogger("t2v.serve")
+IDEMPOTENCY_WAIT_S = 30.0  # how long a repeated request waits for the first one with its key to make the job
+IDEMPOTENCY_STALE_S = 120.0  # a reservation this old without its job: that request died, the key is free again
 
 
 @dataclass
@@ -25,7 +28,9 @@ class Settings:
 
     store: str = "out/serve"  # job records and videos: a folder or s3:// prefix
     model_name: str = "t2v-default"  # what "model" must be (or omitted)
-    api_keys: dict = field(default_factory=dict)  # key -> user level; empty: no authentication
+    # sha256 digests -> user level (auth.py); empty: no authentication. From the environment in a Serve
+    # config (from_dict); a {key: level} dict in-process. Never in repr, logs or the Serve config.
+    api_keys: APIKeys = field(default_factory=APIKeys, repr=False)
     max_queued: int = 64  # beyond this, 429 with Retry-After
     max_body_bytes: int = 64 * 1024
     concurrency: int = 1  # jobs generating at once (the denoiser replicas' capacity)
@@ -35,12 +40,19 @@ class Settings:
     presign_expiry_s: int = 3600  # S3 stores: finished jobs carry a presigned download URL valid this long
     queue_weights: QueueWeights = field(default_factory=QueueWeights)
 
+    def __post_init__(self):
+        if not isinstance(self.api_keys, APIKeys):
+            self.api_keys = APIKeys(self.api_keys)
+
     @classmethod
     def from_dict(cls, values: dict | None) -> "Settings":
+        """The Serve config's settings; API keys from T2V_API_KEYS / T2V_API_KEYS_FILE (auth.py)."""
         values = dict(values or {})
+        refuse_keys_in_args(values)
+        values.pop("api_keys", None)  # an empty one, left from older configs
         if "queue_weights" in values:
             values["queue_weights"] = QueueWeights(**values["queue_weights"])
-        return cls(**values)
+        return cls(**values, api_keys=APIKeys.from_environment())
 
 
 class APIError(Exception):
@@ -99,17 +111,49 @@ class JobService:
 
     # -- requests --------------------------------------------------------------------------------------------
     async def create(self, fields: dict, user_level: int, idempotency_key: str | None,
-                     program: bool = False) -> VideoJob:
+                     program: bool = False, tenant: str = ANONYMOUS) -> VideoJob:
+        if not idempotency_key:
+            return await self._create(fields, user_level, program, tenant, VideoJob.new_id())
         body_hash = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-        if idempotency_key:
-            seen = self.store.idempotent(idempotency_key)
-            if seen:
-                if seen["body_hash"] != body_hash:
+        held = await self._reserve(tenant, idempotency_key, body_hash)
+        if isinstance(held, VideoJob):
+            return held
+        try:
+            job = await self._create(fields, user_level, program, tenant, held["job_id"])
+        except BaseException:  # a refused (400, 429) or cancelled request binds nothing: the key may be retried
+            self.store.release_idempotent(tenant, idempotency_key)
+            raise
+        self.store.confirm_idempotent(tenant, idempotency_key, held)
+        return job
+
+    async def _reserve(self, tenant: str, key: str, body_hash: str) -> VideoJob | dict:
+        """The job an earlier request with this tenant's Idempotency-Key made, or this request's reservation of
+        the key. The reservation is atomic in the store, and the check and the reservation run with no await
+        between them, so of concurrent requests one reserves and the others wait here for its job."""
+        deadline, pause = time.monotonic() + IDEMPOTENCY_WAIT_S, 0.01
+        while True:
+            mine = VideoJob.new_id()
+            entry = self.store.claim_idempotent(tenant, key, mine, body_hash)
+            if entry is not None:
+                if entry["job_id"] == mine:
+                    return entry
+                if entry["body_hash"] != body_hash:
                     raise APIError(422, "Idempotency-Key was already used with a different request body",
                                    param="Idempotency-Key", code="idempotency_key_reused")
-                job = self.get(seen["job_id"])
-                if job:
+                job = self.get(entry["job_id"])
+                if job is not None:
                     return job
+                if entry["state"] == "done" or time.time() - entry["at"] > IDEMPOTENCY_STALE_S:
+                    # Its job was deleted since, or the request that reserved the key died: the key is free.
+                    self.store.release_idempotent(tenant, key)
+                    continue
+            if time.monotonic() > deadline:
+                raise APIError(409, "a request with this Idempotency-Key is still being processed; retry later",
+                               param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "5"})
+            pause = min(2 * pause, 0.5)  # the request holding the key is still validating: its job comes soon
+            await asyncio.sleep(pause)
+
+    async def _create(self, fields: dict, user_level: int, program: bool, tenant: str, job_id: str) -> VideoJob:
         model = fields.get("model") or self.settings.model_name
         if model != self.settings.model_name:
             raise APIError(400, f"model {model!r} is not served here", param="model", code="model_not_found")
@@ -117,13 +161,13 @@ class JobService:
         params = await (self.generator.validate_program(fields) if program else self.generator.validate(fields))
         now = time.time()
         job = VideoJob(
-            id=VideoJob.new_id(), prompt=params["original_prompt"], model=model, params=params,
+            id=job_id, prompt=params["original_prompt"], model=model, params=params, tenant=tenant,
             seconds=f"{(params['num_frames'] - 1) / params['fps']:g}", size=f"{params['width']}x{params['height']}",
             created_at=int(now), created_ts=now, priority=priority, user_level=user_level, enqueued_at=now,
             cost=credit_cost(params["num_frames"], params["width"], params["height"], params["num_inference_steps"],
                              params["guidance_scale"] > 1),
             request_hash=canonical_hash(params, self.generator.version))
-        cached = self.store.cached(job.request_hash, now)
+        cached = self.store.cached(job.request_hash, now, tenant)
         if cached:
             self.store.put_content(job.id, self.store.content(cached.id), self.store.content(cached.id, "thumbnail"))
             job.status, job.progress, job.completed_at, job.cached_from = "completed", 100, int(now), cached.id
@@ -138,8 +182,6 @@ class JobService:
             self.queue.push(job)
             self.ensure_started()
             self._wakeup.set()
-        if idempotency_key:
-            self.store.remember_idempotent(idempotency_key, job.id, body_hash)
         return job
 
     def poll_after_ms(self) -> int:
@@ -203,7 +245,7 @@ class JobService:
                 total = job.timings["total_s"]
                 self._typical_s = total if self._typical_s is None else 0.7 * self._typical_s + 0.3 * total
             job.expires_at = int(time.time() + self.settings.content_ttl_s)
-            self.store.remember_result(job.request_hash, job.id, time.time() + self.settings.cache_ttl_s)
+            self.store.remember_result(job.request_hash, job.id, time.time() + self.settings.cache_ttl_s, job.tenant)
         job.completed_at = int(time.time())
         if self.running.pop(job.id, None) is not None:
             self.store.save(job)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..production.generate import PostOptions, generate, keyframes
-from ..production.programs import CARD_SECONDS
+from ..production.programs import CARD_SECONDS, ITEMS
 from ..errors import InputError
-from ..long_video import max_long_frames
+from ..long_video import limits
 from ..params import frames_for_seconds, resolve
 from ..production.planner import plan_video, split_then
 from ..production.prompting import optimize_prompt
@@ -86,12 +86,19 @@ def validate_program(bundle, fields: dict) -> dict:
 
     program_kind, spec = fields.get("kind"), fields.get("spec")
     check_spec(program_kind, spec)
-    items = spec.get("sections") or spec.get("clips") or spec.get("items")
+    items = spec[ITEMS[program_kind]]
     title = spec.get("title") or spec.get("headline") or spec.get("brand")
-    p = resolve(bundle, items[0]["prompt"], num_inference_steps=fields.get("num_inference_steps"),
+    # Every clip's prompt and length against the model now, not when the job reaches that clip.
+    p = resolve(bundle, [i["prompt"] for i in items], num_inference_steps=fields.get("num_inference_steps"),
                 guidance_scale=fields.get("guidance_scale"), seed=fields.get("seed"))
     params = p.as_dict()
     params.pop("prompts"), params.pop("negative_prompts")
+    lim = limits(bundle)
+    for i, item in enumerate(items):
+        try:
+            lim.check_length(frames_for_seconds(float(item.get("seconds", 2)), p.fps, lim.temporal_factor), p.fps)
+        except InputError as e:
+            raise InputError(f"{ITEMS[program_kind]}[{i}].seconds", e.message, e.allowed) from None
     seconds = sum(float(i.get("seconds", 2)) for i in items) + 2 * CARD_SECONDS
     params.update(kind="program", prompt=f"{program_kind}: {title}", original_prompt=f"{program_kind}: {title}",
                   negative_prompt="", prompt_changes=[], program={"kind": program_kind, "spec": spec},
@@ -133,20 +140,21 @@ def validate(bundle, fields: dict) -> dict:
     """Request fields (OpenAI + t2v) -> resolved parameters of one video, or InputError naming the field.
     A video longer than the model's clip, with several shots or with post-processing is "composed": its
     parameters carry the post options and the shot plan (returned with the job). Sets the job's "kind"."""
-    fam, cfg = bundle.family, bundle.config
-    tf = fam.temporal_factor(bundle)
+    cfg, lim = bundle.config, limits(bundle)
+    tf = lim.temporal_factor
     kw = to_generation_kwargs(fields, tf, cfg.fps)
     post = _post_options(fields)
+    frames = kw.pop("num_frames", cfg.num_frames)
+    fps = float(kw.get("fps", cfg.fps))
+    lim.check_length(frames, fps)  # before the planner: its work grows with the length
     prompt = original = kw.pop("prompt")
     changes: list[str] = []
     if str(fields.get("optimize_prompt", True)).lower() not in ("false", "0", "no", "off"):
         prompt, negative, changes = optimize_parts(bundle, prompt, kw.get("negative_prompt"))
         if negative and not kw.get("negative_prompt"):
             kw["negative_prompt"] = negative
-    frames = kw.pop("num_frames", cfg.num_frames)
-    fps = float(kw.get("fps", cfg.fps))
     key_frames, _ = keyframes(frames, fps, float(post.keyframe_fps or fps), tf)
-    plan = plan_video(prompt, key_frames, float(post.keyframe_fps or fps))
+    plan = plan_video(prompt, key_frames, float(post.keyframe_fps or fps), max_shots=lim.max_shots)
     composed = key_frames > cfg.num_frames or len(plan.shots) > 1 or post != PostOptions()
     # Every per-clip field goes through the model's own limits (a composed video's windows are native clips).
     # A composed video's windows each read one shot's prompt: each must fit the model, not the joined text.
@@ -158,11 +166,7 @@ def validate(bundle, fields: dict) -> dict:
     params["kind"] = "composed" if composed else "video"
     params["prompt"], params["negative_prompt"] = prompt, params.pop("negative_prompts")[0]
     params["original_prompt"], params["prompt_changes"] = original, changes
-    if composed:
-        longest = max_long_frames((cfg.num_frames - 1) // tf + 1, tf)
-        if (key_frames - 1) % tf or key_frames > longest:
-            raise InputError("seconds", f"{(frames - 1) / fps:g} s ({key_frames} frames to generate) is not possible",
-                             f"1 + {tf}k frames, at most {longest} ({(longest - 1) / fps:g} s at {fps:g} fps)")
+    if composed:  # its length was checked first; keyframes() keeps the key frames on the model's grid
         params.update(num_frames=frames, post=asdict(post), plan=plan.to_dict())
     return params
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from .. import storage
 from ..errors import InputError
 from ..params import frames_for_seconds
+from .auth import ANONYMOUS
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _JOB_ID = re.compile(r"video_[0-9a-f]{24}")
@@ -106,6 +107,7 @@ class VideoJob:
     attempts: int = 0
     created_ts: float = 0.0  # time.time() at creation: orders the list within a second
     enqueued_at: float = 0.0  # for aging (time.time(); reset when a restart re-queues the job)
+    tenant: str = ANONYMOUS  # whose job (auth.py); records from before tenants are the anonymous tenant's
 
     @staticmethod
     def new_id() -> str:
@@ -138,7 +140,9 @@ class VideoJob:
 class JobStore:
     """Job records, results, idempotency keys and the cache index under one folder or s3:// prefix:
 
-        jobs/<id>.json   content/<id>.mp4   content/<id>.png   idempotency/<sha>.json   cache/<hash>.json
+        jobs/<id>.json   content/<id>.mp4   content/<id>.png   idempotency/<sha>.json   cache/<sha>.json
+
+    (<sha>: of the tenant with the Idempotency-Key or the request hash.)
     """
 
     def __init__(self, root: str):
@@ -200,24 +204,41 @@ class JobStore:
     def _content_uri(self, job_id: str, variant: str) -> str:
         return self._uri("content", f"{job_id}.{'png' if variant == 'thumbnail' else 'mp4'}")
 
-    # Idempotency-Key -> (job id, body hash): same key + same body is the same job.
-    def idempotent(self, key: str) -> dict | None:
-        return self._read_json(self._uri("idempotency", hashlib.sha256(key.encode()).hexdigest() + ".json"))
+    def _per_tenant(self, folder: str, tenant: str, key: str) -> str:
+        return self._uri(folder, hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest() + ".json")
 
-    def remember_idempotent(self, key: str, job_id: str, body_hash: str) -> None:
-        self._write_json(self._uri("idempotency", hashlib.sha256(key.encode()).hexdigest() + ".json"),
-                         {"job_id": job_id, "body_hash": body_hash})
+    # Idempotency-Key, per tenant -> {job_id, body_hash, state: pending | done, at}: same key + same body is the
+    # same job. The entry is reserved before the job exists (atomically, storage.create_exclusive), so of
+    # concurrent requests with one key exactly one makes the job.
+    def claim_idempotent(self, tenant: str, key: str, job_id: str, body_hash: str) -> dict | None:
+        """Reserve the key for job_id; the entry holding the key: this one if the reservation won, another
+        request's otherwise, None while that one is not readable yet."""
+        uri = self._per_tenant("idempotency", tenant, key)
+        entry = {"job_id": job_id, "body_hash": body_hash, "state": "pending", "at": time.time()}
+        if storage.create_exclusive(uri, json.dumps(entry).encode()):
+            return entry
+        try:
+            return self._read_json(uri)
+        except ValueError:  # created but not written yet
+            return None
 
-    # Result cache: canonical request hash -> a completed job, until its TTL passes.
-    def cached(self, request_hash: str, now: float) -> VideoJob | None:
-        entry = self._read_json(self._uri("cache", f"{request_hash}.json"))
+    def confirm_idempotent(self, tenant: str, key: str, entry: dict) -> None:
+        self._write_json(self._per_tenant("idempotency", tenant, key), {**entry, "state": "done"})
+
+    def release_idempotent(self, tenant: str, key: str) -> None:
+        storage.delete(self._per_tenant("idempotency", tenant, key))
+
+    # Result cache: canonical request hash -> a completed job, until its TTL passes. Per tenant: a shared
+    # cache would answer one tenant at once with what another asked for, telling it that someone did.
+    def cached(self, request_hash: str, now: float, tenant: str = ANONYMOUS) -> VideoJob | None:
+        entry = self._read_json(self._per_tenant("cache", tenant, request_hash))
         if not entry or entry["expires_at"] < now:
             return None
         job = self.get(entry["job_id"])
-        return job if job and job.status == "completed" else None
+        return job if job and job.status == "completed" and job.tenant == tenant else None
 
-    def remember_result(self, request_hash: str, job_id: str, expires_at: float) -> None:
-        self._write_json(self._uri("cache", f"{request_hash}.json"), {"job_id": job_id, "expires_at": expires_at})
+    def remember_result(self, request_hash: str, job_id: str, expires_at: float, tenant: str = ANONYMOUS) -> None:
+        self._write_json(self._per_tenant("cache", tenant, request_hash), {"job_id": job_id, "expires_at": expires_at})
 
 
 # --- the priority queue ----------------------------------------------------------------------------------
