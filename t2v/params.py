@@ -62,6 +62,11 @@ def _int(field: str, value, lo: int, hi: int, multiple: int = 1, offset: int = 0
     return value
 
 
+def check_steps(value) -> int:
+    """num_inference_steps within 1..MAX_STEPS (checked before anything sized by it is built)."""
+    return _int("num_inference_steps", value, 1, MAX_STEPS)
+
+
 def _float(field: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise InputError(field, f"must be a number, got {value!r}")
@@ -106,8 +111,8 @@ def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=Non
                         t, 1 if t > 1 else 0),
         height=_int("height", cfg.height if height is None else height, lo_size, cfg.max_size, m),
         width=_int("width", cfg.width if width is None else width, lo_size, cfg.max_size, m),
-        num_inference_steps=_int("num_inference_steps", cfg.num_inference_steps if num_inference_steps is None
-                                 else num_inference_steps, 1, MAX_STEPS),
+        num_inference_steps=check_steps(cfg.num_inference_steps if num_inference_steps is None
+                                        else num_inference_steps),
         guidance_scale=_float("guidance_scale", cfg.guidance_scale if guidance_scale is None else guidance_scale,
                               0.0, MAX_GUIDANCE),
         sampler=sampler,

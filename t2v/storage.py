@@ -97,8 +97,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Create a file or object only if none exists; True if this call created it. Atomic against every other
     writer: an O_EXCL open locally, a conditional put (If-None-Match: *) on S3. (An S3-compatible store that
-    ignores the condition overwrites instead: there, keep one writer.) A reader may find a local file before
-    its content is written, and must treat unreadable content as not there yet."""
+    ignores the condition overwrites instead: there, keep one writer.) Either way the content appears whole."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         client = s3_client()
@@ -112,12 +111,18 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         return True
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written in full under a temporary name, then hard-linked into place (link fails if the name exists): a
+    # writer that dies midway leaves no half-written file holding the name.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    finally:
+        os.unlink(tmp)
     return True
 
 

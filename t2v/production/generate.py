@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import InputError
 from ..long_video import LongVideoPipeline, default_overlap, latent_windows, limits
 from ..pipeline import TextToVideoPipeline, progress_callback
+from ..params import check_steps
 from ..sampling import num_timesteps
 from .planner import VideoPlan, plan_video, window_prompts
 from .postprocess import INTERPOLATIONS, MAX_SMOOTH, color_match_shots, interpolate, motion_blur, temporal_smooth
@@ -63,7 +64,7 @@ def generate(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = No
     lim = limits(b)
     lim.check_length(num_frames, fps)  # before the plan and the buffers, which grow with it
     key_frames, factor = keyframes(num_frames, fps, key_fps, tf)
-    steps = generation.get("num_inference_steps") or b.config.num_inference_steps
+    steps = check_steps(generation.get("num_inference_steps") or b.config.num_inference_steps)
     on_step = progress_callback(progress, num_timesteps(b, generation.get("sampler"), steps))
 
     # 2. Plan the shots (then-parts, or establishing / medium / closing for long single prompts).

@@ -217,16 +217,23 @@ class JobStore:
         entry = {"job_id": job_id, "body_hash": body_hash, "state": "pending", "at": time.time()}
         if storage.create_exclusive(uri, json.dumps(entry).encode()):
             return entry
-        try:
-            return self._read_json(uri)
-        except ValueError:  # created but not written yet
-            return None
+        return self._read_json(uri)  # None: released between the two calls (the caller tries again)
+
+    def _holder(self, uri: str) -> str | None:
+        return (self._read_json(uri) or {}).get("job_id")
 
     def confirm_idempotent(self, tenant: str, key: str, entry: dict) -> None:
-        self._write_json(self._per_tenant("idempotency", tenant, key), {**entry, "state": "done"})
+        """Mark the reservation done, unless it has been taken over since (a request that outlived the stale
+        limit must not overwrite its successor's)."""
+        uri = self._per_tenant("idempotency", tenant, key)
+        if self._holder(uri) == entry["job_id"]:
+            self._write_json(uri, {**entry, "state": "done"})
 
-    def release_idempotent(self, tenant: str, key: str) -> None:
-        storage.delete(self._per_tenant("idempotency", tenant, key))
+    def release_idempotent(self, tenant: str, key: str, job_id: str) -> None:
+        """Free the key if job_id still holds it (never another request's reservation)."""
+        uri = self._per_tenant("idempotency", tenant, key)
+        if self._holder(uri) == job_id:
+            storage.delete(uri)
 
     # Result cache: canonical request hash -> a completed job, until its TTL passes. Per tenant: a shared
     # cache would answer one tenant at once with what another asked for, telling it that someone did.

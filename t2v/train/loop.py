@@ -149,8 +149,9 @@ def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Ran
     return vae_loss(recon, x, posterior, cfg.kl_weight, weight)
 
 
-def denoiser_step(bundle: Bundle, model, batch: dict, cfg: TrainConfig, rng: random.Random, device,
+def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Random, device,
                   objective: DenoisingObjective) -> tuple:
+    """Flow-matching / diffusion loss of bundle.denoiser (the trained module) on one batch."""
     fam = bundle.family
     captions = ["" if rng.random() < cfg.text_dropout else str(c) for c in batch["caption"]]
     with torch.no_grad():
@@ -244,9 +245,9 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         log.info("resumed from step %d (%d samples seen)", step, samples_seen)
     batches = make_batches(samples_seen // world_size)
     if cfg.stage == "vae":
-        step_fn = vae_step
+        step_fn = functools.partial(vae_step, bundle, trained)
     else:
-        step_fn = functools.partial(denoiser_step, objective=bundle.family.training_objective(bundle, cfg))
+        step_fn = functools.partial(denoiser_step, bundle, objective=bundle.family.training_objective(bundle, cfg))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     t0, window, first_step, probe_elapsed = time.perf_counter(), [], step, 0.0
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             with autocast:
-                loss, parts = step_fn(bundle, trained, batch, cfg, rng, device)
+                loss, parts = step_fn(batch, cfg, rng, device)
             (loss / cfg.grad_accum).backward()
             samples_seen += len(batch["caption"]) * world_size
         if sync_grads:
