@@ -5,6 +5,10 @@ class T2VError(Exception):
     """Base class for t2v errors."""
 
 
+class JobCancelled(T2VError):
+    """Raised from a sampling loop's step callback when its job was cancelled: the loop stops at that step."""
+
+
 class InputError(T2VError, ValueError):
     """A request field outside what the model or the library supports."""
 

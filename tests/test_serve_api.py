@@ -327,3 +327,233 @@ def test_no_request_reaches_outside_the_store(server, tmp_path):
     assert store.get("../secret") is None
     assert secret.read_text() == '{"not": "a job"}'
     assert httpx.get(server.url + "/v1/videos").json()["data"] == []  # local stores: no presigned URL
+
+
+# --- cancellation, failures, retries ---------------------------------------------------------------------------
+
+class CountingGenerator:
+    """The real generator, recording each job's progress steps (the sampling loop's steps)."""
+
+    def __init__(self, inner):
+        self.inner, self.version, self.steps = inner, inner.version, {}
+
+    async def validate(self, fields):
+        return await self.inner.validate(fields)
+
+    async def generate(self, params, progress, job_id=""):
+        def counted(step, total):
+            self.steps.setdefault(job_id, []).append(step)
+            progress(step, total)
+
+        return await self.inner.generate(params, counted, job_id)
+
+
+@pytest.mark.parametrize("how", ["cancel", "delete"])
+def test_a_running_job_is_stopped_at_its_next_step_and_the_next_job_runs(generator, tmp_path, how):
+    counting = CountingGenerator(generator)
+    srv = Server(create_app(counting, Settings(store=str(tmp_path / "store"), poll_after_ms=50)))
+    try:
+        long = httpx.post(srv.url + "/v1/videos", json={"prompt": "a blue star", "size": "32x32",
+                                                        "num_inference_steps": 1000, "seed": 1}).json()["id"]
+        after = httpx.post(srv.url + "/v1/videos", json={"prompt": "a red ball", "size": "32x32",
+                                                         "num_inference_steps": 2, "seed": 1}).json()["id"]
+        deadline = time.time() + 60
+        while len(counting.steps.get(long, [])) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(counting.steps[long]) >= 3
+        if how == "cancel":
+            r = httpx.post(f"{srv.url}/v1/videos/{long}/cancel")
+            assert r.status_code == 200
+            assert r.json()["status"] == "failed" and r.json()["error"]["code"] == "cancelled"
+        else:
+            assert httpx.delete(f"{srv.url}/v1/videos/{long}").json()["deleted"]
+        at_cancel = len(counting.steps[long])
+        assert srv.wait(after)["status"] == "completed"  # the pipeline was freed for the next job
+        time.sleep(0.3)
+        assert len(counting.steps[long]) <= at_cancel + 1 < 1000  # at most the step under way when told
+        v = httpx.get(f"{srv.url}/v1/videos/{long}")
+        if how == "cancel":  # the record stays: failed, cancelled (the OpenAI statuses have no "cancelled")
+            assert v.json()["status"] == "failed" and v.json()["error"]["code"] == "cancelled"
+            assert httpx.post(f"{srv.url}/v1/videos/{long}/cancel").status_code == 200  # again: no error
+            r = httpx.post(f"{srv.url}/v1/videos/{after}/cancel")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "video_not_cancellable"
+        else:
+            assert v.status_code == 404
+        assert httpx.get(srv.url + "/healthz").json()["running"] == 0
+    finally:
+        srv.stop()
+
+
+def test_a_queued_job_is_cancelled_without_running(generator, tmp_path):
+    gated = GatedGenerator(generator)  # the first job holds the only worker
+    srv = Server(create_app(gated, Settings(store=str(tmp_path / "store"))))
+    try:
+        body = {"size": "32x32", "num_inference_steps": 1}
+        first = httpx.post(srv.url + "/v1/videos", json={**body, "prompt": "a green ball"}).json()["id"]
+        queued = httpx.post(srv.url + "/v1/videos", json={**body, "prompt": "a gray ball"}).json()["id"]
+        r = httpx.post(f"{srv.url}/v1/videos/{queued}/cancel").json()
+        assert r["status"] == "failed" and r["error"]["code"] == "cancelled"
+        gated.gate.set()
+        assert srv.wait(first)["status"] == "completed"
+        assert srv.wait(queued)["status"] == "failed"
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("kind", ["video", "composed"])
+def test_run_job_stops_at_the_step_after_cancel_is_set(generator, kind):
+    """Both pipelines (a clip: TextToVideoPipeline; a composed video: LongVideoPipeline's windows) stop at the
+    step after the flag is set, through their callback_on_step_end."""
+    import threading
+
+    from t2v.errors import JobCancelled
+    from t2v.serve.stages import run_job, validate
+
+    fields = {"prompt": "a red ball", "size": "32x32", "num_inference_steps": 20, "seed": 1}
+    if kind == "composed":
+        fields["seconds"] = "6"
+    params = validate(generator.bundle, fields)
+    assert params["kind"] == kind
+    cancel, steps = threading.Event(), []
+
+    def progress(step, total):
+        steps.append(step)
+        if step == 3:
+            cancel.set()
+
+    with pytest.raises(JobCancelled):
+        run_job(generator.pipe, params, progress, cancel=cancel)
+    assert steps == [1, 2, 3]
+
+
+class FailingGenerator:
+    """The real generator after `fails` failures raising `error()`."""
+
+    def __init__(self, inner, error, fails):
+        self.inner, self.version, self.error, self.fails, self.calls = inner, inner.version, error, fails, 0
+
+    async def validate(self, fields):
+        return await self.inner.validate(fields)
+
+    async def generate(self, params, progress, job_id=""):
+        self.calls += 1
+        if self.calls <= self.fails:
+            progress(1, 2)
+            raise self.error()
+        return await self.inner.generate(params, progress, job_id)
+
+
+NOISY = "\x1b[31mThe actor died unexpectedly.\x1b[0m pid=4242, ip=10.1.2.3\nTraceback (most recent call last):"
+
+
+class ActorDiedError(Exception):  # stands for ray.exceptions.ActorDiedError: matched by name, Ray not needed
+    def __init__(self):
+        super().__init__(NOISY)
+
+
+def ray_actor_died():
+    import ray.exceptions
+
+    class Died(ray.exceptions.ActorDiedError):
+        def __str__(self):
+            return NOISY
+
+    return Died()
+
+
+@pytest.mark.parametrize("error, code", [(lambda: RuntimeError(NOISY), "internal_error"),
+                                         (ActorDiedError, "replica_died"), (ray_actor_died, "replica_died")])
+def test_a_failed_job_tells_a_code_and_one_clean_line(generator, tmp_path, error, code, caplog):
+    failing = FailingGenerator(generator, error, fails=5)
+    srv = Server(create_app(failing, Settings(store=str(tmp_path / "store"), max_attempts=2)))
+    try:
+        job = httpx.post(srv.url + "/v1/videos", json={"prompt": "a red ball", "size": "32x32",
+                                                       "num_inference_steps": 1}).json()["id"]
+        v = srv.wait(job)
+        assert v["status"] == "failed" and v["error"]["code"] == code
+        message = v["error"]["message"]
+        assert message and "\n" not in message and "\x1b" not in message
+        assert "4242" not in message and "10.1.2.3" not in message and "Traceback" not in message
+        assert failing.calls == (2 if code == "replica_died" else 1)  # only a dead replica is retried
+        assert "pid=4242" in caplog.text  # the details are in the log
+    finally:
+        srv.stop()
+
+
+def test_a_job_whose_replica_died_runs_again_and_is_stored_once(generator, tmp_path):
+    failing = FailingGenerator(generator, ActorDiedError, fails=2)
+    srv = Server(create_app(failing, Settings(store=str(tmp_path / "store"), max_attempts=3)))
+    try:
+        c = client(srv)
+        v = c.videos.create_and_poll(prompt="a red ball", size="32x32", extra_body={"num_inference_steps": 1},
+                                     poll_interval_ms=50)
+        assert v.status == "completed" and v.error is None and failing.calls == 3
+        assert probe(c.videos.download_content(v.id).read()).num_frames == 9
+        assert [j.id for j in c.videos.list().data] == [v.id]
+    finally:
+        srv.stop()
+
+
+def test_the_denoiser_deployment_stops_sampling_when_its_call_is_cancelled(wan_dir):
+    """The Denoiser's streaming method without Ray: cancelling its consumer is what Serve does in the replica
+    on DeploymentResponseGenerator.cancel() (the Ingress's, for a cancelled or deleted job)."""
+    import logging
+
+    from t2v.serve import stages
+    from t2v.serve.deployments import Denoiser
+
+    denoiser = Denoiser.func_or_class(str(wan_dir))
+    params = stages.validate(denoiser.pipe.bundle, {"prompt": "a red ball", "size": "32x32", "seed": 1,
+                                                    "num_inference_steps": 1000})
+    embeds = stages.encode(denoiser.pipe, params)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("ray.serve").addHandler(handler)
+
+    async def cancel_after_three_steps():
+        steps = []
+
+        async def read():
+            async for event in denoiser.denoise(params, *embeds):
+                steps.append(event[1])
+
+        reading = asyncio.ensure_future(read())
+        while len(steps) < 3:
+            await asyncio.sleep(0.005)
+        reading.cancel()
+        at_cancel = len(steps)
+        deadline = time.time() + 30
+        while not messages and time.time() < deadline:
+            await asyncio.sleep(0.01)
+        return at_cancel
+
+    try:
+        at_cancel = asyncio.run(cancel_after_three_steps())
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    stopped = [m for m in messages if "the job was cancelled" in m]
+    assert stopped, messages
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert at_cancel <= step <= at_cancel + 2 and not denoiser._lock.locked()  # the replica is free again
+
+
+def test_a_cancelled_programme_stops_inside_its_clip(generator):
+    """A programme reports progress per clip, but its clips' sampling loops see a cancel at every step."""
+    import threading
+
+    from t2v.errors import JobCancelled
+    from t2v.serve.stages import run_job, validate_program
+
+    params = validate_program(generator.bundle, {"kind": "news", "num_inference_steps": 50, "spec": {
+        "headline": "Stars fall", "ticker": "markets up", "items": [{"prompt": "a star", "caption": "Live"}]}})
+    cancel, clips = threading.Event(), []
+    cancel.set()
+    forwards = []
+    hook = generator.bundle.denoiser.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        with pytest.raises(JobCancelled):
+            run_job(generator.pipe, params, lambda clip, total: clips.append(clip), cancel=cancel)
+    finally:
+        hook.remove()
+    assert clips == [] and 1 <= len(forwards) < 10  # stopped at the first clip's first step, not after its 50

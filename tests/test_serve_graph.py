@@ -137,6 +137,20 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
             seen.add(v.progress)
             time.sleep(0.1)
         assert any(0 < p < 100 for p in seen)
+        # Cancelling a running job stops its sampling in the Denoiser replica at the next step.
+        doomed = c.videos.create(prompt="a white heart", size="32x32", extra_body={"num_inference_steps": 1000})
+        deadline = time.time() + 120
+        while c.videos.retrieve(doomed.id).progress == 0 and time.time() < deadline:  # until it samples
+            time.sleep(0.1)
+        r = httpx.post(f"{serve.url}/v1/videos/{doomed.id}/cancel", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["error"]["code"] == "cancelled"
+        stopped = re.compile(rb"sampling stopped after step (\d+) of 1000: the job was cancelled")
+        deadline = time.time() + 60
+        while not (found := [m for p in ray_tmp.rglob("*Denoiser*.log") for m in stopped.findall(p.read_bytes())]):
+            assert time.time() < deadline, "the Denoiser replica did not stop the cancelled job"
+            time.sleep(0.2)
+        assert int(found[0]) < 1000
+        assert c.videos.retrieve(doomed.id).status == "failed"
         # A job accepted just before the server stops is still there after the restart, and completes.
         pending = c.videos.create(prompt="a green heart", size="32x32", extra_body={"num_inference_steps": 300})
     finally:

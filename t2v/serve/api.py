@@ -183,6 +183,18 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
         service.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
+    @app.post("/v1/videos/{video_id}/cancel")
+    async def cancel_video(video_id: str, request: Request):
+        """Stop a queued or running video at its next denoising step; the job stays, failed with code
+        "cancelled". A completed or failed video cannot be cancelled (409); cancelling twice is no error."""
+        tenant, _ = caller(request)
+        job = job_or_404(video_id, tenant)
+        job = service.cancel(video_id) or job
+        if job.status == "completed" or (job.status == "failed" and (job.error or {}).get("code") != "cancelled"):
+            raise APIError(409, f"video {video_id} is {job.status}; only a queued or in-progress video can be "
+                           "cancelled", param="video_id", code="video_not_cancellable")
+        return JSONResponse(show(job))
+
     @app.get("/healthz")
     async def health():
         return {"status": "ok", "queued": len(service.queue), "running": len(service.running),

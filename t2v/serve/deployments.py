@@ -9,13 +9,14 @@ come from the YAML config, not from here. The graph is bound once, in `build_app
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import torch
 from ray import serve
 
 from ..bundle import load
-from ..errors import InputError
+from ..errors import InputError, JobCancelled
 from ..pipeline import TextToVideoPipeline
 from ..sampling import predict_batch, predict_guided
 from . import stages
@@ -23,6 +24,8 @@ from .api import create_app
 from .auth import refuse_keys_in_args
 from .store import JobStore
 from .service import Settings
+
+log = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
 
 
 def _device() -> str:
@@ -136,22 +139,38 @@ class Denoiser:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         batch_sizes: list[int] = []
+        cancel = threading.Event()
+        last = [0, 0]  # the last step reported, of how many
 
         def run():
-            progress = lambda i, n: loop.call_soon_threadsafe(events.put_nowait, (i, n))  # noqa: E731
+            def progress(i, n):
+                last[:] = i, n
+                loop.call_soon_threadsafe(events.put_nowait, (i, n))
+
             batched = self._batched_predictor(loop, batch_sizes) if self.step_batching else None
             windows = self._remote_predictor() if self.fan_out else batched
             return stages.run_job(self.pipe, params, progress, (embeds, negative), predictor=batched,
-                                  window_predictor=windows, lock=self._lock)
+                                  window_predictor=windows, lock=self._lock, cancel=cancel)
+
+        def stopped(task):  # the operator's trace that a cancelled job freed the replica (tests read it too)
+            if not task.cancelled() and isinstance(task.exception(), JobCancelled):
+                log.info("sampling stopped after step %d of %d: the job was cancelled", *last)
 
         task = asyncio.ensure_future(asyncio.to_thread(run))
-        while not task.done() or not events.empty():
-            getter = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield ("progress", *getter.result())
-            else:
-                getter.cancel()
+        task.add_done_callback(stopped)
+        try:
+            while not task.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield ("progress", *getter.result())
+                else:
+                    getter.cancel()
+        finally:
+            # The caller cancelled the call (a cancelled or deleted job: CancelledError here) or closed the
+            # stream: the worker thread cannot be interrupted, so it is told to stop at its next step, which
+            # frees the lock for the next job. After a normal end the thread is done and this changes nothing.
+            cancel.set()
         sampled = task.result()
         if batch_sizes:  # the largest batch this job's steps shared (observability: is batching happening?)
             yield ("step_batch_max", max(batch_sizes))
@@ -213,11 +232,16 @@ class ServeGenerator:
         embeds, negative = await self.encoder.encode.remote((params["prompt"], params["negative_prompt"]))
         t1 = time.perf_counter()
         result = {}
-        async for event in self.denoiser.options(stream=True).denoise.remote(params, embeds, negative):
-            if event[0] == "progress":
-                progress(event[1], event[2])
-            else:
-                result[event[0]] = event[1]
+        stream = self.denoiser.options(stream=True).denoise.remote(params, embeds, negative)
+        try:
+            async for event in stream:
+                if event[0] == "progress":
+                    progress(event[1], event[2])
+                else:
+                    result[event[0]] = event[1]
+        except asyncio.CancelledError:  # the job was cancelled or deleted: tell the replica (CancelledError there)
+            stream.cancel()
+            raise
         t2 = time.perf_counter()
         sampled = result["sampled"]
         if sampled.finished is not None:  # a programme, finished in the Denoiser replica (audio and all)

@@ -9,11 +9,13 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
+from ..errors import InputError
 from .auth import ANONYMOUS, APIKeys, refuse_keys_in_args
 from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
 
@@ -39,6 +41,7 @@ class Settings:
     poll_after_ms: int = 500
     presign_expiry_s: int = 3600  # S3 stores: finished jobs carry a presigned download URL valid this long
     queue_weights: QueueWeights = field(default_factory=QueueWeights)
+    max_attempts: int = 2  # tries of a job whose replica dies under it (a replacement replica takes the next)
 
     def __post_init__(self):
         if not isinstance(self.api_keys, APIKeys):
@@ -69,6 +72,37 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+# Ray's errors for an actor (a Serve replica) that died or became unreachable, by name: the service itself
+# runs without Ray too. A RayTaskError made from one subclasses it, so the names are looked for in the MRO.
+REPLICA_DIED = {"RayActorError", "ActorDiedError", "ActorUnavailableError"}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def replica_died(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if REPLICA_DIED & {k.__name__ for k in type(e).__mro__}:
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
+def failure(e: BaseException) -> dict:
+    """A failed job's error for its user: a stable code and one clean line. Internal errors tell nothing of
+    their text (it carries pids, addresses, tracebacks, terminal colours): that goes to the log only."""
+    cause = getattr(e, "cause", None)  # a replica's own exception arrives inside Ray's task error
+    if isinstance(e, InputError) or isinstance(cause, InputError):
+        text = ANSI.sub("", str(e if isinstance(e, InputError) else cause)).strip()
+        return {"code": "invalid_value", "message": text.splitlines()[0][:500] if text else "invalid request"}
+    if replica_died(e):
+        return {"code": "replica_died", "message": "the server running this job stopped; submit it again"}
+    return {"code": "internal_error", "message": "the job failed on an internal error; submit it again"}
+
+
+CANCELLED = {"code": "cancelled", "message": "the job was cancelled"}
+
+
 class JobService:
     """Accepts jobs, orders them, runs them on the generator, and keeps every state change in the store."""
 
@@ -77,6 +111,7 @@ class JobService:
         self.store = JobStore(settings.store)
         self.queue = PriorityQueue(settings.queue_weights)
         self.running: dict[str, VideoJob] = {}
+        self._generating: dict[str, asyncio.Task] = {}  # job id -> its generator call, cancelled to stop it
         self._wakeup: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
         self._scoring: set[asyncio.Task] = set()
@@ -121,7 +156,7 @@ class JobService:
         try:
             job = await self._create(fields, user_level, program, tenant, held["job_id"])
         except BaseException:  # a refused (400, 429) or cancelled request binds nothing: the key may be retried
-            self.store.release_idempotent(tenant, idempotency_key)
+            self.store.release_idempotent(tenant, idempotency_key, held["job_id"])
             raise
         self.store.confirm_idempotent(tenant, idempotency_key, held)
         return job
@@ -145,7 +180,7 @@ class JobService:
                     return job
                 if entry["state"] == "done" or time.time() - entry["at"] > IDEMPOTENCY_STALE_S:
                     # Its job was deleted since, or the request that reserved the key died: the key is free.
-                    self.store.release_idempotent(tenant, key)
+                    self.store.release_idempotent(tenant, key, entry["job_id"])
                     continue
             if time.monotonic() > deadline:
                 raise APIError(409, "a request with this Idempotency-Key is still being processed; retry later",
@@ -198,9 +233,29 @@ class JobService:
         if not self.get(job_id):
             return False
         self.queue.remove(job_id)
-        self.running.pop(job_id, None)  # a running job's result is dropped when it finishes
+        self._stop(job_id)
         self.store.delete(job_id)
         return True
+
+    def cancel(self, job_id: str) -> VideoJob | None:
+        """Stop a queued or running job; its record stays, failed with code "cancelled" (the OpenAI video
+        statuses have no cancelled one). A finished job is returned as it is."""
+        job = self.get(job_id)
+        if job is None or job.status not in ("queued", "in_progress"):
+            return job
+        self.queue.remove(job_id)
+        self._stop(job_id)
+        job.status, job.error, job.completed_at = "failed", dict(CANCELLED), int(time.time())
+        self.store.save(job)
+        return job
+
+    def _stop(self, job_id: str) -> None:
+        """A running job is no longer the service's (its result, if it still comes, is dropped), and its
+        generator call is cancelled: the sampling stops at its next step, in this process or in a replica."""
+        self.running.pop(job_id, None)
+        task = self._generating.get(job_id)
+        if task is not None:
+            task.cancel()
 
     # -- the workers ------------------------------------------------------------------------------------------
     async def _work(self) -> None:
@@ -226,17 +281,31 @@ class JobService:
                     self.store.save(job)
 
         t0 = time.perf_counter()
-        try:
-            result = await self.generator.generate(job.params, progress, job.id)
-        except Exception as e:  # noqa: BLE001 - any failure becomes the job's reason
-            log.exception("job %s failed", job.id)
-            job.status, job.error = "failed", {"code": "generation_failed", "message": f"{type(e).__name__}: {e}"}
-        else:
-            if job.id not in self.running:  # deleted meanwhile: drop what the generator stored
-                self.store.delete(job.id)
-                if result.quality_later is not None:
-                    result.quality_later.close()
+        for attempt in range(1, max(1, self.settings.max_attempts) + 1):
+            task = asyncio.ensure_future(self.generator.generate(job.params, progress, job.id))
+            self._generating[job.id] = task
+            try:
+                await asyncio.wait({task})  # a cancelled job ends its task, not this worker
+            except asyncio.CancelledError:  # the service stops: the job stays in progress, re-queued at start
+                task.cancel()
+                raise
+            finally:
+                self._generating.pop(job.id, None)
+            if job.id not in self.running:  # cancelled or deleted meanwhile
+                self._discard(job, task)
                 return
+            error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            if error is None or not replica_died(error) or attempt >= self.settings.max_attempts:
+                break
+            log.warning("job %s: its replica died (attempt %d of %d), retrying: %r", job.id, attempt,
+                        self.settings.max_attempts, error)
+            job.progress, last_saved[0], job.attempts = 0, 0, job.attempts + 1
+            self.store.save(job)
+        if error is not None:
+            log.error("job %s failed", job.id, exc_info=error)
+            job.status, job.error = "failed", failure(error)
+        else:
+            result = task.result()
             if result.video is not None:  # else the generator stored it (the Serve graph's Decoder)
                 self.store.put_content(job.id, result.video, result.thumbnail)
             job.status, job.progress = "completed", 100
@@ -250,9 +319,21 @@ class JobService:
         if self.running.pop(job.id, None) is not None:
             self.store.save(job)
             if job.status == "completed" and result.quality_later is not None:
-                task = asyncio.get_running_loop().create_task(self._score(job, result.quality_later))
-                self._scoring.add(task)
-                task.add_done_callback(self._scoring.discard)
+                scoring = asyncio.get_running_loop().create_task(self._score(job, result.quality_later))
+                self._scoring.add(scoring)
+                scoring.add_done_callback(self._scoring.discard)
+
+    def _discard(self, job: VideoJob, task: asyncio.Task) -> None:
+        """A cancelled or deleted job's generator call has ended: drop any video it stored (the Serve graph's
+        Decoder stores it), and keep a cancelled job's record."""
+        if not task.cancelled() and task.exception() is None:
+            result = task.result()
+            if result.quality_later is not None:
+                result.quality_later.close()
+        record = self.store.get(job.id)
+        self.store.delete(job.id)
+        if record is not None:
+            self.store.save(record)
 
     async def _score(self, job: VideoJob, pending) -> None:
         """The quality scores arrive after the job completed; kept with the job unless it was deleted."""

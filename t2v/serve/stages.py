@@ -20,7 +20,7 @@ import torch
 
 from ..production.generate import PostOptions, generate, keyframes
 from ..production.programs import CARD_SECONDS, ITEMS
-from ..errors import InputError
+from ..errors import InputError, JobCancelled
 from ..long_video import limits
 from ..params import frames_for_seconds, resolve
 from ..production.planner import plan_video, split_then
@@ -106,8 +106,9 @@ def validate_program(bundle, fields: dict) -> dict:
     return params
 
 
-def program_job(pipe: TextToVideoPipeline, params: dict, progress) -> GeneratedVideo:
-    """A whole programme: its clips through generate(), cards, overlays, voice-over, one mp4 with audio."""
+def program_job(pipe: TextToVideoPipeline, params: dict, progress, on_step=None) -> GeneratedVideo:
+    """A whole programme: its clips through generate(), cards, overlays, voice-over, one mp4 with audio.
+    progress(clip, clips) after each clip; on_step(step, total) after each of a clip's steps."""
     import tempfile
 
     from ..production.programs import compose_program, write_program
@@ -120,7 +121,7 @@ def program_job(pipe: TextToVideoPipeline, params: dict, progress) -> GeneratedV
         frames = frames_for_seconds(seconds, params["fps"], pipe.bundle.family.temporal_factor(pipe.bundle))
         out = generate(pipe, prompt, num_frames=frames, fps=params["fps"], seed=params["seed"] + done[0],
                       num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-                      height=params["height"], width=params["width"])
+                      height=params["height"], width=params["width"], progress=on_step)
         done[0] += 1
         if progress:
             progress(done[0], len(items))
@@ -240,18 +241,35 @@ def thumbnail(frames: np.ndarray) -> bytes:
     return png_bytes(frames[len(frames) // 2])
 
 
+def stop_when(cancel: threading.Event | None, progress: Callable[[int, int], None] | None):
+    """`progress` that first raises JobCancelled once `cancel` is set. Both pipelines call progress from their
+    `callback_on_step_end` after every step (a programme: after every clip), so the loop stops at its next step."""
+    if cancel is None:
+        return progress
+
+    def report(step: int, total: int) -> None:
+        if cancel.is_set():
+            raise JobCancelled("the job was cancelled")
+        if progress is not None:
+            progress(step, total)
+
+    return report
+
+
 def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None,
             embeds: tuple[torch.Tensor, torch.Tensor] | None = None, predictor: Callable | None = None,
-            window_predictor: Callable | None = None, lock=None) -> Sampled:
+            window_predictor: Callable | None = None, lock=None, cancel: threading.Event | None = None) -> Sampled:
     """Sample one job by its kind. embeds: (prompt, negative) from a text-encoder stage (else encoded here);
     predictor: where a clip's steps are predicted (the Denoiser's step batching); window_predictor: where a
     composed video's windows are; lock: held while the job uses the pipeline's own modules, which are not
-    re-entrant (a clip whose forwards all go through `predictor` needs no lock)."""
+    re-entrant (a clip whose forwards all go through `predictor` needs no lock); cancel: once set, the
+    sampling raises JobCancelled at its next step."""
     kind, lock = params["kind"], contextlib.nullcontext() if lock is None else lock
+    progress = stop_when(cancel, progress)
     t0 = time.perf_counter()
-    if kind == "program":
+    if kind == "program":  # its progress is per clip; a cancel is seen at every step of a clip
         with lock:
-            return Sampled(finished=program_job(pipe, params, progress))
+            return Sampled(finished=program_job(pipe, params, progress, stop_when(cancel, None)))
     if kind == "composed":
         with lock:  # it decodes too, and the causal VAE's caches are not re-entrant
             frames = compose_job(pipe, params, progress, window_predictor)
@@ -296,14 +314,25 @@ class LocalGenerator:
         return validate_program(self.bundle, fields)
 
     async def generate(self, params: dict, progress: Callable[[int, int], None], job_id: str = "") -> GeneratedVideo:
-        result = await asyncio.to_thread(self._generate, params, progress)
+        """Cancelling this call (the job service's cancel or delete) stops the sampling at its next step; the
+        call ends once the worker thread has stopped, so the next job finds the pipeline free."""
+        cancel = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self._generate, params, progress, cancel))
+        try:
+            result = await asyncio.shield(work)  # a thread cannot be cancelled: it is told to stop instead
+        except asyncio.CancelledError:
+            cancel.set()
+            await asyncio.wait({work})
+            if not work.cancelled():
+                work.exception()  # its JobCancelled, expected: retrieved, so asyncio does not warn of it
+            raise
         if result.frames is not None:
             result.quality_later = asyncio.to_thread(score, result.frames, params["prompt"])
         return result
 
-    def _generate(self, params, progress) -> GeneratedVideo:
+    def _generate(self, params, progress, cancel: threading.Event | None = None) -> GeneratedVideo:
         with self._lock:
-            sampled = run_job(self.pipe, params, progress)
+            sampled = run_job(self.pipe, params, progress, cancel=cancel)
             if sampled.finished is not None:
                 return sampled.finished
             result = finish(self.pipe, sampled.latents, params["fps"], sampled.frames)
