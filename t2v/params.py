@@ -13,6 +13,8 @@ MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 MAX_FPS = 120.0
 MAX_SEED = 2**63 - 1
+# How forms and query strings spell a boolean.
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import InputError
-from ..params import MAX_FPS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS
+from ..params import FALSE_WORDS, MAX_FPS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, TRUE_WORDS
 from ..production.postprocess import INTERPOLATIONS, MAX_SMOOTH
 from ..production.programs import CLIP_SECONDS, KINDS, MAX_CLIPS, MAX_TEXT_CHARS
 from .store import MAX_PRIORITY
@@ -29,11 +29,10 @@ from .store import MAX_PRIORITY
 # Longer than any model here makes (the served model's own limit is checked against its bundle), short enough
 # that seconds x fps is a small frame count whatever the fps.
 MAX_SECONDS = 600.0
-MAX_NAME_CHARS = 200  # a model or sampler name, a logo path
+MAX_NAME_CHARS = 200  # a model or sampler name
 MAX_NUMBER_CHARS = 64  # decimal text longer than this is no number any field takes
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # no inf, nan, 0x.., 1_000
 _SIZE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", re.ASCII)
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 # --- field types ------------------------------------------------------------------------------------------
@@ -67,9 +66,9 @@ def _flag(value: Any) -> Any:
     """true/false, 0/1, or their words as forms and the generator's own parsing spell them."""
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in _TRUE + _FALSE:
-            return word in _TRUE
-        raise ValueError(f"must be true or false ({', '.join(_TRUE + _FALSE)})")
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"must be true or false ({', '.join(TRUE_WORDS + FALSE_WORDS)})")
     return bool(value) if type(value) is int and value in (0, 1) else value
 
 

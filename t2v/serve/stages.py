@@ -22,7 +22,7 @@ from ..production.generate import PostOptions, generate, keyframes
 from ..production.programs import CARD_SECONDS, ITEMS
 from ..errors import InputError, JobCancelled
 from ..long_video import limits
-from ..params import frames_for_seconds, resolve
+from ..params import TRUE_WORDS, frames_for_seconds, resolve
 from ..production.planner import plan_video, split_then
 from ..production.prompting import optimize_prompt
 from ..pipeline import TextToVideoPipeline, progress_callback
@@ -72,7 +72,7 @@ def _post_options(fields: dict) -> PostOptions:
         if value in (None, ""):
             continue
         try:
-            values[name] = (str(value).lower() in ("1", "true", "yes", "on")) if kind is bool else kind(value)
+            values[name] = (str(value).lower() in TRUE_WORDS) if kind is bool else kind(value)
         except (TypeError, ValueError):
             raise InputError(name, f"must be {kind.__name__}, got {value!r}") from None
     post = PostOptions(**values)
