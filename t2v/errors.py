@@ -36,3 +36,15 @@ class BundleError(T2VError, ValueError):
 
     def __reduce__(self):
         return type(self), (self.uri, self.message)
+
+
+class StorageError(T2VError, OSError):
+    """A store (a folder or s3://) that refused a read or write, after the S3 client's own retries (boto3's
+    retry policy: AWS_MAX_ATTEMPTS, AWS_RETRY_MODE)."""
+
+    def __init__(self, uri: str, action: str, reason: str):
+        self.uri, self.action, self.reason = uri, action, reason
+        super().__init__(f"could not {action} {uri}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.uri, self.action, self.reason)

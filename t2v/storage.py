@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import StorageError
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -29,6 +32,22 @@ def s3_client():
     import boto3
 
     return boto3.client("s3")
+
+
+@contextmanager
+def failures_as_storage_errors(uri: str, action: str):
+    """An S3 request that still fails after boto3's retries, or a local write the disk refuses, is a
+    StorageError naming the URI (a missing object stays FileNotFoundError)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except ClientError as e:
+        raise StorageError(uri, action, e.response.get("Error", {}).get("Code", "error")) from e
+    except (BotoCoreError, OSError) as e:
+        raise StorageError(uri, action, type(e).__name__) from e
 
 
 def join(uri: str, *parts: str) -> str:
@@ -69,29 +88,32 @@ def read_bytes(uri: str) -> bytes:
         return Path(uri).read_bytes()
     bucket, key = split_s3(uri)
     client = s3_client()
-    try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (client.exceptions.NoSuchKey, client.exceptions.NoSuchBucket):
-        raise FileNotFoundError(uri) from None
+    with failures_as_storage_errors(uri, "read"):
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (client.exceptions.NoSuchKey, client.exceptions.NoSuchBucket):
+            raise FileNotFoundError(uri) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically: readers never see a half-written local file."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; stored files are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically: readers never see a half-written file (an S3 put is whole or absent; a local file is
+    written under a temporary name and renamed). A refused write is a StorageError."""
+    with failures_as_storage_errors(uri, "write"):
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; stored files are ordinary files
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -101,13 +123,14 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         client = s3_client()
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except client.exceptions.ClientError as e:
-            # 412: the object exists; 409: another conditional put of it is in flight (it will win).
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise
+        with failures_as_storage_errors(uri, "create"):
+            try:
+                client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except client.exceptions.ClientError as e:
+                # 412: the object exists; 409: another conditional put of it is in flight (it will win).
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
         return True
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,11 +151,12 @@ def create_exclusive(uri: str, data: bytes) -> bool:
 
 def delete(uri: str) -> None:
     """Remove one file or object; a missing one is not an error."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        s3_client().delete_object(Bucket=bucket, Key=key)
-    else:
-        Path(uri).unlink(missing_ok=True)
+    with failures_as_storage_errors(uri, "delete"):
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        else:
+            Path(uri).unlink(missing_ok=True)
 
 
 def presigned_url(uri: str, expires_s: int = 3600, content_type: str | None = None) -> str | None:

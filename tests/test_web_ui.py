@@ -19,14 +19,22 @@ CHROMIUM = shutil.which("chromium")
 
 
 @needs_program("chromium")
-def test_generate_from_the_page_and_watch_it_play(wan_dir, tmp_path):
-    srv = Server(create_app(LocalGenerator(t2v.load(wan_dir)), Settings(store=str(tmp_path / "store"))))
+@pytest.mark.parametrize("auth", [False, True])
+def test_generate_from_the_page_and_watch_it_play(wan_dir, tmp_path, auth):
+    """Without keys, and with API keys on: the key is typed into the page (or comes in a link's #fragment),
+    goes in the Authorization header of every request, video and thumbnails included, and in no URL."""
+    key = "t2v-ui-key-0123456789abcdef"
+    settings = Settings(store=str(tmp_path / "store"), api_keys={key: 0} if auth else {})
+    srv = Server(create_app(LocalGenerator(t2v.load(wan_dir)), settings))
+    sent = []  # (url, authorization header) of every request the page made
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
             page = browser.new_page()
-            page.goto(srv.url + "/")
+            page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))))
+            page.goto(srv.url + "/" + (f"#key={key}" if auth else ""))
             page.wait_for_function("document.getElementById('size').options.length > 0")
+            assert key not in page.url  # the fragment is taken off the address bar
             assert page.input_value("#size") == "32x32"  # the served model's default size
             page.fill("#prompt", "a red ball bouncing on a black background")
             page.fill("#steps", "2")
@@ -34,15 +42,21 @@ def test_generate_from_the_page_and_watch_it_play(wan_dir, tmp_path):
             page.click("#generate")
             page.wait_for_function(
                 "(() => { const v = document.getElementById('player');"
-                " return v.currentSrc.includes('/v1/videos/') && v.readyState >= 2 && !v.paused"
-                " && v.currentTime > 0; })()", timeout=60_000)
-            src = page.eval_on_selector("#player", "v => v.currentSrc")
+                " return v.dataset.videoId && v.readyState >= 2 && !v.paused && v.currentTime > 0; })()",
+                timeout=60_000)
             assert page.eval_on_selector("#progress", "p => p.value") == 100
-            video_id = src.split("/v1/videos/")[1].split("/")[0]
-            job = page.request.get(f"{srv.url}/v1/videos/{video_id}").json()
+            video_id = page.eval_on_selector("#player", "v => v.dataset.videoId")
+            job = page.request.get(f"{srv.url}/v1/videos/{video_id}",
+                                   headers={"Authorization": f"Bearer {key}"} if auth else {}).json()
             assert job["status"] == "completed" and job["prompt"] == "a red ball bouncing on a black background"
             assert job["t2v"]["params"]["seed"] == 4 and job["t2v"]["params"]["num_inference_steps"] == 2
-            page.wait_for_function("document.querySelectorAll('#gallery img').length == 1")
+            page.wait_for_function("document.querySelectorAll('#gallery img[src^=\"blob:\"]').length == 1")
             browser.close()
     finally:
         srv.stop()
+    api_calls = [(url, header) for url, header in sent if "/v1/" in url]
+    assert any(url.endswith(f"/v1/videos/{video_id}/content") for url, _ in api_calls)
+    assert any("variant=thumbnail" in url for url, _ in api_calls)
+    assert all(key not in url for url, _ in sent)
+    if auth:
+        assert all(header == f"Bearer {key}" for _, header in api_calls), api_calls

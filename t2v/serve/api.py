@@ -8,6 +8,7 @@ progress)` and `version`: `stages.LocalGenerator` (one process, no Ray) or the S
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import aclosing
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from ..errors import InputError
+from ..errors import InputError, StorageError
 from .auth import ANONYMOUS
 from .requests import invalid, program_fields, video_fields
 from .store import VideoJob
-from .service import APIError, JobService, Settings
+from .service import APIError, JobService, Settings, replica_died
 
+log = logging.getLogger("t2v.serve")
 UI = Path(__file__).with_name("ui.html")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
@@ -81,6 +83,21 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(InputError)
     async def _input_error(_request, exc: InputError):
         return APIError(400, str(exc), param=exc.field, code="invalid_value").response()
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(_request, exc: StorageError):
+        # The job store refused a read or write after its retries: nothing of this request was accepted.
+        log.error("the job store failed: %s", exc)
+        return APIError(503, "the job store is unavailable; retry later", type_="server_error",
+                        code="storage_unavailable", headers={"Retry-After": "5"}).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, exc: Exception):
+        log.error("internal error", exc_info=exc)  # the details stay in the log
+        if replica_died(exc):  # the replica checking the request died; its replacement will answer
+            return APIError(503, "the server is restarting a component; retry shortly", type_="server_error",
+                            code="replica_unavailable", headers={"Retry-After": "5"}).response()
+        return APIError(500, "internal error; retry later", type_="server_error", code="internal_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def _query_error(request, exc: RequestValidationError):

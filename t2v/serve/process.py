@@ -61,11 +61,12 @@ class ServeProcess:
 
 def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_replicas: int | None = None,
                          root: str | Path | None = None, config: str = "t2v.yaml", args: dict | None = None,
-                         deployments: dict | None = None) -> ServeProcess:
+                         deployments: dict | None = None, settings: dict | None = None,
+                         env: dict | None = None) -> ServeProcess:
     """`serve run` of a shipped config (serve_configs/t2v.yaml by default) on a free loopback port with a job
     store in `folder`: what benchmarks measure. Optionally another model, a fixed number of Denoiser replicas,
-    application args (e.g. precision, step_batching) and per-deployment options ({name: {option: value}},
-    e.g. to fit the GPU layout onto one GPU)."""
+    application args (e.g. precision, step_batching), job-service settings, per-deployment options
+    ({name: {option: value}}, e.g. to fit the GPU layout onto one GPU) and environment variables."""
     import yaml
 
     root = Path(root or Path(__file__).resolve().parents[2])
@@ -77,7 +78,7 @@ def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_
     config["http_options"].update(host="127.0.0.1", port=port)
     app = config["applications"][0]
     app["args"].update(model=model, **(args or {}))
-    app["args"]["settings"]["store"] = str(folder / "store")
+    app["args"]["settings"].update(store=str(folder / "store"), **(settings or {}))
     options = {name: dict(opts) for name, opts in (deployments or {}).items()}
     if denoiser_replicas:
         options.setdefault("Denoiser", {})["num_replicas"] = denoiser_replicas
@@ -87,4 +88,4 @@ def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_
                 d.pop("autoscaling_config", None)
             d[key] = value
     (folder / "t2v.yaml").write_text(yaml.safe_dump(config))
-    return ServeProcess(folder / "t2v.yaml", f"http://127.0.0.1:{port}", folder / "serve.log", cwd=root)
+    return ServeProcess(folder / "t2v.yaml", f"http://127.0.0.1:{port}", folder / "serve.log", cwd=root, env=env)

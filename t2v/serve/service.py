@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
-from ..errors import InputError
+from ..errors import InputError, StorageError
 from .auth import ANONYMOUS, APIKeys, refuse_keys_in_args
 from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
 
 log = logging.getLogger("t2v.serve")
 IDEMPOTENCY_WAIT_S = 30.0  # how long a repeated request waits for the first one with its key to make the job
-IDEMPOTENCY_STALE_S = 120.0  # a reservation this old without its job: that request died, the key is free again
+IDEMPOTENCY_STALE_S = 120.0
+UNSAVED_RETRY_S = 2.0  # how often records the store refused are tried again (each try waits out its retries)  # a reservation this old without its job: that request died, the key is free again
 
 
 @dataclass
@@ -97,6 +98,8 @@ def failure(e: BaseException) -> dict:
         return {"code": "invalid_value", "message": text.splitlines()[0][:500] if text else "invalid request"}
     if replica_died(e):
         return {"code": "replica_died", "message": "the server running this job stopped; submit it again"}
+    if isinstance(e, StorageError) or isinstance(cause, StorageError):
+        return {"code": "storage_error", "message": "the video could not be stored; submit it again"}
     return {"code": "internal_error", "message": "the job failed on an internal error; submit it again"}
 
 
@@ -111,6 +114,8 @@ class JobService:
         self.store = JobStore(settings.store)
         self.queue = PriorityQueue(settings.queue_weights)
         self.running: dict[str, VideoJob] = {}
+        self._unsaved: dict[str, VideoJob] = {}  # ended while the store refused writes: saved when it takes them
+        self._next_save_s = 0.0  # time.monotonic() of the next try to save them
         self._generating: dict[str, asyncio.Task] = {}  # job id -> its generator call, cancelled to stop it
         self._wakeup: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
@@ -121,6 +126,8 @@ class JobService:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def ensure_started(self) -> None:
         """Start the workers in the running event loop (idempotent), after re-queuing unfinished jobs."""
+        if self._unsaved and time.monotonic() > self._next_save_s:
+            self._save_unsaved()
         if self._workers and not all(t.done() for t in self._workers):
             return
         if not self._recovered:
@@ -227,13 +234,14 @@ class JobService:
         return int(min(self.settings.poll_after_ms, max(50, self._typical_s * 1000 / 20)))
 
     def get(self, job_id: str) -> VideoJob | None:
-        return self.running.get(job_id) or self.store.get(job_id)
+        return self.running.get(job_id) or self._unsaved.get(job_id) or self.store.get(job_id)
 
     def delete(self, job_id: str) -> bool:
         if not self.get(job_id):
             return False
         self.queue.remove(job_id)
         self._stop(job_id)
+        self._unsaved.pop(job_id, None)
         self.store.delete(job_id)
         return True
 
@@ -265,9 +273,32 @@ class JobService:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._run(job)
+            try:
+                await self._run(job)
+            except Exception as e:  # noqa: BLE001 - the store refused a record: this worker goes on
+                log.error("job %s: its record could not be saved", job.id, exc_info=e)
+                self._end_unsaved(job, e)
+
+    def _end_unsaved(self, job: VideoJob, error: Exception) -> None:
+        """A job whose state the store refused: failed here, and saved once the store takes writes again (its
+        stored record still says queued or in progress until then, so a restart would run it again)."""
+        if self.running.pop(job.id, None) is None:
+            return
+        job.status, job.error, job.completed_at = "failed", failure(error), int(time.time())
+        self._unsaved[job.id] = job
+
+    def _save_unsaved(self) -> None:
+        for job_id, job in list(self._unsaved.items()):
+            try:
+                self.store.save(job)
+            except StorageError:
+                self._next_save_s = time.monotonic() + UNSAVED_RETRY_S
+                return
+            self._unsaved.pop(job_id, None)
 
     async def _run(self, job: VideoJob) -> None:
+        if self._unsaved:
+            self._save_unsaved()
         job.status, job.attempts = "in_progress", job.attempts + 1
         self.running[job.id] = job
         self.store.save(job)
@@ -278,7 +309,10 @@ class JobService:
             if job.progress - last_saved[0] >= 20:  # a durable trace of progress, not a write per step
                 last_saved[0] = job.progress
                 if job.id in self.running:
-                    self.store.save(job)
+                    try:
+                        self.store.save(job)
+                    except StorageError:  # only a trace: the job goes on
+                        log.warning("job %s: its progress could not be saved", job.id)
 
         t0 = time.perf_counter()
         for attempt in range(1, max(1, self.settings.max_attempts) + 1):
@@ -301,27 +335,49 @@ class JobService:
                         self.settings.max_attempts, error)
             job.progress, last_saved[0], job.attempts = 0, 0, job.attempts + 1
             self.store.save(job)
+        if error is None:
+            result = task.result()
+            if result.video is not None:  # else the generator stored it (the Serve graph's Decoder)
+                try:
+                    self.store.put_content(job.id, result.video, result.thumbnail)
+                except StorageError as e:
+                    error = e
+                    if result.quality_later is not None:
+                        result.quality_later.close()  # no scores for a video that is not kept
         if error is not None:
             log.error("job %s failed", job.id, exc_info=error)
             job.status, job.error = "failed", failure(error)
+            self._drop_content(job.id)  # a video stored before the failure (by an attempt or a Decoder) goes
         else:
-            result = task.result()
-            if result.video is not None:  # else the generator stored it (the Serve graph's Decoder)
-                self.store.put_content(job.id, result.video, result.thumbnail)
             job.status, job.progress = "completed", 100
             job.timings = {**result.timings, "total_s": time.perf_counter() - t0}
             if job.kind != "program":  # a programme's length says nothing about a typical video's
                 total = job.timings["total_s"]
                 self._typical_s = total if self._typical_s is None else 0.7 * self._typical_s + 0.3 * total
             job.expires_at = int(time.time() + self.settings.content_ttl_s)
-            self.store.remember_result(job.request_hash, job.id, time.time() + self.settings.cache_ttl_s, job.tenant)
+            try:  # the result cache is a shortcut: a job stands without its entry
+                self.store.remember_result(job.request_hash, job.id, time.time() + self.settings.cache_ttl_s,
+                                           job.tenant)
+            except StorageError:
+                log.warning("job %s: its result-cache entry could not be written", job.id)
         job.completed_at = int(time.time())
         if self.running.pop(job.id, None) is not None:
-            self.store.save(job)
+            try:
+                self.store.save(job)
+            except StorageError:
+                log.exception("job %s ended %s; its record is saved once the store takes writes", job.id,
+                              job.status)
+                self._unsaved[job.id] = job
             if job.status == "completed" and result.quality_later is not None:
                 scoring = asyncio.get_running_loop().create_task(self._score(job, result.quality_later))
                 self._scoring.add(scoring)
                 scoring.add_done_callback(self._scoring.discard)
+
+    def _drop_content(self, job_id: str) -> None:
+        try:
+            self.store.delete_content(job_id)
+        except StorageError:  # the store is down: a failed job's stray video is never served, only kept
+            log.warning("job %s: its partial content could not be deleted", job_id)
 
     def _discard(self, job: VideoJob, task: asyncio.Task) -> None:
         """A cancelled or deleted job's generator call has ended: drop any video it stored (the Serve graph's

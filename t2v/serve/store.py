@@ -126,7 +126,8 @@ class VideoJob:
             "remixed_from_video_id": None,
             "t2v": {"kind": self.kind, "params": {k: v for k, v in self.params.items() if k not in ("kind", "plan")},
                     "plan": self.params.get("plan"), "priority": self.priority, "cost": self.cost,
-                    "timings": self.timings, "cached_from": self.cached_from, "quality": self.quality},
+                    "timings": self.timings, "cached_from": self.cached_from, "quality": self.quality,
+                    "attempts": self.attempts},
         }
 
     @property
@@ -186,8 +187,12 @@ class JobStore:
         return sorted((j for j in jobs if j), key=lambda j: (j.created_ts, j.id))
 
     def delete(self, job_id: str) -> None:
-        for name in (f"jobs/{job_id}.json", f"content/{job_id}.mp4", f"content/{job_id}.png"):
-            storage.delete(self._uri(*name.split("/")))
+        self.delete_content(job_id)
+        storage.delete(self._uri("jobs", f"{job_id}.json"))
+
+    def delete_content(self, job_id: str) -> None:
+        for variant in ("video", "thumbnail"):
+            storage.delete(self._content_uri(job_id, variant))
 
     def put_content(self, job_id: str, video: bytes, thumbnail: bytes) -> None:
         storage.write_bytes(self._uri("content", f"{job_id}.mp4"), video)
