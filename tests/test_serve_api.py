@@ -13,8 +13,9 @@ import openai
 import pytest
 
 from t2v.serve.api import Settings, create_app
-from t2v.serve.store import (PriorityQueue, QueueWeights, VideoJob, credit_cost, queue_score,
-                            to_generation_kwargs)
+from t2v.serve.requests import video_fields
+from t2v.serve.stages import generation_kwargs
+from t2v.serve.store import PriorityQueue, QueueWeights, VideoJob, credit_cost, queue_score
 from t2v.video import probe
 
 
@@ -275,9 +276,10 @@ def test_priority_queue_orders_by_priority_level_length_and_aging():
 
 
 def test_request_mapping_and_cost():
-    kw = to_generation_kwargs({"prompt": "a ball", "seconds": "4", "size": "256x128", "seed": "7"}, 4, 8.0)
+    form = video_fields({"prompt": "a ball", "seconds": "4", "size": "256x128", "seed": "7"})  # a form's strings
+    kw = generation_kwargs(form, 4, 8.0)
     assert kw == {"prompt": "a ball", "seed": 7, "width": 256, "height": 128, "num_frames": 33}
-    assert to_generation_kwargs({"prompt": "a", "seconds": 2, "fps": 16}, 4, 8.0)["num_frames"] == 33
+    assert generation_kwargs(video_fields({"prompt": "a", "seconds": 2, "fps": 16}), 4, 8.0)["num_frames"] == 33
     assert credit_cost(17, 128, 128, 25) == round(17 * 128 * 128 / 1e6 * 50 / 100, 4)
     assert credit_cost(33, 128, 128, 25) > credit_cost(17, 128, 128, 25) > credit_cost(17, 64, 64, 25)
 

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any, Callable
 
 import numpy as np
@@ -22,13 +23,14 @@ from ..production.generate import PostOptions, generate, keyframes
 from ..production.programs import CARD_SECONDS, ITEMS
 from ..errors import InputError, JobCancelled
 from ..long_video import limits
-from ..params import TRUE_WORDS, frames_for_seconds, resolve
+from ..params import frames_for_seconds, resolve
 from ..production.planner import plan_video, split_then
 from ..production.prompting import optimize_prompt
 from ..pipeline import TextToVideoPipeline, progress_callback
 from ..sampling import num_timesteps
 from ..video import png_bytes
-from .store import KINDS, to_generation_kwargs
+from .requests import program_fields, video_fields
+from .store import KINDS
 
 
 @dataclass
@@ -62,28 +64,26 @@ def model_version(bundle) -> str:
     return h.hexdigest()[:16]
 
 
-POST_FIELDS = {"keyframe_fps": float, "interpolate": str, "motion_blur": float, "smooth": int, "color_match": bool}
+POST_FIELDS = tuple(f.name for f in dataclass_fields(PostOptions))
+GENERATION_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "fps", "sampler")
 
 
-def _post_options(fields: dict) -> PostOptions:
-    values = {}
-    for name, kind in POST_FIELDS.items():
-        value = fields.get(name)
-        if value in (None, ""):
-            continue
-        try:
-            values[name] = (str(value).lower() in TRUE_WORDS) if kind is bool else kind(value)
-        except (TypeError, ValueError):
-            raise InputError(name, f"must be {kind.__name__}, got {value!r}") from None
-    post = PostOptions(**values)
-    post.check()
-    return post
+def generation_kwargs(request: dict, temporal_factor: int, default_fps: float) -> dict:
+    """A checked request (`requests.video_fields`: OpenAI's seconds and size, t2v's fields) -> the
+    TextToVideoPipeline's keyword arguments; `resolve` checks them against the model afterwards."""
+    kw = {"prompt": request["prompt"], **{k: request[k] for k in GENERATION_FIELDS if k in request}}
+    if "size" in request:
+        kw["width"], kw["height"] = (int(v) for v in request["size"].split("x"))
+    if "seconds" in request:
+        kw["num_frames"] = frames_for_seconds(request["seconds"], kw.get("fps", default_fps), temporal_factor)
+    return kw
 
 
 def validate_program(bundle, fields: dict) -> dict:
     """POST /v1/programs: {kind, spec, seed?, num_inference_steps?, guidance_scale?} -> job parameters."""
     from ..production.programs import check_spec
 
+    fields = program_fields(fields)  # types and bounds (the API has checked them already; other callers not)
     program_kind, spec = fields.get("kind"), fields.get("spec")
     check_spec(program_kind, spec)
     items = spec[ITEMS[program_kind]]
@@ -142,15 +142,17 @@ def validate(bundle, fields: dict) -> dict:
     A video longer than the model's clip, with several shots or with post-processing is "composed": its
     parameters carry the post options and the shot plan (returned with the job). Sets the job's "kind"."""
     cfg, lim = bundle.config, limits(bundle)
+    request = video_fields(fields)  # types and bounds (the API has checked them already; other callers not)
+    kw = generation_kwargs(request, lim.temporal_factor, cfg.fps)
+    post = PostOptions(**{k: request[k] for k in POST_FIELDS if k in request})
+    post.check()
     tf = lim.temporal_factor
-    kw = to_generation_kwargs(fields, tf, cfg.fps)
-    post = _post_options(fields)
     frames = kw.pop("num_frames", cfg.num_frames)
     fps = float(kw.get("fps", cfg.fps))
     lim.check_length(frames, fps)  # before the planner: its work grows with the length
     prompt = original = kw.pop("prompt")
     changes: list[str] = []
-    if str(fields.get("optimize_prompt", True)).lower() not in ("false", "0", "no", "off"):
+    if request.get("optimize_prompt", True):
         prompt, negative, changes = optimize_parts(bundle, prompt, kw.get("negative_prompt"))
         if negative and not kw.get("negative_prompt"):
             kw["negative_prompt"] = negative

@@ -1,5 +1,4 @@
-"""Video jobs in the OpenAI Videos API shape, without any web or Ray code: the request mapping, the durable
-job store (local folder or s3://), the priority queue, idempotency, the result cache and credit cost.
+"""Video jobs in the OpenAI Videos API shape, without any web or Ray code: the durable job store (local folder or s3://), the priority queue, idempotency, the result cache and credit cost.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 from .. import storage
 from ..errors import InputError
-from ..params import frames_for_seconds
 from .auth import ANONYMOUS
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -22,41 +20,10 @@ STATUSES = ("queued", "in_progress", "completed", "failed")
 # What a job makes, set when it is validated: one clip, a composed video (long, multi-shot or post-processed:
 # t2v.production.generate) or a programme (t2v.production.programs).
 KINDS = ("video", "composed", "program")
-T2V_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "fps", "sampler")
 MAX_PRIORITY = 9
 
 
 # --- the request ----------------------------------------------------------------------------------------
-
-def to_generation_kwargs(fields: dict, temporal_factor: int, default_fps: float) -> dict:
-    """OpenAI fields (seconds, size) and t2v fields -> TextToVideoPipeline keyword arguments. Values may be
-    strings (multipart forms); the pipeline's `resolve` checks every limit afterwards."""
-    kw: dict = {"prompt": fields.get("prompt")}
-    if not isinstance(kw["prompt"], str) or not kw["prompt"].strip():
-        raise InputError("prompt", "is required and must be a non-empty string")
-    for name in T2V_FIELDS:
-        if fields.get(name) not in (None, ""):
-            kw[name] = fields[name]
-    for name, kind in (("seed", int), ("num_inference_steps", int), ("guidance_scale", float), ("fps", float)):
-        if name in kw:
-            try:
-                kw[name] = kind(kw[name]) if kind is float or float(kw[name]).is_integer() else kw[name]
-            except (TypeError, ValueError):
-                raise InputError(name, f"must be a number, got {kw[name]!r}") from None
-    if fields.get("size") not in (None, ""):
-        try:
-            w, h = (int(v) for v in str(fields["size"]).lower().split("x"))
-        except ValueError:
-            raise InputError("size", f"must be WIDTHxHEIGHT, got {fields['size']!r}", "e.g. 128x128") from None
-        kw["width"], kw["height"] = w, h
-    if fields.get("seconds") not in (None, ""):
-        try:
-            seconds = float(fields["seconds"])
-        except (TypeError, ValueError):
-            raise InputError("seconds", f"must be a number, got {fields['seconds']!r}") from None
-        kw["num_frames"] = frames_for_seconds(seconds, float(kw.get("fps", default_fps)), temporal_factor)
-    return kw
-
 
 def parse_priority(value) -> int:
     try:
