@@ -64,10 +64,16 @@ class Bundle:
     config: BundleConfig
     precision: str = "fp32"
     source: str | None = None
+    runtime: Any = None  # t2v.runtime.Runtime: the memory, cache and compile options switched on
 
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        """Where the sampling tensors live: the VAE's device (the first component with weights, when it was
+        loaded without them)."""
+        for module in (self.vae, self.denoiser, self.text_encoder):
+            if module is not None and not is_shapes_only(module):
+                return next(module.parameters()).device
+        return torch.device("cpu")
 
     @property
     def uses_packaged_text_encoder(self) -> bool:
@@ -106,8 +112,22 @@ class Bundle:
         return out
 
 
-def load(uri: str | Path | None = None, precision: str = "fp32", device: str | torch.device | None = None) -> Bundle:
-    """Load a bundle from a local folder or s3:// URI (default: the embedded model)."""
+COMPONENTS = ("denoiser", "vae", "text_encoder")
+
+
+def load(uri: str | Path | None = None, precision: str = "fp32", device: str | torch.device | None = None,
+         runtime: "RuntimeOptions | None" = None, weights: tuple[str, ...] = COMPONENTS) -> Bundle:
+    """Load a bundle from a local folder or s3:// URI (default: the embedded model). runtime: memory, cache
+    and compile options (`t2v.runtime`); with group_offload the offloaded weights stay on the CPU.
+    weights: the components whose weights are read (of denoiser, vae, text_encoder); the others are built
+    from their configs on the meta device, shapes without memory: a serving stage that only encodes prompts
+    or only decodes holds no 14B transformer."""
+    from .runtime import RuntimeOptions, apply
+
+    runtime = runtime or RuntimeOptions()
+    unknown = set(weights) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(COMPONENTS)})")
     if precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision {precision!r}", ", ".join(PRECISIONS))
     uri = str(uri or DEFAULT_MODEL)
@@ -124,14 +144,18 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
         raise BundleError(uri, f"model_index.json is not valid JSON: {e}") from None
     family = family_of(index, uri)
     with storage.local_copy(uri) as folder:
-        bundle = _load_folder(Path(folder), index, family, uri)
+        bundle = _load_folder(Path(folder), index, family, uri, weights)
     bundle.source = uri
     for module in (bundle.denoiser, bundle.vae, bundle.text_encoder):
         module.requires_grad_(False)  # inference; the training loop turns on what it trains
-    return to_precision(bundle, precision, device)
+    if "group_offload" not in runtime.memory:
+        return apply(to_precision(bundle, precision, device), runtime, device)
+    to_precision(bundle, precision, "cpu")  # never the whole model on the device: the hooks bring it block by block
+    _cast(bundle.vae, device, torch.float32)
+    return apply(bundle, runtime, device)
 
 
-def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
+def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=COMPONENTS) -> Bundle:
     import diffusers
 
     config_values = dict(index.get("_t2v") or {})
@@ -141,6 +165,10 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
         kwargs["tokenizer"], kwargs["text_encoder"] = load_default_text_encoder()
         config_values["text_encoder"] = DEFAULT_TEXT_ENCODER
     _check_folder(folder, index, family, uri)
+    for name in COMPONENTS:
+        key = family.denoiser_key if name == "denoiser" else name
+        if name not in weights and key not in kwargs:
+            kwargs[key] = _shapes_only(folder / key, index[key])
     pipeline_cls = getattr(diffusers, family.pipeline_class)
     try:
         with _quiet_diffusers():
@@ -161,6 +189,28 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str) -> Bundle:
         scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),
         config=config,
     )
+
+
+def _shapes_only(folder: Path, entry: list) -> torch.nn.Module:
+    """A component built from its config on the meta device: its class, config and parameter shapes, no
+    weights read and no memory held (model_index.json's [library, class] entry names the class)."""
+    library, class_name = entry
+    with torch.device("meta"):
+        if library == "diffusers":
+            import diffusers
+
+            cls = getattr(diffusers, class_name)
+            return cls.from_config(cls.load_config(folder)).eval()
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        return getattr(transformers, class_name)(config).eval()
+
+
+def is_shapes_only(module: torch.nn.Module | None) -> bool:
+    """A component built by `load(weights=...)` without its weights."""
+    param = next(module.parameters(), None) if module is not None else None
+    return param is not None and param.is_meta
 
 
 def _check_folder(folder: Path, index: dict, family: Family, uri: str) -> None:
@@ -252,6 +302,8 @@ def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 def _cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """`.to(dtype)` that keeps a model's `_keep_in_fp32_modules` (norms, time embeddings) in fp32, as
     diffusers' `from_pretrained(torch_dtype=...)` does."""
+    if is_shapes_only(module):
+        return  # no weights to move: a stage that never runs it (load(weights=...))
     for p in module.parameters():
         p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
     for b in module.buffers():

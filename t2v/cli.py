@@ -36,10 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--sampler", default=None)
     gen.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
+    gen.add_argument("--memory", default=None, help="comma-separated: vae_tiling[:px], vae_slicing, group_offload")
+    gen.add_argument("--cache", default=None, help="step cache: first_block[:threshold], taylorseer[:interval], pab")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated block")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     info = sub.add_parser("info", help="components, parameter counts and supported sizes of a bundle")
     info.add_argument("--model", default=None)
+    info.add_argument("--preset", default=None, help="a family preset's shapes instead of a bundle, e.g. "
+                      "wan2.1-1.3b, wan2.1-14b or unet3d:tiny (built without memory: parameters and bf16 sizes)")
 
     ev = sub.add_parser("eval", help="prompt adherence on the synthetic world's held-out or training prompts")
     ev.add_argument("--model", default=None)
@@ -114,7 +119,8 @@ def generate(args) -> int:
 
     _format(args.output)  # an unknown extension fails before any work
     start = time.perf_counter()
-    pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision)
+    pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
+                                               memory=args.memory, cache=args.cache, compile=args.compile)
     cfg = pipe.bundle.config
     frames = args.frames
     if args.seconds is not None:
@@ -145,9 +151,50 @@ def generate(args) -> int:
     return 0
 
 
+def info_preset(name: str) -> int:
+    """A preset's components built on the meta device: shapes and counts, no memory, nothing downloaded."""
+    import torch
+
+    from .families import FAMILIES
+
+    family_name, _, preset = name.rpartition(":")  # "unet3d:tiny"; a bare name: the first family that has it
+    family = next((f for f in FAMILIES.values() if preset in f.presets and family_name in ("", f.name)), None)
+    if family is None:
+        known = sorted(f"{f.name}:{p}" for f in FAMILIES.values() for p in f.presets)
+        raise SystemExit(f"t2v: unknown preset {name!r} (known: {', '.join(known)})")
+    name = preset
+    components = family.build(name, text_encoder=True, device="meta")
+    print(f"preset: {name} (family {family.name}, {family.pipeline_class}; random weights when built)")
+    total = 0
+    for part, module in components.items():
+        if not isinstance(module, torch.nn.Module):
+            print(f"  {part:<13} {type(module).__name__}")
+            continue
+        n = sum(p.numel() for p in module.parameters())
+        total += n
+        print(f"  {part:<13} {type(module).__name__:<28} {count(n)} parameters  {bf16_bytes(module) / 2**30:8.3f} GiB in bf16")
+    print(f"  {'total':<13} {'':<28} {count(total)} parameters")
+    return 0
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:8.3f} B" if n >= 1e8 else f"{n / 1e6:8.2f} M"
+
+
+def bf16_bytes(module) -> int:
+    """Weight memory in bf16, counting what the model keeps in fp32 (`_keep_in_fp32_modules`) at 4 bytes."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    total = 0
+    for name, p in module.named_parameters():
+        total += p.numel() * (4 if keep & set(name.split(".")) else 2)
+    return total
+
+
 def info(args) -> int:
     from .bundle import load
 
+    if args.preset:
+        return info_preset(args.preset)
     b = load(_resolve_model(args.model))
     fam, cfg = b.family, b.config
     print(f"model: {b.source}")
@@ -176,7 +223,8 @@ def evaluate(args) -> int:
 
     if args.n < 1:
         raise InputError("n", f"{args.n} prompts", "≥ 1")
-    pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision)
+    pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
+                                               memory=args.memory, cache=args.cache, compile=args.compile)
     stages = ["vae", "dit", "video"] if args.stage == "all" else [args.stage]
     for stage in stages:
         with tqdm(total=args.n, desc=f"evaluating ({stage})", unit="clip", file=sys.stderr) as bar:

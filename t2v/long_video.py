@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .errors import InputError
 from .params import resolve
 from .pipeline import TextToVideoPipeline, VideoOutput, to_uint8
+from .runtime import step_predictor
 from .sampling import local_predictor, model_input, scheduler_for
 
 MAX_WINDOWS = 32
@@ -254,7 +255,7 @@ class LongVideoPipeline:
         latents = fam.init_latents(noise.to(b.device), scheduler)
 
         # 5. Denoise: per-window predictions (in parallel where the predictor fans out), fused, one step.
-        predict = predictor or local_predictor(b)
+        predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
             scaled = model_input(scheduler, latents, t)

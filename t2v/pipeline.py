@@ -14,6 +14,7 @@ from diffusers.video_processor import VideoProcessor
 from . import bundle as bundle_lib
 from .errors import InputError
 from .params import GenerationParams, resolve
+from .runtime import step_predictor
 from .sampling import local_predictor, model_input, scheduler_for
 
 OUTPUT_TYPES = ("np", "pt", "latent")
@@ -38,8 +39,14 @@ class TextToVideoPipeline:
         self.video_processor = VideoProcessor(vae_scale_factor=bundle.family.spatial_factor(bundle))
 
     @classmethod
-    def from_pretrained(cls, uri=None, precision: str = "fp32", device=None) -> "TextToVideoPipeline":
-        return cls(bundle_lib.load(uri, precision=precision, device=device))
+    def from_pretrained(cls, uri=None, precision: str = "fp32", device=None, memory=None, cache=None,
+                        compile: bool = False) -> "TextToVideoPipeline":
+        """memory: vae_tiling, vae_slicing, group_offload; cache: first_block[:threshold], taylorseer[:interval],
+        pab; compile: regional torch.compile of the transformer (t2v.runtime)."""
+        from .runtime import RuntimeOptions
+
+        runtime = RuntimeOptions.parse(memory, cache, compile)
+        return cls(bundle_lib.load(uri, precision=precision, device=device, runtime=runtime))
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -109,7 +116,7 @@ class TextToVideoPipeline:
             raise InputError("latents", f"shape {tuple(latents.shape)} does not match the request", str(shape))
 
         # 5. Denoising loop: one forward per step for both guidance halves.
-        predict = predictor or local_predictor(b)
+        predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
             x = model_input(scheduler, latents, t)

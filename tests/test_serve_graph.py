@@ -24,12 +24,29 @@ from t2v.serve.process import ServeProcess
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["t2v.yaml", "t2v-gpu.yaml"])
+CONFIGS = ["t2v.yaml", "t2v-gpu.yaml", "t2v-wan14b-80gb.yaml", "t2v-wan14b-24gb.yaml"]
+
+
+def test_every_shipped_config_is_tested():
+    assert sorted(p.name for p in (ROOT / "serve_configs").glob("*.yaml")) == sorted(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_serve_configs_are_valid_and_cover_every_stage(name):
     from ray.serve.schema import ServeDeploySchema
 
+    from t2v.runtime import RuntimeOptions
+
     config = yaml.safe_load((ROOT / "serve_configs" / name).read_text())
     ServeDeploySchema.model_validate(config)  # what `serve run` / `serve deploy` check
+    args = config["applications"][0]["args"]
+    runtime = RuntimeOptions.parse(**(args.get("runtime") or {}))  # every option known to t2v
+    if runtime.cache:  # what the Denoiser would refuse at start
+        assert args["step_batching"] is None and args["fan_out"] is False
+    if "24gb" in name:  # the 14B transformer does not fit: offloaded, decoded in tiles
+        assert {"group_offload", "vae_tiling"} <= set(runtime.memory)
+    if "80gb" in name:
+        assert "group_offload" not in runtime.memory
     stages = {d["name"]: d for d in config["applications"][0]["deployments"]}
     assert set(stages) == {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
     for d in stages.values():

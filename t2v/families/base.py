@@ -31,6 +31,7 @@ class Family:
     samplers: dict[str, tuple[str, dict]]
     flow: bool  # flow matching (velocity) rather than noise-prediction diffusion
     defaults: dict[str, Any] = field(default_factory=dict)  # generation defaults of real checkpoints
+    presets: dict[str, dict] = field(default_factory=dict)  # sizes `build` makes: name -> component configs
 
     # --- geometry -------------------------------------------------------------------------------
     def spatial_factor(self, bundle) -> int:

@@ -122,17 +122,21 @@ class UNet3DFamily(Family):
     def set_latent_statistics(self, vae, mean, std):
         vae.register_to_config(scaling_factor=1.0 / float(sum(std) / len(std)))
 
-    def build(self, preset: str = "tiny", text_dim: int = 384, **overrides):
+    def build(self, preset: str = "tiny", text_dim: int = 384, text_encoder: bool = False, device=None,
+              **overrides):
+        """Random-initialised {unet, vae, scheduler} of a preset size (device="meta": shapes only). No preset
+        here names its own text encoder (text_encoder is accepted for the families' common signature)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 
         cfg = {k: dict(v) for k, v in PRESETS[preset].items()}
         for part, values in overrides.items():
             cfg.setdefault(part, {}).update(values)
         n = len(cfg["vae"]["block_out_channels"])
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                            **cfg["vae"])
-        unet = UNet3DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=text_dim, **cfg["unet"])
+        with torch.device(device or "cpu"):
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                                **cfg["vae"])
+            unet = UNet3DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=text_dim, **cfg["unet"])
         scheduler = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                                      "clip_sample": False, "set_alpha_to_one": False, **cfg.get("scheduler", {})})
         return {"unet": unet, "vae": vae, "scheduler": scheduler}
@@ -144,6 +148,7 @@ UNET3D = UNet3DFamily(
     denoiser_key="unet",
     samplers=DIFFUSION_SAMPLERS,
     flow=False,
+    presets=PRESETS,
     # ModelScope text-to-video-ms-1.7b's settings.
     defaults=dict(num_frames=16, height=256, width=256, fps=8, num_inference_steps=50, guidance_scale=9.0,
                   max_sequence_length=77, max_frames=64, min_size=32, max_size=1024),

@@ -35,6 +35,32 @@ PRESETS = {
     },
 }
 
+# The released checkpoints' shapes (Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers: transformer/, vae/ and scheduler/
+# config.json; text_encoder/ is google/umt5-xxl's encoder). Built with random weights: nothing is downloaded.
+_WAN21 = dict(patch_size=(1, 2, 2), freq_dim=256, attention_head_dim=128, text_dim=4096, rope_max_seq_len=1024,
+              eps=1e-6)
+_WAN21_VAE = dict(base_dim=96, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[])
+_UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+_UNIPC_FLOW = dict(_class_name="UniPCMultistepScheduler", prediction_type="flow_prediction", use_flow_sigmas=True,
+                   num_train_timesteps=1000)
+REAL_PRESETS = {
+    "wan2.1-1.3b": {
+        "transformer": dict(_WAN21, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+        "vae": _WAN21_VAE,
+        "scheduler": dict(_UNIPC_FLOW, flow_shift=3.0),  # 480p
+        "text_encoder": _UMT5_XXL,
+    },
+    "wan2.1-14b": {
+        "transformer": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        "vae": _WAN21_VAE,
+        "scheduler": dict(_UNIPC_FLOW, flow_shift=5.0),  # 720p
+        "text_encoder": _UMT5_XXL,
+    },
+}
+PRESETS.update(REAL_PRESETS)
+
 
 class WanFamily(Family):
     def spatial_factor(self, bundle) -> int:
@@ -115,20 +141,35 @@ class WanFamily(Family):
     def set_latent_statistics(self, vae, mean, std):
         vae.register_to_config(latents_mean=mean, latents_std=std)
 
-    def build(self, preset: str = "tiny", text_dim: int = 384, **overrides):
-        """Random-initialised components of a preset size: {transformer, vae, scheduler}."""
-        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    def build(self, preset: str = "tiny", text_dim: int = 384, text_encoder: bool = False, device=None,
+              **overrides):
+        """Random-initialised components of a preset size: {transformer, vae, scheduler}, and with
+        text_encoder=True the preset's own encoder where it names one (the real sizes: UMT5-XXL's encoder).
+        device="meta" builds the shapes without memory (parameter counts, `t2v info --preset`)."""
+        import diffusers
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+        if preset not in PRESETS:
+            raise KeyError(f"unknown wan preset {preset!r} (known: {', '.join(PRESETS)})")
         cfg = {k: dict(v) for k, v in PRESETS[preset].items()}
         for part, values in overrides.items():
             cfg.setdefault(part, {}).update(values)
-        vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True], **cfg["vae"])
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), in_channels=vae.config.z_dim, out_channels=vae.config.z_dim, text_dim=text_dim,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", **cfg["transformer"],
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **cfg.get("scheduler", {})})
-        return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+        transformer_cfg = {"text_dim": text_dim, **cfg["transformer"]}
+        scheduler_cfg = {**({} if "_class_name" in cfg.get("scheduler", {}) else
+                            {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}), **cfg.get("scheduler", {})}
+        with torch.device(device or "cpu"):
+            vae = AutoencoderKLWan(**{"z_dim": 16, "temperal_downsample": [False, True, True], **cfg["vae"]})
+            transformer = WanTransformer3DModel(
+                in_channels=vae.config.z_dim, out_channels=vae.config.z_dim, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", **{"patch_size": (1, 2, 2), **transformer_cfg})
+            components = {"transformer": transformer, "vae": vae}
+            if text_encoder and "text_encoder" in cfg:
+                from transformers import UMT5Config, UMT5EncoderModel
+
+                components["text_encoder"] = UMT5EncoderModel(UMT5Config(**cfg["text_encoder"]))
+        scheduler_cls = getattr(diffusers, scheduler_cfg.pop("_class_name"))
+        components["scheduler"] = scheduler_cls(**scheduler_cfg)
+        return components
 
 
 WAN = WanFamily(
@@ -137,6 +178,7 @@ WAN = WanFamily(
     denoiser_key="transformer",
     samplers=FLOW_SAMPLERS,
     flow=True,
+    presets=PRESETS,
     # Wan2.1-T2V-1.3B's recommended settings.
     defaults=dict(num_frames=81, height=480, width=832, fps=16, num_inference_steps=50, guidance_scale=5.0,
                   max_sequence_length=512, max_frames=161, min_size=16, max_size=1280),

@@ -15,9 +15,10 @@ import threading
 import torch
 from ray import serve
 
-from ..bundle import load
+from ..bundle import COMPONENTS, load
 from ..errors import InputError, JobCancelled
 from ..pipeline import TextToVideoPipeline
+from ..runtime import RuntimeOptions
 from ..sampling import predict_batch, predict_guided
 from . import stages
 from .api import create_app
@@ -32,22 +33,24 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _pipeline(model: str | None, precision: str, threads: int | None) -> TextToVideoPipeline:
+def _pipeline(model: str | None, precision: str, threads: int | None, runtime: dict | None,
+              weights: tuple[str, ...] = COMPONENTS) -> TextToVideoPipeline:
+    """A stage's pipeline: only the weights it runs are read (the other components are shapes, for limits and
+    latent geometry), with the runtime options (memory, cache, compile) of the Serve config."""
     if threads:  # Ray gives a fractional-CPU actor one thread; a stage that runs alone may use more
         torch.set_num_threads(threads)
-    return TextToVideoPipeline(load(model, precision=precision, device=_device()))
+    options = RuntimeOptions.parse(**(runtime or {}))
+    return TextToVideoPipeline(load(model, precision=precision, device=_device(), runtime=options, weights=weights))
 
 
 @serve.deployment
 class TextEncoder:
-    """Checks requests against the model's limits and encodes prompts, batching concurrent requests."""
+    """Checks requests against the model's limits and encodes prompts, batching concurrent requests. Holds
+    the text encoder's weights only."""
 
-    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
-        self.pipe = _pipeline(model, precision, threads)
-        self._version = stages.model_version(self.pipe.bundle)
-
-    def version(self) -> str:
-        return self._version
+    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
+                 runtime: dict | None = None):
+        self.pipe = _pipeline(model, precision, threads, runtime, weights=("text_encoder",))
 
     def validate(self, fields: dict) -> dict:
         return stages.validate(self.pipe.bundle, fields)
@@ -74,8 +77,14 @@ class Denoiser:
     CPU a forward is compute-bound, and jobs run one loop at a time instead."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
-                 fan_out: bool = True, step_batching: dict | None = None):
-        self.pipe = _pipeline(model, precision, threads)
+                 fan_out: bool = True, step_batching: dict | None = None, runtime: dict | None = None):
+        if (runtime or {}).get("cache") and (step_batching or fan_out):
+            # A step cache keeps each latent's last step in this replica's transformer hooks: a batch of other
+            # jobs' steps, or a window predicted on another replica, would compare against the wrong state.
+            raise ValueError("runtime.cache needs step_batching: null and fan_out: false (a step cache lives in "
+                             "one replica, per sampling loop)")
+        self.pipe = _pipeline(model, precision, threads, runtime)  # every weight: programmes encode prompts here
+        self._version = stages.model_version(self.pipe.bundle)
         self._lock = threading.Lock()  # one sampling loop at a time, or one VAE user when steps are batched
         self.fan_out = fan_out  # long videos: each step's windows go to every Denoiser replica
         self.step_batching = step_batching
@@ -86,6 +95,10 @@ class Denoiser:
                                  "(allowed: max_batch_size, wait_s)")
             self._forward.set_max_batch_size(int(step_batching.get("max_batch_size", 8)))
             self._forward.set_batch_wait_timeout_s(float(step_batching.get("wait_s", 0.002)))
+
+    def version(self) -> str:
+        """The model's fingerprint (the result cache's key), from the replica that holds every weight."""
+        return self._version
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _forward(self, requests: list[tuple]) -> list[tuple[torch.Tensor, int]]:
@@ -184,8 +197,9 @@ class Decoder:
     """VAE decode, video encode, the upload of the mp4 and its thumbnail to the job store, then quality scores.
     Streams ("stored", timings) as soon as the video is stored, then ("quality", scores)."""
 
-    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None):
-        self.pipe = _pipeline(model, precision, threads)
+    def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
+                 runtime: dict | None = None):
+        self.pipe = _pipeline(model, precision, threads, runtime, weights=("vae",))  # the VAE's weights only
         self._lock = threading.Lock()
 
     async def finish(self, latents: torch.Tensor | None, fps: float, store: str, job_id: str, frames=None,
@@ -216,7 +230,7 @@ class ServeGenerator:
 
     async def _checked(self, method, fields: dict) -> dict:
         if self.version is None:
-            self.version = await self.encoder.version.remote()
+            self.version = await self.denoiser.version.remote()
         try:
             return await method.remote(fields)
         except Exception as e:  # a replica's InputError arrives wrapped in Ray's task error: unwrap it for a 400
@@ -282,11 +296,14 @@ class Ingress:
 def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
-    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "settings"}
+    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "runtime", "settings"}
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
     refuse_keys_in_args(args.get("settings"))  # at build time, before any replica starts (Settings refuses too)
+    runtime = args.get("runtime") or {}
+    RuntimeOptions.parse(**runtime)  # a bad option fails the deploy here, naming it, not in every replica
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
-    denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"))
-    return Ingress.bind(TextEncoder.bind(*stage), denoiser, Decoder.bind(*stage), args.get("settings"))
+    denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"), runtime)
+    return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime),
+                        args.get("settings"))

@@ -1,0 +1,178 @@
+"""Runtime options (t2v.runtime) and the real-size presets: each option is diffusers' own mechanism, and each is
+checked for what it promises (the same frames, or frames within a stated distance, fewer forwards, less held)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import t2v
+from t2v.bundle import is_shapes_only, load
+from t2v.errors import InputError
+from t2v.families import WAN
+from t2v.runtime import RuntimeOptions, apply
+
+from conftest import build_tiny
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return 10 * np.log10(1 / max(mse, 1e-12))
+
+
+def frames(options: dict | None = None, prompt="a red ball", steps=10, size=64, **kw) -> tuple[torch.Tensor, t2v.Bundle]:
+    """The tiny wan model's video (pt frames in [0, 1]) with the options on; the same weights every call."""
+    torch.manual_seed(0)
+    bundle = apply(build_tiny(WAN), RuntimeOptions.parse(**(options or {})))
+    out = t2v.TextToVideoPipeline(bundle)(prompt, seed=3, num_inference_steps=steps, height=size, width=size,
+                                          output_type="pt", **kw)
+    return out.frames.float(), bundle
+
+
+def count_forwards(bundle) -> list[int]:
+    """Counts the forwards of the transformer's last block's feed-forward (a skipped step never reaches it; the
+    cache's hook stands in for the block's own forward)."""
+    calls = [0]
+    bundle.denoiser.blocks[-1].ffn.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+# --- presets ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, layers, heads, ffn, billions", [("wan2.1-1.3b", 30, 12, 8960, 1.419),
+                                                                  ("wan2.1-14b", 40, 40, 13824, 14.288)])
+def test_real_size_presets_have_the_released_shapes(preset, layers, heads, ffn, billions):
+    c = WAN.build(preset, text_encoder=True, device="meta")
+    cfg = c["transformer"].config
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim, cfg.text_dim) == \
+        (layers, heads, 128, ffn, 4096)
+    assert sum(p.numel() for p in c["transformer"].parameters()) / 1e9 == pytest.approx(billions, abs=0.001)
+    vae = c["vae"].config
+    assert (vae.base_dim, vae.z_dim, list(vae.dim_mult), vae.num_res_blocks) == (96, 16, [1, 2, 4, 4], 2)
+    enc = c["text_encoder"].config  # UMT5-XXL's encoder
+    assert (enc.d_model, enc.num_layers, enc.num_heads, enc.d_ff, enc.vocab_size) == (4096, 24, 64, 10240, 256384)
+    assert type(c["scheduler"]).__name__ == "UniPCMultistepScheduler" and c["scheduler"].config.use_flow_sigmas
+    assert all(p.is_meta for p in c["transformer"].parameters())  # shapes only: nothing allocated
+
+
+def test_info_prints_a_presets_parameters_and_bf16_memory():
+    out = subprocess.run([sys.executable, "-m", "t2v", "info", "--preset", "wan2.1-14b"], capture_output=True,
+                         text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if "WanTransformer3DModel" in l)
+    assert "14.288 B parameters" in line and "26.6" in line and "GiB in bf16" in line
+    assert "UMT5EncoderModel" in out and "5.681 B" in out
+
+
+# --- options ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, field", [({"memory": "vae_tilng"}, "memory"), ({"memory": "vae_slicing:3"}, "memory"),
+                                           ({"cache": "teacache"}, "cache"), ({"cache": "first_block:x"}, "cache")])
+def test_unknown_options_are_refused_naming_the_field(kwargs, field):
+    with pytest.raises(InputError) as e:
+        RuntimeOptions.parse(**kwargs)
+    assert e.value.field == field
+
+
+def test_group_offload_and_vae_slicing_change_no_frame():
+    base, _ = frames()
+    for memory in ("group_offload", "vae_slicing"):
+        assert torch.equal(frames({"memory": memory})[0], base), memory
+
+
+def test_tiled_decode_matches_untiled_within_the_stated_tolerance():
+    """The embedded model (a trained VAE) at 128x128 decoded in 64-pixel tiles with a quarter overlap: PSNR
+    >= 40 dB against the untiled decode, mean difference below 1/500."""
+    plain = t2v.TextToVideoPipeline(load())
+    latents = plain("a red ball bouncing on a black background", seed=1, num_inference_steps=4,
+                    output_type="latent").frames
+    untiled = plain.decode_latents(latents, "pt")
+    tiled_bundle = load(runtime=RuntimeOptions.parse(memory="vae_tiling:64"))
+    assert tiled_bundle.vae.use_tiling and tiled_bundle.vae.tile_sample_min_height == 64
+    tiled = t2v.TextToVideoPipeline(tiled_bundle).decode_latents(latents, "pt")
+    assert psnr(tiled, untiled) >= 40 and (tiled - untiled).abs().mean() < 2e-3
+
+
+def test_a_first_block_cache_at_threshold_zero_changes_nothing_and_above_it_skips_steps():
+    base, _ = frames()
+    same, bundle = frames({"cache": "first_block:0"})
+    assert torch.equal(same, base)
+    cached, bundle = frames({"cache": "first_block:0.5"})
+    calls = count_forwards(bundle)
+    again = t2v.TextToVideoPipeline(bundle)("a red ball", seed=3, num_inference_steps=10, height=64, width=64,
+                                            output_type="pt").frames.float()
+    assert torch.equal(again, cached)  # the cache starts afresh for every generation
+    assert calls[0] < 10  # some steps skipped the blocks after the first
+    assert 30 < psnr(cached, base) < 100
+
+
+@pytest.mark.parametrize("cache", ["taylorseer:3", "pab"])
+def test_other_caches_approximate_the_uncached_video(cache):
+    base, _ = frames()
+    cached, _ = frames({"cache": cache})
+    assert not torch.equal(cached, base) and psnr(cached, base) > 30
+
+
+def test_a_cache_composes_with_long_video_windows():
+    """Each window of a long video is cached under its own context: at threshold 0 the long video is the
+    uncached one exactly, and above it, a repeat of the same call gives the same video."""
+    from t2v.long_video import LongVideoPipeline
+
+    def long(options):
+        torch.manual_seed(0)
+        bundle = apply(build_tiny(WAN), RuntimeOptions.parse(**options))
+        return LongVideoPipeline(t2v.TextToVideoPipeline(bundle))("a red ball", num_frames=25, seed=2,
+                                                                   num_inference_steps=6, output_type="pt")
+
+    base = long({}).frames
+    assert torch.equal(long({"cache": "first_block:0"}).frames, base)
+    a, b = long({"cache": "first_block:0.3"}).frames, long({"cache": "first_block:0.3"}).frames
+    assert torch.equal(a, b) and psnr(a.float(), base.float()) > 25
+
+
+def test_the_serve_denoiser_refuses_a_cache_with_step_batching_or_fan_out(wan_dir):
+    from t2v.serve.deployments import Denoiser
+
+    for extra in ({"step_batching": {"max_batch_size": 4}, "fan_out": False}, {"fan_out": True}):
+        with pytest.raises(ValueError, match="runtime.cache needs step_batching: null and fan_out: false"):
+            Denoiser.func_or_class(str(wan_dir), runtime={"cache": "first_block"}, **extra)
+
+
+def test_a_stage_reads_only_the_weights_it_runs(wan_dir):
+    from t2v.serve.stages import validate
+
+    encoder = load(wan_dir, weights=("text_encoder",))
+    assert is_shapes_only(encoder.denoiser) and is_shapes_only(encoder.vae)
+    assert not is_shapes_only(encoder.text_encoder)
+    assert validate(encoder, {"prompt": "a red ball", "size": "32x32"})["num_frames"] == 9  # limits from configs
+    decoder = load(wan_dir, weights=("vae",))
+    assert is_shapes_only(decoder.denoiser) and not is_shapes_only(decoder.vae)
+    full = t2v.TextToVideoPipeline(load(wan_dir))
+    latents = full("a red ball", seed=1, output_type="latent").frames
+    assert torch.equal(t2v.TextToVideoPipeline(decoder).decode_latents(latents, "pt"),
+                       full.decode_latents(latents, "pt"))
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_frames_agree():
+    eager, _ = frames(steps=4)
+    compiled, bundle = frames({"compile": True}, steps=4)
+    assert (compiled - eager).abs().max() < 1e-4
+    assert bundle.runtime.compile_s > 0  # the warm-up, measured on the first forward
+
+
+def test_the_cli_takes_the_options(tmp_path, wan_dir):
+    out = tmp_path / "v.mp4"
+    r = subprocess.run([sys.executable, "-m", "t2v", "generate", "a red ball", "--model", str(wan_dir), "-o", str(out),
+                        "--memory", "vae_slicing,vae_tiling:32", "--cache", "first_block:0.1", "--steps", "4",
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from t2v.video import probe
+
+    assert probe(out.read_bytes()).num_frames == 9
+    bad = subprocess.run([sys.executable, "-m", "t2v", "generate", "x", "--model", str(wan_dir), "--cache", "nope",
+                          "-o", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "cache" in bad.stderr and "first_block" in bad.stderr
