@@ -36,9 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--sampler", default=None)
     gen.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
-    gen.add_argument("--memory", default=None, help="comma-separated: vae_tiling[:px], vae_slicing, group_offload")
-    gen.add_argument("--cache", default=None, help="step cache: first_block[:threshold], taylorseer[:interval], pab")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated block")
+    _runtime_arguments(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     info = sub.add_parser("info", help="components, parameter counts and supported sizes of a bundle")
@@ -57,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
     ev.add_argument("--precision", default="fp32")
+    _runtime_arguments(ev)
 
     prog = sub.add_parser("compose", help="an education / ad / news programme from a YAML spec")
     prog.add_argument("kind", choices=["education", "ad", "news"])
@@ -98,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--frames", type=int, default=17)
     ingest.add_argument("--fps", type=float, default=8.0)
     return parser
+
+
+def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """The runtime options (t2v.runtime) of a command that generates."""
+    parser.add_argument("--memory", default=None, help="comma-separated: vae_tiling[:px], vae_slicing, group_offload")
+    parser.add_argument("--cache", default=None, help="step cache: first_block[:threshold], taylorseer[:interval], pab")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated block")
 
 
 def _resolve_model(uri: str | None) -> str:

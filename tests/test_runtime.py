@@ -176,3 +176,59 @@ def test_the_cli_takes_the_options(tmp_path, wan_dir):
     bad = subprocess.run([sys.executable, "-m", "t2v", "generate", "x", "--model", str(wan_dir), "--cache", "nope",
                           "-o", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "cache" in bad.stderr and "first_block" in bad.stderr
+
+
+# --- the real-size preset end to end, at a shape this CPU runs ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_size_dir(tmp_path_factory):
+    """The wan2.1-1.3b transformer and VAE at their released shapes (random weights, stored in bf16: 2.8 GB),
+    with a one-layer encoder of UMT5's width (UMT5-XXL itself is 23 GB in fp32: more than this machine holds
+    next to the rest) and the packaged MiniLM tokenizer."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from t2v.bundle import to_precision
+    from t2v.text import load_default_text_encoder
+
+    torch.manual_seed(0)
+    components = WAN.build("wan2.1-1.3b")
+    tokenizer, _ = load_default_text_encoder()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=tokenizer.vocab_size, d_model=4096, d_kv=64, d_ff=256,
+                                          num_layers=1, num_heads=8, feed_forward_proj="gated-gelu"))
+    bundle = t2v.from_components("wan", components, text_encoder=encoder, tokenizer=tokenizer, config=dict(
+        num_frames=5, height=64, width=64, num_inference_steps=2, fps=16, max_sequence_length=32))
+    path = tmp_path_factory.mktemp("real") / "wan2.1-1.3b"
+    to_precision(bundle, "bf16").save(str(path))
+    del bundle, components
+    return path
+
+
+@pytest.mark.slow
+def test_the_real_size_preset_runs_through_the_pipeline_and_the_serve_graph(real_size_dir, tmp_path):
+    import gc
+
+    import openai
+
+    from t2v.serve.process import serve_shipped_config
+    from t2v.video import probe
+
+    bundle = load(real_size_dir, runtime=RuntimeOptions.parse(memory="vae_tiling:32", cache="first_block:0.05"))
+    assert sum(p.numel() for p in bundle.denoiser.parameters()) / 1e9 == pytest.approx(1.419, abs=0.001)
+    out = t2v.TextToVideoPipeline(bundle)("a red ball", seed=1, output_type="np")
+    assert out.frames.shape == (1, 5, 64, 64, 3) and out.frames.std() > 1
+    del bundle, out
+    gc.collect()
+    # The Serve graph: the TextEncoder and the Decoder read only their weights; the cached Denoiser the rest.
+    serve = serve_shipped_config(tmp_path, str(real_size_dir), denoiser_replicas=1, args=dict(
+        fan_out=False, runtime={"memory": ["vae_tiling:32"], "cache": "first_block:0.05"}),
+        settings={"poll_after_ms": 500})
+    try:
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        video = c.videos.create_and_poll(prompt="a red ball", size="64x64", seconds="0.25",
+                                         extra_body={"seed": 1, "num_inference_steps": 2}, poll_interval_ms=1000,
+                                         timeout=600)
+        assert video.status == "completed", video.error
+        info = probe(c.videos.download_content(video.id).read())
+        assert (info.width, info.height, info.num_frames) == (64, 64, 5)
+    finally:
+        serve.stop()

@@ -21,8 +21,8 @@ from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_ha
 
 log = logging.getLogger("t2v.serve")
 IDEMPOTENCY_WAIT_S = 30.0  # how long a repeated request waits for the first one with its key to make the job
-IDEMPOTENCY_STALE_S = 120.0
-UNSAVED_RETRY_S = 2.0  # how often records the store refused are tried again (each try waits out its retries)  # a reservation this old without its job: that request died, the key is free again
+IDEMPOTENCY_STALE_S = 120.0  # a reservation this old without its job: that request died, the key is free again
+UNSAVED_RETRY_S = 2.0  # how often records the store refused are tried again (each try waits out its retries)
 
 
 @dataclass
@@ -347,7 +347,7 @@ class JobService:
         if error is not None:
             log.error("job %s failed", job.id, exc_info=error)
             job.status, job.error = "failed", failure(error)
-            self._drop_content(job.id)  # a video stored before the failure (by an attempt or a Decoder) goes
+            self._drop_content(job.id)  # a video an attempt (or the Decoder) stored before the failure
         else:
             job.status, job.progress = "completed", 100
             job.timings = {**result.timings, "total_s": time.perf_counter() - t0}
