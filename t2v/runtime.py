@@ -30,7 +30,6 @@ import torch
 from .errors import InputError
 
 MEMORY_OPTIONS = ("vae_tiling", "vae_slicing", "group_offload")
-CACHES = ("first_block", "taylorseer", "pab")
 
 
 @dataclass(frozen=True)
@@ -40,8 +39,10 @@ class RuntimeOptions:
     compile: bool = False
 
     @classmethod
-    def parse(cls, memory=None, cache=None, compile=False) -> "RuntimeOptions":
+    def parse(cls, memory=None, cache=None, compile=False, **unknown) -> "RuntimeOptions":
         """From CLI text ("vae_tiling,group_offload"), a list (YAML) or None; every name checked."""
+        if unknown:
+            raise InputError("runtime", f"unknown key(s) {', '.join(sorted(unknown))}", "memory, cache, compile")
         if isinstance(memory, str):
             memory = [m for m in memory.replace(" ", "").split(",") if m]
         memory = tuple(memory or ())
@@ -55,9 +56,6 @@ class RuntimeOptions:
         if cache is not None:
             cache_config(cache, lambda: 0)  # checks the name and its value now
         return cls(memory=memory, cache=cache, compile=bool(compile))
-
-    def describe(self) -> dict:
-        return {"memory": list(self.memory), "cache": self.cache, "compile": self.compile}
 
 
 def cache_config(spec: str, current_timestep: Callable[[], float]):
@@ -94,6 +92,8 @@ class Runtime:
 def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.device | None = None):
     """Switch the options on for a loaded bundle (in place; returns it). device: where the forwards run
     (default: the bundle's); with group_offload the offloaded weights stay on the CPU."""
+    from .bundle import is_shapes_only
+
     options = options or RuntimeOptions()
     runtime = Runtime(options)
     bundle.runtime = runtime
@@ -113,8 +113,6 @@ def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.dev
     if "group_offload" in options.memory:
         from diffusers.hooks import apply_group_offloading
 
-        from .bundle import is_shapes_only
-
         stream = device.type == "cuda"
         # Blocks of the transformer one at a time (the stream prefetches the next); the encoder leaf by leaf.
         if not is_shapes_only(bundle.denoiser):
@@ -123,6 +121,8 @@ def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.dev
         if not is_shapes_only(bundle.text_encoder):
             apply_group_offloading(bundle.text_encoder, onload_device=device, offload_device="cpu",
                                    offload_type="leaf_level", use_stream=stream)
+    if is_shapes_only(bundle.denoiser):  # a stage that never runs the transformer: nothing to cache or compile
+        return bundle
     if options.cache:
         _require(bundle.denoiser, "enable_cache", "cache", options.cache)
         bundle.denoiser.enable_cache(cache_config(options.cache, lambda: runtime.timestep))

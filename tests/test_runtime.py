@@ -70,7 +70,8 @@ def test_info_prints_a_presets_parameters_and_bf16_memory():
 # --- options ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, field", [({"memory": "vae_tilng"}, "memory"), ({"memory": "vae_slicing:3"}, "memory"),
-                                           ({"cache": "teacache"}, "cache"), ({"cache": "first_block:x"}, "cache")])
+                                           ({"cache": "teacache"}, "cache"), ({"cache": "first_block:x"}, "cache"),
+                                           ({"memroy": ["vae_tiling"]}, "runtime")])
 def test_unknown_options_are_refused_naming_the_field(kwargs, field):
     with pytest.raises(InputError) as e:
         RuntimeOptions.parse(**kwargs)
