@@ -73,7 +73,7 @@ def main() -> None:
 
     import t2v
     from t2v.families import WAN
-    from t2v.runtime import RuntimeOptions, apply
+    from t2v.runtime import RuntimeOptions
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="wan2.1-1.3b")
@@ -108,11 +108,7 @@ def main() -> None:
         bundle = t2v.from_components("wan", parts, config=dict(
             num_frames=frames, height=height, width=width, num_inference_steps=steps, fps=16,
             max_sequence_length=512))
-        offload = "group_offload" in options.memory
-        t2v.bundle.to_precision(bundle, precision, "cpu" if offload else device)
-        if offload:
-            t2v.bundle._cast(bundle.vae, torch.device(device), torch.float32)
-        return apply(bundle, options, device)
+        return t2v.bundle.place(bundle, precision, device, options)
 
     generator = torch.Generator().manual_seed(1)
     embeds = torch.randn(1, 512, 4096, generator=generator)

@@ -122,9 +122,6 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
     weights: the components whose weights are read (of denoiser, vae, text_encoder); the others are built
     from their configs on the meta device, shapes without memory: a serving stage that only encodes prompts
     or only decodes holds no 14B transformer."""
-    from .runtime import RuntimeOptions, apply
-
-    runtime = runtime or RuntimeOptions()
     unknown = set(weights) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(COMPONENTS)})")
@@ -148,9 +145,19 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
     bundle.source = uri
     for module in (bundle.denoiser, bundle.vae, bundle.text_encoder):
         module.requires_grad_(False)  # inference; the training loop turns on what it trains
+    return place(bundle, precision, device, runtime)
+
+
+def place(bundle: Bundle, precision: str, device: torch.device | str, runtime: "RuntimeOptions | None" = None) -> Bundle:
+    """Cast a bundle to its precision on the device and switch its runtime options on. With group_offload the
+    offloaded weights stay on the CPU (never the whole model on the device: the hooks bring it block by block)."""
+    from .runtime import RuntimeOptions, apply
+
+    runtime = runtime or RuntimeOptions()
+    device = torch.device(device)
     if "group_offload" not in runtime.memory:
         return apply(to_precision(bundle, precision, device), runtime, device)
-    to_precision(bundle, precision, "cpu")  # never the whole model on the device: the hooks bring it block by block
+    to_precision(bundle, precision, "cpu")
     _cast(bundle.vae, device, torch.float32)
     return apply(bundle, runtime, device)
 
