@@ -87,6 +87,8 @@ class Runtime:
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     timestep: float = 1000.0  # the current step's timestep (PyramidAttentionBroadcast asks for it)
     compile_s: float | None = None  # the first compiled forward's time (the warm-up), once measured
+    forward: Callable | None = None  # requests -> predictions through a parallel layout's ranks (t2v.parallel)
+    layout: object = None  # that t2v.parallel.ParallelLayout
 
 
 def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.device | None = None):

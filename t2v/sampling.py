@@ -99,13 +99,32 @@ def predict_guided(bundle, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tenso
     return fam.predict(bundle, x, t, embeds)
 
 
-def local_predictor(bundle):
-    """The default predictor: (latents list, t, embeds list, guidance) -> predictions. On a GPU all of them (a
-    long video's windows) run as one batched forward, where 8 cost about what 1 does; on a CPU, where a forward
-    is compute-bound, one forward each is a few percent faster (bench/step_batching.py)."""
+def local_requests(bundle):
+    """(x, t, embeds, guidance) requests -> predictions, on this process's device. On a GPU all of them (a long
+    video's windows) run as one batched forward, where 8 cost about what 1 does; on a CPU, where a forward is
+    compute-bound, one forward each is a few percent faster (bench/step_batching.py)."""
     if torch.device(bundle.device).type == "cuda":
-        return lambda xs, t, embeds, g: predict_batch(bundle, [(x, t, e, g) for x, e in zip(xs, embeds)])
-    return lambda xs, t, embeds, g: [predict_guided(bundle, x, t, e, g) for x, e in zip(xs, embeds)]
+        return lambda requests: predict_batch(bundle, requests)
+    return lambda requests: [predict_guided(bundle, *r) for r in requests]
+
+
+def bundle_forward(bundle, batched: bool = False):
+    """How the bundle's forwards run: through its parallel layout's ranks once one is attached
+    (`t2v.parallel.attach`), else here (batched: as one forward where shapes allow, for per-step batching)."""
+    forward = getattr(getattr(bundle, "runtime", None), "forward", None)
+    if forward is not None:
+        return forward
+    return (lambda requests: predict_batch(bundle, requests)) if batched else local_requests(bundle)
+
+
+def as_predictor(predict_requests):
+    """requests -> predictions, as a sampling loop's predictor: (latents list, t, embeds list, guidance)."""
+    return lambda xs, t, embeds, g: predict_requests([(x, t, e, g) for x, e in zip(xs, embeds)])
+
+
+def local_predictor(bundle):
+    """The default predictor: the bundle's forward (`bundle_forward`) for each step's latents."""
+    return as_predictor(bundle_forward(bundle))
 
 
 def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> list[torch.Tensor]:

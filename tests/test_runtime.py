@@ -138,7 +138,7 @@ def test_the_serve_denoiser_refuses_a_cache_with_step_batching_or_fan_out(wan_di
     from t2v.serve.deployments import Denoiser
 
     for extra in ({"step_batching": {"max_batch_size": 4}, "fan_out": False}, {"fan_out": True}):
-        with pytest.raises(ValueError, match="runtime.cache needs step_batching: null and fan_out: false"):
+        with pytest.raises(ValueError, match="runtime.cache needs step_batching: null, fan_out: false and no parallel layout"):
             Denoiser.func_or_class(str(wan_dir), runtime={"cache": "first_block"}, **extra)
 
 

@@ -17,9 +17,10 @@ from ray import serve
 
 from ..bundle import COMPONENTS, load
 from ..errors import InputError, JobCancelled
+from .. import parallel
 from ..pipeline import TextToVideoPipeline
 from ..runtime import RuntimeOptions
-from ..sampling import predict_batch, predict_guided
+from ..sampling import bundle_forward
 from . import stages
 from .api import create_app
 from .auth import refuse_keys_in_args
@@ -77,12 +78,16 @@ class Denoiser:
     CPU a forward is compute-bound, and jobs run one loop at a time instead."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
-                 fan_out: bool = True, step_batching: dict | None = None, runtime: dict | None = None):
-        if (runtime or {}).get("cache") and (step_batching or fan_out):
+                 fan_out: bool = True, step_batching: dict | None = None, runtime: dict | None = None,
+                 parallel: dict | None = None):
+        layout, rank_options = parse_parallel(parallel)
+        if (runtime or {}).get("cache") and (step_batching or fan_out or layout.ranks > 1):
             # A step cache keeps each latent's last step in this replica's transformer hooks: a batch of other
-            # jobs' steps, or a window predicted on another replica, would compare against the wrong state.
-            raise ValueError("runtime.cache needs step_batching: null and fan_out: false (a step cache lives in "
-                             "one replica, per sampling loop)")
+            # jobs' steps, or a window predicted on another replica, would compare against the wrong state; split
+            # over ranks, each rank would decide on its own half or shard (and a sequence split's collectives
+            # would wait for a rank that skipped).
+            raise ValueError("runtime.cache needs step_batching: null, fan_out: false and no parallel layout (a "
+                             "step cache lives in one replica, per sampling loop)")
         self.pipe = _pipeline(model, precision, threads, runtime)  # every weight: programmes encode prompts here
         self._version = stages.model_version(self.pipe.bundle)
         self._lock = threading.Lock()  # one sampling loop at a time, or one VAE user when steps are batched
@@ -95,6 +100,44 @@ class Denoiser:
                                  "(allowed: max_batch_size, wait_s)")
             self._forward.set_max_batch_size(int(step_batching.get("max_batch_size", 8)))
             self._forward.set_batch_wait_timeout_s(float(step_batching.get("wait_s", 0.002)))
+        self.layout = layout
+        self._ranks = self._start_ranks(layout, rank_options, (model, precision, threads, runtime))
+
+    def _start_ranks(self, layout: parallel.ParallelLayout, rank_options: dict, stage: tuple) -> list:
+        """The layout's other ranks: actors this replica starts, so they land in its placement group (the
+        Denoiser's placement_group_bundles reserve their GPUs) and die with it. The bundle's forwards then run
+        across them (`parallel.attach`)."""
+        if layout.ranks == 1:
+            return []
+        import ray
+
+        if layout.sequence > 1:  # refused here, before any process group forms
+            parallel.check_sequence_parallel(self.pipe.bundle.denoiser, layout, self.pipe.bundle.device)
+        actor = ray.remote(DenoiserRank).options(**rank_options)
+        ranks = [actor.remote(*stage) for _ in range(layout.ranks - 1)]
+        if layout.sequence > 1:
+            address = parallel.free_address(ray.util.get_node_ip_address())
+            joined = [r.join.remote(i + 1, layout.ranks, address, layout) for i, r in enumerate(ranks)]
+            parallel.join_sequence_parallel(self.pipe.bundle, 0, layout.ranks, address, layout)
+            ray.get(joined)
+
+            def start_peers(requests):  # parallel.lockstep sends one forward at a time, in order
+                refs = [r.predict.remote(requests, False) for r in ranks]
+                return lambda: ray.get(refs)
+        else:
+            def start_peers(requests):
+                ref = ranks[0].predict.remote([(x.cpu(), t.cpu(), e.cpu(), g) for x, t, e, g in requests])
+                return lambda: ray.get(ref)
+        parallel.attach(self.pipe.bundle, layout, start_peers)
+        log.info("Denoiser parallel layout %s: %d ranks", layout.name, layout.ranks)
+        return ranks
+
+    def check_health(self):
+        # A rank that died takes the layout with it: an unhealthy replica is replaced, ranks and all.
+        if self._ranks:
+            import ray
+
+            ray.get([r.ping.remote() for r in self._ranks], timeout=30)
 
     def version(self) -> str:
         """The model's fingerprint (the result cache's key), from the replica that holds every weight."""
@@ -105,7 +148,7 @@ class Denoiser:
         """The forwards waiting now, from any job or window, as one batch: (prediction, batch size) each."""
         def run():
             with torch.no_grad():
-                return predict_batch(self.pipe.bundle, requests)
+                return bundle_forward(self.pipe.bundle, batched=True)(requests)
 
         return [(pred, len(requests)) for pred in await asyncio.to_thread(run)]
 
@@ -118,7 +161,7 @@ class Denoiser:
 
         def run():
             with torch.no_grad():
-                return predict_guided(self.pipe.bundle, x, t, embeds, guidance).cpu()
+                return bundle_forward(self.pipe.bundle)([(x, t, embeds, guidance)])[0].cpu()
 
         return await asyncio.to_thread(run)
 
@@ -189,7 +232,34 @@ class Denoiser:
             yield ("step_batch_max", max(batch_sizes))
         if sampled.latents is not None:
             sampled.latents = sampled.latents.cpu()
+        yield ("served_by", self.layout.describe())
         yield ("sampled", sampled)
+
+
+def parse_parallel(options: dict | None) -> tuple[parallel.ParallelLayout, dict]:
+    """A Serve config's `parallel` ({cfg | ulysses | ring, attention_backend, rank_actor_options}) -> the
+    layout and the ray_actor_options of each extra rank (e.g. {num_gpus: 1})."""
+    options = dict(options or {})
+    rank_options = options.pop("rank_actor_options", None) or {}
+    return parallel.ParallelLayout.parse(**options), rank_options
+
+
+class DenoiserRank:
+    """One extra rank of a Denoiser replica's parallel layout (a Ray actor in the replica's placement group):
+    the transformer's weights only, predicting what the replica sends (`parallel.Rank`)."""
+
+    def __init__(self, model, precision, threads, runtime):
+        pipe = _pipeline(model, precision, threads, runtime, weights=("denoiser",))
+        self.rank = parallel.Rank(pipe.bundle)
+
+    def join(self, rank: int, world: int, address: str, layout) -> None:
+        self.rank.join(rank, world, address, layout)
+
+    def predict(self, requests: list, reply: bool = True):
+        return self.rank.predict(requests, reply)
+
+    def ping(self) -> bool:
+        return True
 
 
 @serve.deployment
@@ -270,7 +340,9 @@ class ServeGenerator:
         timings.update(encode_prompt_s=t1 - t0, denoise_s=t2 - t1)
         if "step_batch_max" in result:
             timings["step_batch_max"] = result["step_batch_max"]
-        return stages.GeneratedVideo(video=None, thumbnail=None, quality_later=quality(), timings=timings)
+
+        return stages.GeneratedVideo(video=None, thumbnail=None, quality_later=quality(), timings=timings,
+                                     served_by=result.get("served_by"))
 
 
 @serve.deployment
@@ -296,14 +368,16 @@ class Ingress:
 def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
-    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "runtime", "settings"}
+    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "runtime", "parallel", "settings"}
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
     refuse_keys_in_args(args.get("settings"))  # at build time, before any replica starts (Settings refuses too)
     runtime = args.get("runtime") or {}
     RuntimeOptions.parse(**runtime)  # a bad option fails the deploy here, naming it, not in every replica
+    parse_parallel(args.get("parallel"))
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
-    denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"), runtime)
+    denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"), runtime,
+                             args.get("parallel"))
     return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime),
                         args.get("settings"))

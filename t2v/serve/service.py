@@ -351,6 +351,7 @@ class JobService:
         else:
             job.status, job.progress = "completed", 100
             job.timings = {**result.timings, "total_s": time.perf_counter() - t0}
+            job.served_by = result.served_by
             if job.kind != "program":  # a programme's length says nothing about a typical video's
                 total = job.timings["total_s"]
                 self._typical_s = total if self._typical_s is None else 0.7 * self._typical_s + 0.3 * total

@@ -26,6 +26,7 @@ from ..long_video import limits
 from ..params import frames_for_seconds, resolve
 from ..production.planner import plan_video, split_then
 from ..production.prompting import optimize_prompt
+from ..parallel import layout_of
 from ..pipeline import TextToVideoPipeline, progress_callback
 from ..sampling import num_timesteps
 from ..video import png_bytes
@@ -41,6 +42,7 @@ class GeneratedVideo:
     # Quality scores (t2v.quality.assess) come after the video is stored, off the job's critical path: an awaitable.
     quality_later: Any = None
     frames: np.ndarray | None = field(default=None, repr=False)  # what `score` reads
+    served_by: dict | None = None  # the Denoiser's parallel layout (`ParallelLayout.describe`)
 
 
 @dataclass
@@ -339,4 +341,5 @@ class LocalGenerator:
                 return sampled.finished
             result = finish(self.pipe, sampled.latents, params["fps"], sampled.frames)
         result.timings.update(sampled.timings)
+        result.served_by = layout_of(self.bundle).describe()
         return result

@@ -72,6 +72,7 @@ class VideoJob:
     quality: dict | None = None  # t2v.quality.assess of the finished video
     cached_from: str | None = None
     attempts: int = 0
+    served_by: dict | None = None  # the parallel layout that made the video ({"parallel": "cfg2", "ranks": 2})
     created_ts: float = 0.0  # time.time() at creation: orders the list within a second
     enqueued_at: float = 0.0  # for aging (time.time(); reset when a restart re-queues the job)
     tenant: str = ANONYMOUS  # whose job (auth.py); records from before tenants are the anonymous tenant's
@@ -94,7 +95,7 @@ class VideoJob:
             "t2v": {"kind": self.kind, "params": {k: v for k, v in self.params.items() if k not in ("kind", "plan")},
                     "plan": self.params.get("plan"), "priority": self.priority, "cost": self.cost,
                     "timings": self.timings, "cached_from": self.cached_from, "quality": self.quality,
-                    "attempts": self.attempts},
+                    "attempts": self.attempts, "served_by": self.served_by},
         }
 
     @property
