@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -90,7 +91,7 @@ def split_guidance(requests: list[Request], predict_here: PredictRequests, start
     here, there, plan = [], [], []
     for x, t, e, g in requests:
         if g > 1.0:
-            negative, positive = e.chunk(2)
+            negative, positive = guidance_halves(e)
             plan.append((len(here), len(there), g))
             here.append((x, t, positive, 1.0))
             there.append((x, t, negative, 1.0))
@@ -102,6 +103,34 @@ def split_guidance(requests: list[Request], predict_here: PredictRequests, start
     theirs = wait()
     return [mine[i] if j is None else classifier_free_guidance(theirs[j].to(mine[i].device), mine[i], g)
             for i, j, g in plan]
+
+
+class PerTensor:
+    """Values made once per tensor object and dropped when it is (a WeakKeyDictionary would compare tensors
+    with ==, elementwise). A value must not refer to its tensor, or the tensor would never go."""
+
+    def __init__(self):
+        self._values: dict[int, object] = {}
+
+    def get(self, tensor: torch.Tensor, make: Callable):
+        key = id(tensor)
+        if key not in self._values:
+            self._values[key] = make(tensor)
+            weakref.finalize(tensor, self._values.pop, key, None)
+        return self._values[key]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+_halves = PerTensor()
+
+
+def guidance_halves(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(negative, positive) halves of a guided request's embeddings: the same two tensors at every step of a
+    sampling loop (which passes the same embeddings each step), so what a rank got of them once can be
+    reused. Copies, not views: a view would keep its embeddings alive."""
+    return _halves.get(embeds, lambda e: tuple(h.clone() for h in e.chunk(2)))
 
 
 def lockstep(predict_here: PredictRequests, start_followers: StartRequests) -> PredictRequests:
