@@ -47,13 +47,16 @@ def load(name: str) -> dict:
     return yaml.safe_load((ROOT / "k8s" / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["rayservice.yaml", "rayjob-train.yaml"])
+RAYSERVICES = {"rayservice.yaml": 1, "rayservice-cfg2.yaml": 2, "rayservice-ulysses4.yaml": 4}  # GPUs per worker
+
+
+@pytest.mark.parametrize("name", [*RAYSERVICES, "rayjob-train.yaml"])
 def test_manifests_match_the_kuberay_crds(name):
     manifest = load(name)
     validate(manifest)
     cluster = manifest["spec"].get("rayClusterConfig") or manifest["spec"]["rayClusterSpec"]
     gpu = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert gpu["nvidia.com/gpu"] == 1
+    assert gpu["nvidia.com/gpu"] == RAYSERVICES.get(name, 1)  # a parallel gang's GPUs on one pod
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         for c in group["template"]["spec"]["containers"]:
             assert {"secretRef": {"name": "t2v-s3"}} in c["envFrom"]  # S3 credentials from the Secret
@@ -75,20 +78,22 @@ def test_a_wrong_field_fails_validation():
         validate(job)
 
 
-def test_rayservice_serves_exactly_the_tested_serve_config():
+@pytest.mark.parametrize("name", RAYSERVICES)
+def test_rayservice_serves_exactly_the_tested_serve_config(name):
     from ray.serve.schema import ServeDeploySchema
 
-    manifest = load("rayservice.yaml")
-    serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    assert serve == yaml.safe_load((ROOT / "serve_configs" / "t2v-gpu.yaml").read_text())
-    ServeDeploySchema.model_validate(serve)
-    # And the committed file is what k8s/sync.py writes.
     sys.path.insert(0, str(ROOT / "k8s"))
     try:
         import sync
     finally:
         sys.path.pop(0)
-    assert sync.rayservice() == (ROOT / "k8s" / "rayservice.yaml").read_text()
+    manifest = load(name)
+    serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert serve == yaml.safe_load((ROOT / "serve_configs" / sync.MANIFESTS[name][0]).read_text())
+    ServeDeploySchema.model_validate(serve)
+    assert sync.denoiser_gpus(serve) == RAYSERVICES[name]
+    # And the committed file is what k8s/sync.py writes.
+    assert sync.rayservice(name) == (ROOT / "k8s" / name).read_text()
     assert manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 

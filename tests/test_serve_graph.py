@@ -24,7 +24,8 @@ from t2v.serve.process import ServeProcess
 ROOT = Path(__file__).resolve().parents[1]
 
 
-CONFIGS = ["t2v.yaml", "t2v-gpu.yaml", "t2v-wan14b-80gb.yaml", "t2v-wan14b-24gb.yaml"]
+CONFIGS = ["t2v.yaml", "t2v-gpu.yaml", "t2v-gpu-cfg2.yaml", "t2v-wan14b-80gb.yaml", "t2v-wan14b-24gb.yaml",
+           "t2v-wan14b-ulysses4.yaml"]
 
 
 def test_every_shipped_config_is_tested():
@@ -47,6 +48,21 @@ def test_serve_configs_are_valid_and_cover_every_stage(name):
         assert {"group_offload", "vae_tiling"} <= set(runtime.memory)
     if "80gb" in name:
         assert "group_offload" not in runtime.memory
+    from t2v.serve.deployments import parse_parallel
+
+    layout, rank_options = parse_parallel(args.get("parallel"))  # what the Denoiser would refuse at start
+    denoiser = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Denoiser")
+    if layout.ranks > 1:  # a gang: the replica in the first bundle, one bundle per other rank, on one node
+        assert not runtime.cache
+        bundles = denoiser["placement_group_bundles"]
+        assert len(bundles) == layout.ranks and denoiser["placement_group_strategy"] == "STRICT_PACK"
+        for bundle, need in zip(bundles, [denoiser["ray_actor_options"]] + [rank_options] * (layout.ranks - 1)):
+            assert bundle.get("GPU", 0) >= need.get("num_gpus", 0) and bundle["CPU"] >= need["num_cpus"]
+        if layout.sequence > 1:
+            heads = {"wan2.1-t2v-14b": 40, "wan2.1-t2v-1.3b": 12}[args["settings"]["model_name"]]
+            assert heads % layout.ulysses == 0
+    expected = {"t2v-gpu-cfg2.yaml": "cfg2", "t2v-wan14b-ulysses4.yaml": "ulysses4"}.get(name, "single")
+    assert layout.name == expected
     stages = {d["name"]: d for d in config["applications"][0]["deployments"]}
     assert set(stages) == {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
     for d in stages.values():
