@@ -5,7 +5,9 @@ and through a real `serve run` whose Denoiser replica starts its ranks as Ray ac
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,6 +151,19 @@ def _gcs_address(ray_tmp: Path) -> str:
     raise TimeoutError(f"no GCS port under {ray_tmp}")
 
 
+def _pids(title: str, ray_tmp: Path) -> list[int]:
+    """Processes of this test's Ray (its temp folder in their environ) whose title names `title`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and f"ray::{title}".encode() in (proc / "cmdline").read_bytes()
+                    and str(ray_tmp).encode() in (proc / "environ").read_bytes()):
+                found.append(int(proc.name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", [{"cfg": 2}, {"ulysses": 2}], ids=["cfg2", "ulysses2"])
 def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, parallel):
@@ -176,7 +191,8 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
         subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_client.py"), _gcs_address(ray_tmp),
                         json.dumps(fields), str(out)], check=True, timeout=300, cwd=ROOT)
         got = torch.load(out, weights_only=False)
-        name = ParallelLayout.parse(**parallel).name
+        layout = ParallelLayout.parse(**parallel)
+        name = layout.name
         assert got["served_by"] == {"parallel": name, "ranks": 2}
         pipe = t2v.TextToVideoPipeline.from_pretrained(wan_dir)
         alone = stages.denoise(pipe, got["params"], got["embeds"], got["negative"])
@@ -196,6 +212,20 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
         assert max(c.videos.retrieve(j.id).model_extra["t2v"]["timings"].get("step_batch_max", 1)
                    for j in jobs[:2]) >= 2  # the two clips shared forwards, split across the ranks
         assert httpx.get(serve.url + "/healthz").status_code == 200
+        if layout.cfg > 1:
+            # 3. A rank killed while its job samples: the gang is gone, so its replica ends; Serve replaces both
+            #    and the job runs again there, to completion.
+            job = c.videos.create(prompt=PROMPT, size="32x32", extra_body={"seed": 9, "num_inference_steps": 400})
+            deadline = time.time() + 120
+            while c.videos.retrieve(job.id).progress == 0:
+                assert time.time() < deadline
+                time.sleep(0.1)
+            (rank,) = _pids("DenoiserRank", ray_tmp)
+            os.kill(rank, signal.SIGKILL)
+            v = c.videos.poll(job.id, poll_interval_ms=200)
+            assert v.status == "completed", v.error
+            assert v.model_extra["t2v"]["attempts"] == 2 and v.model_extra["t2v"]["served_by"]["parallel"] == "cfg2"
+            assert len(_pids("DenoiserRank", ray_tmp)) == 1 and rank not in _pids("DenoiserRank", ray_tmp)
     finally:
         serve.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)

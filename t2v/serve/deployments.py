@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import OrderedDict
 
@@ -241,6 +242,15 @@ def start_ranks(bundle, layout: parallel.ParallelLayout, rank_options: dict, sta
         return [(to_wire(x.to(dtype)), t.cpu(), stored.get(e, lambda e: ray.put(to_wire(e.to(dtype)))), g)
                 for x, t, e, g in requests]
 
+    def gathered(refs):
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError:
+            # A rank died: the gang cannot sample any more. The replica ends itself, so Serve replaces it (ranks
+            # and all) and the job service retries its jobs there, as for any replica that dies.
+            log.error("a rank of this Denoiser's %s layout died: the replica exits to be replaced", layout.name)
+            os._exit(1)
+
     if layout.sequence > 1:
         address = parallel.free_address(ray.util.get_node_ip_address())
         joined = [r.join.remote(i + 1, layout.ranks, address, layout) for i, r in enumerate(ranks)]
@@ -250,11 +260,11 @@ def start_ranks(bundle, layout: parallel.ParallelLayout, rank_options: dict, sta
         def start_peers(requests):  # parallel.lockstep sends one forward at a time, in order
             sent = on_cpu(requests)
             refs = [r.predict.remote(sent, False) for r in ranks]
-            return lambda: ray.get(refs)
+            return lambda: gathered(refs)
     else:
         def start_peers(requests):
             ref = ranks[0].predict.remote(on_cpu(requests))
-            return lambda: [from_wire(p) for p in ray.get(ref)]
+            return lambda: [from_wire(p) for p in gathered(ref)]
     parallel.attach(bundle, layout, start_peers)
     return ranks
 
