@@ -6,7 +6,9 @@ Ulysses sequence-parallel (ulysses2), with the ranks as the Serve Denoiser start
     python bench/parallel.py --preset wan2.1-1.3b --cpu-reduced   # the 1.3B shapes at 64x64x5, 8 steps
 
 On this 2-core CPU two ranks share the two cores the single rank has (it runs 2 threads, each rank 1), so
-no speed-up is expected: what carries over to GPUs is the overhead. It is measured directly as the round trip
+no speed-up is expected: what carries over to GPUs is the overhead. On one GPU the two cfg2 ranks share it
+(num_gpus 0.5 each): that shows the overhead too; a speed-up needs two GPUs, and ulysses2 needs two (NCCL puts
+one rank on each), so there the default rows are single and cfg2. It is measured directly as the round trip
 of one guidance half through Ray (the lead's latents and negative embeddings out, a prediction back) at the
 run's shape and at Wan2.1's 480p x 81 shape, with a rank that answers without computing.
 """
@@ -61,12 +63,18 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="a wan preset with random weights (default: the embedded model)")
     ap.add_argument("--cpu-reduced", action="store_true", help="with --preset: 64x64, 5 frames, 8 steps")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--layouts", nargs="+", default=["single", "cfg2", "ulysses2"])
+    ap.add_argument("--layouts", nargs="+", default=None, help="default: single cfg2 ulysses2 (cfg2 only on 1 GPU)")
     ap.add_argument("--repeats", type=int, default=10, help="round trips timed per shape")
     args = ap.parse_args()
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     threads = torch.get_num_threads()
+    cuda = torch.cuda.is_available()
+    device, precision = ("cuda", "bf16") if cuda else ("cpu", "fp32")
+    gpus = torch.cuda.device_count()
+    layouts = args.layouts or (["single", "cfg2", "ulysses2"] if not cuda or gpus > 1 else ["single", "cfg2"])
+    rank_options = {"num_cpus": 1, "num_gpus": 0.5 if gpus == 1 else 1} if cuda else {"num_cpus": 1}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if args.preset:
         reduced = args.cpu_reduced
         size = dict(num_frames=5 if reduced else 81, height=64 if reduced else 480, width=64 if reduced else 832)
@@ -75,8 +83,9 @@ def main() -> None:
         def build():
             torch.manual_seed(0)  # every rank builds the same random weights
             components = WAN.build(args.preset)
-            return t2v.from_components("wan", components, config=dict(size, num_inference_steps=steps, fps=16,
-                                                                       max_sequence_length=512))
+            bundle = t2v.from_components("wan", components, config=dict(size, num_inference_steps=steps, fps=16,
+                                                                         max_sequence_length=512))
+            return t2v.bundle.place(bundle, precision, "cuda" if torch.cuda.is_available() else "cpu")
 
         text = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1))
 
@@ -90,21 +99,23 @@ def main() -> None:
         name = args.preset
     else:
         size, steps = dict(num_frames=17, height=128, width=128), args.steps or 25
-        rank_class, fresh, call, name = DenoiserRank, t2v.load, dict(prompt="a red ball bouncing"), "embedded"
-    print(f"{name}: {size['width']}x{size['height']}x{size['num_frames']}, {steps} steps, guidance 5, fp32, "
-          f"{threads} CPU threads", flush=True)
+        rank_class, call, name = DenoiserRank, dict(prompt="a red ball bouncing"), "embedded"
+        fresh = lambda: t2v.load(precision=precision, device=device)  # noqa: E731
+    print(f"{name}: {size['width']}x{size['height']}x{size['num_frames']}, {steps} steps, guidance 5, {precision} "
+          f"on {torch.cuda.get_device_name() if cuda else f'the CPU, {threads} threads'}", flush=True)
 
     rows, reference = [], None
-    for layout_name in args.layouts:
+    for layout_name in layouts:
         layout = ParallelLayout.parse(**({} if layout_name == "single" else
                                          {layout_name.rstrip("0123456789"): int(layout_name[-1])}))
         bundle = fresh()
         torch.set_num_threads(threads if layout.ranks == 1 else max(1, threads // layout.ranks))
-        ranks = start_ranks(bundle, layout, {"num_cpus": 1}, (None, "fp32", 1, None), rank_class)
+        ranks = start_ranks(bundle, layout, rank_options, (None, precision, 1, None), rank_class)
         pipe = t2v.TextToVideoPipeline(bundle)
         stamps = []
 
         def on_step(_pipe, i, _t, tensors):
+            sync()
             stamps.append(time.perf_counter())
             return tensors
 
@@ -112,7 +123,7 @@ def main() -> None:
         pipe(**{**run, "num_inference_steps": 2})  # warm-up: first forwards, rank start-up
         stamps.clear()
         t0 = time.perf_counter()
-        frames = pipe(**run, callback_on_step_end=on_step).frames
+        frames = pipe(**run, callback_on_step_end=on_step).frames.float().cpu()
         total = time.perf_counter() - t0
         per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
         reference = frames if reference is None else reference
