@@ -119,9 +119,6 @@ class PerTensor:
             weakref.finalize(tensor, self._values.pop, key, None)
         return self._values[key]
 
-    def __len__(self) -> int:
-        return len(self._values)
-
 
 _halves = PerTensor()
 

@@ -229,3 +229,14 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
     finally:
         serve.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_job_records_the_layout_that_served_it(wan_dir):
+    import asyncio
+
+    generator = stages.LocalGenerator(t2v.load(wan_dir))
+    params = asyncio.run(generator.validate({"prompt": PROMPT, "size": "32x32", "num_inference_steps": 2}))
+    assert asyncio.run(generator.generate(params, None)).served_by == {"parallel": "single", "ranks": 1}
+    attach(generator.bundle, ParallelLayout(cfg=2), thread_peer(Rank(t2v.load(wan_dir))))
+    made = asyncio.run(generator.generate(params, None))
+    assert made.served_by == {"parallel": "cfg2", "ranks": 2} and made.video[4:8] == b"ftyp"

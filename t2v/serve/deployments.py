@@ -380,6 +380,7 @@ class ServeGenerator:
         t2 = time.perf_counter()
         sampled = result["sampled"]
         if sampled.finished is not None:  # a programme, finished in the Denoiser replica (audio and all)
+            sampled.finished.served_by = result.get("served_by")
             return sampled.finished
         finished = self.decoder.options(stream=True).finish.remote(
             sampled.latents, params["fps"], self.store, job_id, frames=sampled.frames, prompt=params["prompt"])
@@ -391,7 +392,6 @@ class ServeGenerator:
         timings.update(encode_prompt_s=t1 - t0, denoise_s=t2 - t1)
         if "step_batch_max" in result:
             timings["step_batch_max"] = result["step_batch_max"]
-
         return stages.GeneratedVideo(video=None, thumbnail=None, quality_later=quality(), timings=timings,
                                      served_by=result.get("served_by"))
 

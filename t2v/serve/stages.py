@@ -337,9 +337,7 @@ class LocalGenerator:
     def _generate(self, params, progress, cancel: threading.Event | None = None) -> GeneratedVideo:
         with self._lock:
             sampled = run_job(self.pipe, params, progress, cancel=cancel)
-            if sampled.finished is not None:
-                return sampled.finished
-            result = finish(self.pipe, sampled.latents, params["fps"], sampled.frames)
+            result = sampled.finished or finish(self.pipe, sampled.latents, params["fps"], sampled.frames)
         result.timings.update(sampled.timings)
         result.served_by = layout_of(self.bundle).describe()
         return result
