@@ -49,6 +49,13 @@ class ParallelLayout:
         for name, value in (("cfg", cfg), ("ulysses", ulysses), ("ring", ring)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"parallel.{name}", f"{value!r} is not a number of ranks", "an integer >= 1")
+        if attention_backend is not None:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            known = sorted(b.value for b in AttentionBackendName)
+            if attention_backend not in known:
+                raise InputError("parallel.attention_backend", f"unknown backend {attention_backend!r}",
+                                 ", ".join(known))
         if cfg > 2:
             raise InputError("parallel.cfg", f"{cfg} ranks for two guidance halves", "1 or 2")
         if cfg > 1 and ulysses * ring > 1:

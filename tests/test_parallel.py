@@ -40,9 +40,11 @@ def test_layouts_parse_and_refuse_with_the_field_named():
     assert ParallelLayout.parse(cfg=2).describe() == {"parallel": "cfg2", "ranks": 2}
     assert ParallelLayout.parse(ulysses=2, ring=2).name == "ulysses2+ring2"
     assert ParallelLayout.parse(ulysses=2, ring=2).ranks == 4
+    assert ParallelLayout.parse(ring=2, attention_backend="flash").attention_backend == "flash"
     for bad, field in (({"cfg": 3}, "parallel.cfg"), ({"ulysses": 0}, "parallel.ulysses"),
                        ({"ring": "2"}, "parallel.ring"), ({"cfg": 2, "ulysses": 2}, "parallel"),
-                       ({"tp": 2}, "parallel")):
+                       ({"tp": 2}, "parallel"), ({"ring": 2, "attention_backend": "flashy"},
+                                                  "parallel.attention_backend")):
         with pytest.raises(InputError) as e:
             ParallelLayout.parse(**bad)
         assert e.value.field == field
