@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .errors import T2VError
 
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--image", default=None, help="the video's first frame (PNG, JPEG or WebP of its aspect)")
     gen.add_argument("--sampler", default=None)
     gen.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
     _runtime_arguments(gen)
@@ -118,12 +120,17 @@ def _resolve_model(uri: str | None) -> str:
 def generate(args) -> int:
     from tqdm import tqdm
 
+    from .errors import InputError
+    from .images import read_image
     from .production.generate import PostOptions, generate
     from .params import frames_for_seconds
     from .pipeline import TextToVideoPipeline
     from .video import _format, write_video
 
     _format(args.output)  # an unknown extension fails before any work
+    if args.image and not Path(args.image).is_file():
+        raise InputError("image", f"no such file: {args.image}")
+    image = read_image(Path(args.image).read_bytes()) if args.image else None
     start = time.perf_counter()
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
                                                memory=args.memory, cache=args.cache, compile=args.compile)
@@ -144,7 +151,8 @@ def generate(args) -> int:
     try:
         out = generate(pipe, args.prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=args.negative,
                       seed=args.seed, progress=progress, height=args.height, width=args.width,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler)
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                      image=image)
     finally:
         for bar in bars:
             bar.close()

@@ -211,9 +211,10 @@ class LongVideoPipeline:
                  fps: float | None = None, output_type: str = "np",
                  predictor: Callable | None = None,  # (window latents, t, window embeds, guidance) -> preds
                  callback_on_step_end: Callable[["LongVideoPipeline", int, Any, dict], dict] | None = None,
-                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)) -> LongVideoOutput:
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",), image=None) -> LongVideoOutput:
         """prompt: one prompt, or one per window (multi-shot). callback_on_step_end as TextToVideoPipeline's
-        (its "prompt_embeds" are the per-window embeddings)."""
+        (its "prompt_embeds" are the per-window embeddings). image: the first frame, as TextToVideoPipeline's
+        (latent frame 0 is every window's anchor, so it holds across the windows)."""
         b, fam = self.bundle, self.bundle.family
         start = time.perf_counter()
         tf = fam.temporal_factor(b)
@@ -253,11 +254,14 @@ class LongVideoPipeline:
         shape = fam.latent_shape(b, 1, num_frames, p.height, p.width)
         noise = freenoise(shape, window, generator)
         latents = fam.init_latents(noise.to(b.device), scheduler)
+        first = self.pipe.first_frame(image, p.height, p.width, 1, noise.to(b.device))
 
         # 5. Denoise: per-window predictions (in parallel where the predictor fans out), fused, one step.
         predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
+            if first is not None:
+                latents = first.before_step(scheduler, latents, t)
             scaled = model_input(scheduler, latents, t)
             preds = predict([window_latents(scaled, run) for run in windows], t, embeds, p.guidance_scale)
             fused = fuse_windows(preds, windows, total, ramp=overlap)
@@ -266,6 +270,8 @@ class LongVideoPipeline:
                 local = {"latents": latents, "prompt_embeds": embeds}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 latents = (outputs or {}).get("latents", latents)
+        if first is not None:
+            latents = first.after_last_step(latents)
         denoise_s = time.perf_counter() - t0
 
         # 6. Decode window by window (the VAE decodes the lengths it was trained on), blending the overlaps.

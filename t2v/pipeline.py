@@ -15,7 +15,8 @@ from . import bundle as bundle_lib
 from .errors import InputError
 from .params import GenerationParams, resolve
 from .runtime import step_predictor
-from .sampling import local_predictor, model_input, scheduler_for
+from .images import check_aspect, image_size
+from .sampling import FirstFrame, local_predictor, model_input, scheduler_for
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 
@@ -54,6 +55,26 @@ class TextToVideoPipeline:
         return b.family.encode_prompt(b, prompts, b.config.max_sequence_length)
 
     @torch.no_grad()
+    def encode_image(self, image, height: int, width: int) -> torch.Tensor:
+        """A first frame (a PIL image or an [H, W, 3] uint8 array, of the video's aspect) -> the latents of a
+        one-frame video, [1, C, 1, h, w]: what latent frame 0 of the video is (a causal VAE encodes frame 0
+        alone)."""
+        from PIL import Image
+
+        check_aspect(image_size(image), width, height)
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        pixels = self.video_processor.preprocess(image.convert("RGB"), height=height, width=width)  # [-1, 1]
+        b = self.bundle
+        return b.family.encode(b, pixels.unsqueeze(2).to(b.device, b.vae.dtype)).float()
+
+    def first_frame(self, image, height: int, width: int, batch: int, noise: torch.Tensor) -> FirstFrame | None:
+        """Image-to-video's latent replacement for a call (None without an image)."""
+        if image is None:
+            return None
+        return FirstFrame(self.encode_image(image, height, width).expand(batch, -1, -1, -1, -1), noise[:, :, :1])
+
+    @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str],
@@ -75,9 +96,11 @@ class TextToVideoPipeline:
         callback_on_step_end: Callable[["TextToVideoPipeline", int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         predictor: Callable | None = None,
+        image=None,
     ) -> VideoOutput:
         """predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
-        (default: here; the Serve graph's Denoiser batches concurrent jobs' steps through it)."""
+        (default: here; the Serve graph's Denoiser batches concurrent jobs' steps through it). image: the first
+        frame (PIL image or [H, W, 3] uint8 array of the video's aspect): image-to-video by latent replacement."""
         b, fam = self.bundle, self.bundle.family
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -110,15 +133,20 @@ class TextToVideoPipeline:
         # 4. Initial noise, drawn on the CPU so a seed gives the same video on any device.
         shape = fam.latent_shape(b, batch, p.num_frames, p.height, p.width)
         if latents is None:
-            latents = fam.init_latents(randn_tensor(shape, generator=generator, device=b.device,
-                                                    dtype=torch.float32), scheduler)
+            noise = randn_tensor(shape, generator=generator, device=b.device, dtype=torch.float32)
+            latents = fam.init_latents(noise, scheduler)
         elif tuple(latents.shape) != shape:
             raise InputError("latents", f"shape {tuple(latents.shape)} does not match the request", str(shape))
+        else:
+            noise = latents
+        first = self.first_frame(image, p.height, p.width, batch, noise)  # an image fixes latent frame 0
 
         # 5. Denoising loop: one forward per step for both guidance halves.
         predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
+            if first is not None:
+                latents = first.before_step(scheduler, latents, t)
             x = model_input(scheduler, latents, t)
             pred = predict([x], t, [embeds], p.guidance_scale)[0]
             latents = fam.step(scheduler, pred, t, latents, generator=generator, eta=eta)
@@ -126,6 +154,8 @@ class TextToVideoPipeline:
                 local = {"latents": latents, "prompt_embeds": embeds}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 latents = (outputs or {}).get("latents", latents)
+        if first is not None:
+            latents = first.after_last_step(latents)
         timings["denoise_s"] = time.perf_counter() - t0
 
         # 6. Decode to frames.

@@ -82,6 +82,36 @@ def model_input(scheduler, latents: torch.Tensor, t) -> torch.Tensor:
     return scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
 
 
+def noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+    """Clean latents x0 brought to timestep t's noise level by the scheduler's own forward process (flow
+    schedulers call it scale_noise). Called before step t's forward, while the scheduler's step index is t's."""
+    t = torch.as_tensor(t, device=x0.device).reshape(1).expand(x0.shape[0])
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(x0, t, noise)
+    return scheduler.add_noise(x0, noise, t)
+
+
+def with_first_frame(latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, F, h, w] whose latent frame 0 is `first` [B, C, 1, h, w] (image-to-video by latent
+    replacement: the image fixes frame 0, noised to each step's level; the model denoises the rest around it)."""
+    return torch.cat([first.to(latents.dtype), latents[:, :, 1:]], dim=2)
+
+
+class FirstFrame:
+    """Image-to-video for a model without an image branch, by latent replacement: the image's latents fix
+    latent frame 0 -- noised to each step's level before its forward, clean after the last -- and the model
+    denoises the other frames around it. noise: the initial noise's frame 0, so the image starts from it."""
+
+    def __init__(self, latents: torch.Tensor, noise: torch.Tensor):
+        self.latents, self.noise = latents, noise
+
+    def before_step(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
+        return with_first_frame(latents, noised(scheduler, self.latents, self.noise.to(self.latents), t))
+
+    def after_last_step(self, latents: torch.Tensor) -> torch.Tensor:
+        return with_first_frame(latents, self.latents)
+
+
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Ho & Salimans: move the conditional prediction away from the unconditional one by `scale`."""
     return uncond + scale * (cond - uncond)
