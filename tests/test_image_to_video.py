@@ -107,3 +107,57 @@ def test_the_cli_takes_an_image(tmp_path, wan_dir):
     assert psnr(frames[0], img := picture()) > psnr(ceiling, img) - 1.0  # x264 costs a little
     bad = run("generate", PROMPT, "--model", wan_dir, "--image", tmp_path / "missing.png", "-o", out)
     assert bad.returncode != 0 and "image: no such file" in bad.stderr
+
+
+# --- through the job API (the official openai client) --------------------------------------------------------
+
+def test_input_reference_through_the_openai_client(tmp_path, generator):
+    import base64
+
+    import httpx
+    import openai
+
+    from t2v.serve.api import Settings, create_app
+    from t2v.video import read_video
+    from test_serve_api import Server
+
+    server = Server(create_app(generator, Settings(store=str(tmp_path / "store"), poll_after_ms=50)))
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        img, body = picture(), png(Image.fromarray(picture()))
+        extra = {"seed": 4, "num_inference_steps": 3}
+        # 1. A file part, as the client sends a file; numbers in the same form, as text.
+        video = c.videos.create_and_poll(prompt=PROMPT, size="32x32", input_reference=("first.png", body, "image/png"),
+                                         extra_body=extra, poll_interval_ms=100)
+        assert video.status == "completed", video.error
+        params = video.model_extra["t2v"]["params"]
+        assert "image" not in params and len(params["image_sha256"]) == 64  # the record shows a digest
+        served = read_video(c.videos.download_content(video.id).read())[0].astype(float)
+        pipe = t2v.TextToVideoPipeline(generator.bundle)
+        ceiling = pipe.decode_latents(pipe.encode_image(img, 32, 32))[0, 0].astype(float)
+        assert np.abs(served - ceiling).mean() < 4.0  # the VAE's image, up to x264
+        # 2. OpenAI's reference object with a data URL, in JSON (this client sends only files): the same
+        #    request, so the result cache answers with the same video.
+        url = "data:image/png;base64," + base64.b64encode(body).decode()
+        r = httpx.post(server.url + "/v1/videos", json={"prompt": PROMPT, "size": "32x32", **extra,
+                                                        "input_reference": {"image_url": url}})
+        assert r.status_code == 200 and r.json()["t2v"]["cached_from"] == video.id
+        # 3. Bad references: a 400 naming the field, nothing queued.
+        before = len(c.videos.list().data)
+        wide = png(Image.fromarray(picture((64, 32))))
+        for ref, words in ((("x.png", b"not an image", "image/png"), "not an image"),
+                           (("wide.png", wide, "image/png"), "aspect")):
+            with pytest.raises(openai.BadRequestError) as e:
+                c.videos.create(prompt=PROMPT, size="32x32", input_reference=ref)
+            error = e.value.response.json()["error"]
+            assert error["param"] == "input_reference" and words in error["message"], error
+        for ref, words in (({"image_url": "https://example.com/x.png"}, "fetches no URLs"),
+                           ({"file_id": "file_123"}, "no Files API"), ({"image_url": "data:image/png;base64,@@"},
+                                                                       "not valid base64")):
+            r = httpx.post(server.url + "/v1/videos", json={"prompt": PROMPT, "size": "32x32", "input_reference": ref})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "input_reference" and words in error["message"], error
+        assert len(c.videos.list().data) == before
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    finally:
+        server.stop()

@@ -50,7 +50,15 @@ async def read_fields(request: Request, max_bytes: int) -> dict:
         async def replay():  # the form parser reads the body we already hold, not the spent stream
             return {"type": "http.request", "body": body, "more_body": False}
 
-        return {k: v for k, v in (await Request(request.scope, replay).form()).items() if isinstance(v, str)}
+        form = await Request(request.scope, replay).form()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        upload = form.get("input_reference")
+        if upload is not None and not isinstance(upload, str):  # a file part: the image itself
+            fields["input_reference"] = await upload.read()
+        for key in ("image_url", "file_id"):  # the reference object, as the openai client writes it in a form
+            if f"input_reference[{key}]" in fields:
+                fields.setdefault("input_reference", {})[key] = fields.pop(f"input_reference[{key}]")
+        return fields
     try:
         fields = json.loads(body or b"{}")
     except ValueError:

@@ -14,6 +14,8 @@ Unknown top-level fields are ignored (the API always has); a programme spec's un
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
@@ -21,6 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import InputError
+from ..images import MAX_BYTES as MAX_IMAGE_BYTES
 from ..params import FALSE_WORDS, MAX_FPS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, TRUE_WORDS
 from ..production.postprocess import INTERPOLATIONS, MAX_SMOOTH
 from ..production.programs import CLIP_SECONDS, KINDS, MAX_CLIPS, MAX_TEXT_CHARS
@@ -91,6 +94,33 @@ def _odd(value: int) -> int:
     return value
 
 
+def _image_bytes(value: Any) -> Any:
+    """input_reference as OpenAI's API takes it: a file upload (multipart, as the openai client sends a file)
+    or a reference object {"image_url": ...}, here a base64 data URL (t2v fetches no URLs; it has no Files
+    API for a file_id)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        value = {"image_url": value}
+    if not isinstance(value, dict):
+        raise ValueError("must be an image file or {\"image_url\": \"data:image/...;base64,...\"}")
+    if value.get("file_id"):
+        raise ValueError("file_id is not supported (t2v has no Files API): upload the image, or send a data URL")
+    url = value.get("image_url")
+    head, sep, data = (url or "").partition(",")
+    if not (isinstance(url, str) and sep and head.startswith("data:image/") and head.endswith(";base64")):
+        raise ValueError("image_url must be a data:image/...;base64 URL (t2v fetches no URLs)")
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:  # before decoding it
+        raise ValueError(f"is over {MAX_IMAGE_BYTES} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise ValueError("image_url is not valid base64") from None
+
+
+ImageBytes = Annotated[bytes, BeforeValidator(_image_bytes), Field(max_length=MAX_IMAGE_BYTES)]
+
+
 def number(ge: float | None = None, le: float | None = None, gt: float | None = None):
     return Annotated[float, BeforeValidator(_to_float), Field(ge=ge, gt=gt, le=le, allow_inf_nan=False)]
 
@@ -146,6 +176,7 @@ class VideoRequest(_Job):
     motion_blur: optional(number(ge=0, le=1)) = None
     smooth: optional(Annotated[integer(1, MAX_SMOOTH), AfterValidator(_odd)]) = None
     color_match: optional(Flag) = None
+    input_reference: optional(ImageBytes) = None  # the video's first frame
 
 
 class ProgramRequest(_Job):

@@ -7,6 +7,7 @@ without Ray Serve).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -26,6 +27,7 @@ from ..long_video import limits
 from ..params import frames_for_seconds, resolve
 from ..production.planner import plan_video, split_then
 from ..production.prompting import optimize_prompt
+from ..images import check_aspect, read_image
 from ..parallel import layout_of
 from ..pipeline import TextToVideoPipeline, progress_callback
 from ..sampling import num_timesteps
@@ -173,7 +175,27 @@ def validate(bundle, fields: dict) -> dict:
     params["original_prompt"], params["prompt_changes"] = original, changes
     if composed:  # its length was checked first; keyframes() keeps the key frames on the model's grid
         params.update(num_frames=frames, post=asdict(post), plan=plan.to_dict())
+    if "input_reference" in request:
+        params["image"] = first_frame_png(request["input_reference"], p.width, p.height)
+        params["image_sha256"] = hashlib.sha256(params["image"].encode()).hexdigest()
     return params
+
+
+def first_frame_png(data: bytes, width: int, height: int) -> str:
+    """A request's input_reference -> the video's first frame: read safely, its aspect checked, resized to the
+    video, as base64 PNG (it travels in the job's parameters, so a retry or a restart still has it)."""
+    from PIL import Image
+
+    image = read_image(data, "input_reference")
+    check_aspect(image.size, width, height, "input_reference")
+    return base64.b64encode(png_bytes(np.asarray(image.resize((width, height), Image.LANCZOS)))).decode()
+
+
+def first_frame(params: dict) -> np.ndarray | None:
+    """A job's first frame (an RGB image of the video's size), if it asked for one."""
+    if params.get("image") is None:
+        return None
+    return read_image(base64.b64decode(params["image"]))
 
 
 def optimize_parts(bundle, prompt: str, negative: str | None) -> tuple[str, str, list[str]]:
@@ -203,7 +225,7 @@ def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int
                   post=PostOptions(**params["post"]), negative_prompt=params["negative_prompt"] or None,
                   seed=params["seed"], progress=progress, height=params["height"], width=params["width"],
                   num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-                  sampler=params["sampler"], predictor=predictor)
+                  sampler=params["sampler"], predictor=predictor, image=first_frame(params))
     return out.frames
 
 
@@ -223,7 +245,7 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
                guidance_scale=params["guidance_scale"], seed=params["seed"], sampler=params["sampler"],
                fps=params["fps"], output_type="latent", prompt_embeds=embeds,
                negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
-               predictor=predictor)
+               predictor=predictor, image=first_frame(params))
     return out.frames
 
 
