@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import t2v
 from t2v.serve.api import Settings, create_app
@@ -39,6 +41,9 @@ def test_generate_from_the_page_and_watch_it_play(wan_dir, tmp_path, auth):
             page.fill("#prompt", "a red ball bouncing on a black background")
             page.fill("#steps", "2")
             page.fill("#seed", "4")
+            first = tmp_path / "first.png"  # a first frame, sent as the form's input_reference file
+            Image.fromarray(np.full((32, 32, 3), (200, 30, 30), np.uint8)).save(first)
+            page.set_input_files("#first_frame", str(first))
             page.click("#generate")
             page.wait_for_function(
                 "(() => { const v = document.getElementById('player');"
@@ -50,6 +55,7 @@ def test_generate_from_the_page_and_watch_it_play(wan_dir, tmp_path, auth):
                                    headers={"Authorization": f"Bearer {key}"} if auth else {}).json()
             assert job["status"] == "completed" and job["prompt"] == "a red ball bouncing on a black background"
             assert job["t2v"]["params"]["seed"] == 4 and job["t2v"]["params"]["num_inference_steps"] == 2
+            assert len(job["t2v"]["params"]["image_sha256"]) == 64  # it started from the chosen image
             page.wait_for_function("document.querySelectorAll('#gallery img[src^=\"blob:\"]').length == 1")
             browser.close()
     finally:

@@ -191,7 +191,7 @@ def first_frame_png(data: bytes, width: int, height: int) -> str:
     return base64.b64encode(png_bytes(np.asarray(image.resize((width, height), Image.LANCZOS)))).decode()
 
 
-def first_frame(params: dict) -> np.ndarray | None:
+def job_image(params: dict):
     """A job's first frame (an RGB image of the video's size), if it asked for one."""
     if params.get("image") is None:
         return None
@@ -225,7 +225,7 @@ def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int
                   post=PostOptions(**params["post"]), negative_prompt=params["negative_prompt"] or None,
                   seed=params["seed"], progress=progress, height=params["height"], width=params["width"],
                   num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-                  sampler=params["sampler"], predictor=predictor, image=first_frame(params))
+                  sampler=params["sampler"], predictor=predictor, image=job_image(params))
     return out.frames
 
 
@@ -245,7 +245,7 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
                guidance_scale=params["guidance_scale"], seed=params["seed"], sampler=params["sampler"],
                fps=params["fps"], output_type="latent", prompt_embeds=embeds,
                negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
-               predictor=predictor, image=first_frame(params))
+               predictor=predictor, image=job_image(params))
     return out.frames
 
 
