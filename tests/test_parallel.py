@@ -214,6 +214,19 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
         assert max(c.videos.retrieve(j.id).model_extra["t2v"]["timings"].get("step_batch_max", 1)
                    for j in jobs[:2]) >= 2  # the two clips shared forwards, split across the ranks
         assert httpx.get(serve.url + "/healthz").status_code == 200
+        # A first frame (input_reference, a multipart file) travels through the graph to the Denoiser too.
+        from test_image_to_video import picture, png
+
+        from PIL import Image
+        from t2v.video import read_video
+
+        first = c.videos.create_and_poll(prompt=PROMPT, size="32x32", poll_interval_ms=200,
+                                         input_reference=("first.png", png(Image.fromarray(picture())), "image/png"),
+                                         extra_body={"seed": 3, "num_inference_steps": 4})
+        assert first.status == "completed", first.error
+        assert len(first.model_extra["t2v"]["params"]["image_sha256"]) == 64
+        ceiling = pipe.decode_latents(pipe.encode_image(picture(), 32, 32))[0, 0].astype(float)
+        assert abs(read_video(c.videos.download_content(first.id).read())[0] - ceiling).mean() < 4.0
         if layout.cfg > 1:
             # 3. A rank killed while its job samples: the gang is gone, so its replica ends; Serve replaces both
             #    and the job runs again there, to completion.
