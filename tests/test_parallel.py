@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from PIL import Image
 
 import t2v
 from t2v.errors import InputError
@@ -29,6 +30,9 @@ from t2v.parallel import (ParallelLayout, Rank, attach, free_address, join_seque
 from t2v.sampling import local_requests, predict_batch
 from t2v.serve import stages
 from t2v.serve.process import ServeProcess
+from t2v.video import read_video
+from test_image_to_video import picture, png
+from test_serve_graph import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red ball bouncing on a black background"
@@ -170,7 +174,7 @@ def _pids(title: str, ray_tmp: Path) -> list[int]:
 @pytest.mark.parametrize("parallel", [{"cfg": 2}, {"ulysses": 2}], ids=["cfg2", "ulysses2"])
 def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, parallel):
     config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
-    port = 18000 + (hash(json.dumps(parallel)) % 1000)
+    port = free_port()
     config["http_options"]["port"] = port
     app = config["applications"][0]
     args = app["args"]
@@ -215,11 +219,6 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
                    for j in jobs[:2]) >= 2  # the two clips shared forwards, split across the ranks
         assert httpx.get(serve.url + "/healthz").status_code == 200
         # A first frame (input_reference, a multipart file) travels through the graph to the Denoiser too.
-        from test_image_to_video import picture, png
-
-        from PIL import Image
-        from t2v.video import read_video
-
         first = c.videos.create_and_poll(prompt=PROMPT, size="32x32", poll_interval_ms=200,
                                          input_reference=("first.png", png(Image.fromarray(picture())), "image/png"),
                                          extra_body={"seed": 3, "num_inference_steps": 4})
