@@ -102,7 +102,6 @@ class Denoiser:
                                  "(allowed: max_batch_size, wait_s)")
             self._forward.set_max_batch_size(int(step_batching.get("max_batch_size", 8)))
             self._forward.set_batch_wait_timeout_s(float(step_batching.get("wait_s", 0.002)))
-        self.layout = layout
         self._ranks = start_ranks(self.pipe.bundle, layout, rank_options, (model, precision, threads, runtime))
         if self._ranks:
             log.info("Denoiser parallel layout %s: %d ranks", layout.name, layout.ranks)
@@ -207,7 +206,7 @@ class Denoiser:
             yield ("step_batch_max", max(batch_sizes))
         if sampled.latents is not None:
             sampled.latents = sampled.latents.cpu()
-        yield ("served_by", self.layout.describe())
+        yield ("served_by", parallel.layout_of(self.pipe.bundle).describe())
         yield ("sampled", sampled)
 
 
