@@ -127,7 +127,7 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
         raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(COMPONENTS)})")
     if precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision {precision!r}", ", ".join(PRECISIONS))
-    uri = str(uri or DEFAULT_MODEL)
+    uri = str(DEFAULT_MODEL if uri in (None, "", "default") else uri)  # "default": the embedded model
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision == "int8" and device.type != "cpu":
         raise InputError("precision", "int8 dynamic quantization runs on the CPU only", "fp32, bf16, fp16 on GPU")

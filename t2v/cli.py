@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=25)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
+    ev.add_argument("--lora", default=None, help="a LoRA adapter folder (or s3:// URI), optionally :strength")
+    ev.add_argument("--background", default=None, help="prompts on this background only (e.g. a new word: desert)")
     ev.add_argument("--precision", default="fp32")
     _runtime_arguments(ev)
 
@@ -84,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     world.add_argument("--size", type=int, default=128, help="width and height")
     world.add_argument("--frames", type=int, default=17)
     world.add_argument("--fps", type=float, default=8.0)
+    world.add_argument("--background", default=None, help="put --background-share of the clips on this "
+                       "background (one of the world's new words, e.g. desert, to train an adapter on)")
+    world.add_argument("--background-share", type=float, default=1.0)
     world.add_argument("--no-ray", action="store_true", help="render in this process")
     latents = data.add_parser("latents", help="add precomputed VAE latents to a copy of the shards")
     latents.add_argument("--data", required=True, help="shard folder or s3:// URI")
@@ -227,6 +232,15 @@ def info(args) -> int:
     return 0
 
 
+def _has_strength(spec: str) -> bool:
+    """Whether PATH:strength ends in a number (an s3:// URI has a colon of its own)."""
+    head, sep, tail = spec.rpartition(":")
+    try:
+        return bool(sep) and bool(head) and float(tail) is not None
+    except ValueError:
+        return False
+
+
 def evaluate(args) -> int:
     from tqdm import tqdm
 
@@ -235,10 +249,18 @@ def evaluate(args) -> int:
     from .quality.evaluate import evaluate as run_eval
     from .pipeline import TextToVideoPipeline
 
+    from .world.scene import ALL_BACKGROUNDS
+
     if args.n < 1:
         raise InputError("n", f"{args.n} prompts", "≥ 1")
+    if args.background is not None and args.background not in ALL_BACKGROUNDS:
+        raise InputError("background", f"unknown background {args.background!r}", ", ".join(ALL_BACKGROUNDS))
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
                                                memory=args.memory, cache=args.cache, compile=args.compile)
+    if args.lora:
+        path, _, strength = args.lora.rpartition(":") if _has_strength(args.lora) else (args.lora, "", "1")
+        pipe.load_lora_weights(path, "eval")
+        pipe.set_adapters("eval", float(strength))
     stages = ["vae", "dit", "video"] if args.stage == "all" else [args.stage]
     for stage in stages:
         with tqdm(total=args.n, desc=f"evaluating ({stage})", unit="clip", file=sys.stderr) as bar:
@@ -249,7 +271,8 @@ def evaluate(args) -> int:
             if stage == "vae":
                 result, errors = evaluate_vae(pipe, args.split, args.n, args.seed, progress=progress)
             else:
-                result = run_eval(pipe, args.split, args.n, args.steps, args.seed, progress=progress)
+                result = run_eval(pipe, args.split, args.n, args.steps, args.seed, progress=progress,
+                                  background=args.background)
         print(f"[{stage}] " + result.table())
         if stage == "vae":
             print(errors.table())
@@ -323,7 +346,8 @@ def data(args) -> int:
         from .data.shards import WorldSpec, write_world
 
         spec = WorldSpec(clips=args.clips, shards=args.shards, split=args.split, seed=args.seed, width=args.size,
-                         height=args.size, num_frames=args.frames, fps=args.fps)
+                         height=args.size, num_frames=args.frames, fps=args.fps, background=args.background,
+                         background_share=args.background_share)
         shards = write_world(args.out, spec, parallel=not args.no_ray)
         print(f"{args.out}: {sum(shards.values())} clips ({args.split}) in {len(shards)} shards, "
               f"{time.perf_counter() - start:.1f} s")

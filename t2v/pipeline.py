@@ -49,6 +49,33 @@ class TextToVideoPipeline:
         runtime = RuntimeOptions.parse(memory, cache, compile)
         return cls(bundle_lib.load(uri, precision=precision, device=device, runtime=runtime))
 
+    # --- LoRA adapters, with diffusers' method names (t2v.lora) ------------------------------------------------
+    def load_lora_weights(self, uri: str, adapter_name: str = "default") -> None:
+        """Load a diffusers-format LoRA folder (local or s3://) into the denoiser and make it the active one."""
+        from . import lora
+
+        lora.load(self.bundle, str(uri), adapter_name)
+        lora.activate(self.bundle, lora.Choice(adapter_name))
+
+    def set_adapters(self, adapter_name: str | None, adapter_weight: float = 1.0) -> None:
+        """Generate with this loaded adapter at this strength from now on (None: the base model alone)."""
+        from . import lora
+
+        lora.activate(self.bundle, None if adapter_name is None else lora.Choice(adapter_name, adapter_weight))
+
+    def disable_lora(self) -> None:
+        self.set_adapters(None)
+
+    def get_list_adapters(self) -> list[str]:
+        from . import lora
+
+        return lora.loaded(self.bundle)
+
+    def delete_adapters(self, adapter_name: str) -> None:
+        from . import lora
+
+        lora.unload(self.bundle, adapter_name)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         b = self.bundle

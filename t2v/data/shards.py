@@ -103,6 +103,17 @@ class WorldSpec:
     height: int = 128
     num_frames: int = 17
     fps: float = 8.0
+    background: str | None = None  # this share of the clips on this background (e.g. a new word, "desert")
+    background_share: float = 1.0
+
+    def __post_init__(self):
+        from ..world.scene import ALL_BACKGROUNDS
+
+        if self.background is not None and self.background not in ALL_BACKGROUNDS:
+            raise ValueError(f"background: {self.background!r} is not one of the world's "
+                             f"({', '.join(ALL_BACKGROUNDS)})")
+        if not 0 <= self.background_share <= 1:
+            raise ValueError(f"background_share: {self.background_share} is not between 0 and 1")
 
     def clips_in(self, shard: int) -> int:
         return self.clips // self.shards + (1 if shard < self.clips % self.shards else 0)
@@ -117,8 +128,11 @@ def world_rows(spec: WorldSpec, shard: int) -> list[dict]:
     name = shard_name(shard, spec.shards)
     rows = []
     for row in range(spec.clips_in(shard)):
+        fixed = {}
+        if spec.background and rng.random() < spec.background_share:
+            fixed["background"] = spec.background
         scene = sample_scene(rng, spec.split, width=spec.width, height=spec.height, num_frames=spec.num_frames,
-                             fps=spec.fps)
+                             fps=spec.fps, **fixed)
         rows.append(dict(
             key=f"{name}:{row}", video=encode_video(render(scene), spec.fps, ".mp4"),
             caption=caption(scene, rng, heldout=spec.split == "heldout"), num_frames=spec.num_frames,

@@ -72,6 +72,11 @@ class Family:
         """Video in [-1, 1] [B, 3, F, H, W] -> normalized latents (the inverse of decode)."""
         raise NotImplementedError
 
+    def lora_loader(self):
+        """The diffusers LoRA loader mixin of the family's pipeline (save_lora_weights / lora_state_dict), or None
+        when diffusers has no LoRA support for its denoiser."""
+        return None
+
     def after_load(self, pipe, config) -> None:
         """Adjust a pipeline diffusers just loaded to the bundle's config (default: nothing to do)."""
 

@@ -63,6 +63,11 @@ PRESETS.update(REAL_PRESETS)
 
 
 class WanFamily(Family):
+    def lora_loader(self):
+        from diffusers.loaders import WanLoraLoaderMixin
+
+        return WanLoraLoaderMixin
+
     def spatial_factor(self, bundle) -> int:
         return int(bundle.vae.config.scale_factor_spatial)
 

@@ -34,6 +34,11 @@ class EvalResult:
     rows: list = field(default_factory=list)  # (prompt, frames) for the contact sheet
     frame_hits: list = field(default_factory=list)  # one-object clips: per frame, object right (True/False/None)
 
+    def adherence(self) -> float:
+        """Every attribute check of every prompt, pooled: the share that matched."""
+        values = [v for (_, attribute), hits in self.hits.items() if attribute != "persistence" for v in hits]
+        return float(np.mean(values)) if values else 0.0
+
     def accuracy(self, kind: str, attribute: str) -> float | None:
         values = self.hits.get((kind, attribute))
         return float(np.mean(values)) if values else None
@@ -48,6 +53,7 @@ class EvalResult:
                 n = len(self.hits.get((kind, attribute), []))
                 cells.append(f"{acc * 100:6.1f}% {n:>3}" if acc is not None else f"{'—':>10}")
             lines.append(f"{attribute:<12}{cells[0]:>10} {cells[1]:>10}")
+        lines.append(f"all attributes pooled: {self.adherence() * 100:.1f}%")
         by_frame = self.per_frame()
         if by_frame:
             lines.append("one object right, by frame: " + " ".join(f"{v * 100:.0f}" for v in by_frame))
@@ -62,13 +68,16 @@ class EvalResult:
         return [float(np.mean([v for v in col if v is not None])) for col in cols]
 
 
-def eval_prompts(split: str, n: int, seed: int = 0, width: int = 128, height: int = 128, num_frames: int = 17):
+def eval_prompts(split: str, n: int, seed: int = 0, width: int = 128, height: int = 128, num_frames: int = 17,
+                 background: str | None = None):
+    """n (caption, scene) pairs of a split; background: every scene on it (e.g. a new word an adapter teaches)."""
     from ..world import caption, sample_scene
 
-    rng = random.Random(f"eval/{split}/{seed}")
+    rng = random.Random(f"eval/{split}/{seed}" + (f"/{background}" if background else ""))
+    fixed = {"background": background} if background else {}
     out = []
     for _ in range(n):
-        scene = sample_scene(rng, split, width=width, height=height, num_frames=num_frames)
+        scene = sample_scene(rng, split, width=width, height=height, num_frames=num_frames, **fixed)
         out.append((caption(scene, rng, heldout=split == "heldout"), scene))
     return out
 
@@ -102,13 +111,15 @@ def _record(result: EvalResult, scene, scores: dict, frames: np.ndarray) -> None
             result.hits[("two", plural)].append(all(per_object))
 
 
-def _score_clips(pipe, split: str, n: int, seed: int, make_frames, sheet_rows: int, progress) -> EvalResult:
+def _score_clips(pipe, split: str, n: int, seed: int, make_frames, sheet_rows: int, progress,
+                 background: str | None = None) -> EvalResult:
     """Score make_frames(i, prompt, scene) -> uint8 [T, H, W, 3] against each prompt's scene."""
     from ..world.score import score
 
     cfg = pipe.bundle.config
     result = EvalResult(split=split, n=n)
-    for i, (prompt, scene) in enumerate(eval_prompts(split, n, seed, cfg.width, cfg.height, cfg.num_frames)):
+    prompts = eval_prompts(split, n, seed, cfg.width, cfg.height, cfg.num_frames, background)
+    for i, (prompt, scene) in enumerate(prompts):
         frames = make_frames(i, prompt, scene)
         _record(result, scene, score(frames, scene), frames)
         if len(result.rows) < sheet_rows:
@@ -119,12 +130,12 @@ def _score_clips(pipe, split: str, n: int, seed: int, make_frames, sheet_rows: i
 
 
 def evaluate(pipe, split: str = "heldout", n: int = 200, num_inference_steps: int = 25, seed: int = 0,
-             sheet_rows: int = 12, progress=None) -> EvalResult:
-    """Adherence of generated videos (stage "video")."""
+             sheet_rows: int = 12, progress=None, background: str | None = None) -> EvalResult:
+    """Adherence of generated videos (stage "video"); background: prompts on that background only."""
     def generate(i, prompt, scene):
         return pipe(prompt, num_inference_steps=num_inference_steps, seed=seed + i).frames[0]
 
-    return _score_clips(pipe, split, n, seed, generate, sheet_rows, progress)
+    return _score_clips(pipe, split, n, seed, generate, sheet_rows, progress, background)
 
 
 @dataclass

@@ -7,8 +7,10 @@ progress)` and `version`: `stages.LocalGenerator` (one process, no Ray) or the S
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from contextlib import aclosing
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from .. import lora
 from ..errors import InputError, StorageError
 from .auth import ANONYMOUS
 from .requests import invalid, program_fields, video_fields
@@ -55,9 +58,10 @@ async def read_fields(request: Request, max_bytes: int) -> dict:
         upload = form.get("input_reference")
         if upload is not None and not isinstance(upload, str):  # a file part: the image itself
             fields["input_reference"] = await upload.read()
-        for key in ("image_url", "file_id"):  # the reference object, as the openai client writes it in a form
-            if f"input_reference[{key}]" in fields:
-                fields.setdefault("input_reference", {})[key] = fields.pop(f"input_reference[{key}]")
+        for field, key in (("input_reference", "image_url"), ("input_reference", "file_id"), ("lora", "name"),
+                           ("lora", "strength")):  # objects, as the openai client writes them in a form
+            if f"{field}[{key}]" in fields:
+                fields.setdefault(field, {})[key] = fields.pop(f"{field}[{key}]")
         return fields
     try:
         fields = json.loads(body or b"{}")
@@ -224,6 +228,31 @@ def create_app(generator, settings: Settings | None = None) -> FastAPI:
     async def health():
         return {"status": "ok", "queued": len(service.queue), "running": len(service.running),
                 "model": settings.model_name, "version": generator.version}
+
+    started = int(time.time())
+
+    def model_entries() -> list[dict]:
+        """The served model and its adapters, as OpenAI's model objects (an adapter's `parent` is the model)."""
+        base = settings.model_name
+        out = [{"id": base, "object": "model", "created": started, "owned_by": "t2v", "root": base, "parent": None}]
+        for name in lora.list_adapters(settings.adapter_root):
+            out.append({"id": f"{base}+{name}", "object": "model", "created": started, "owned_by": "t2v",
+                        "root": name, "parent": base})
+        return out
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        caller(request)
+        return {"object": "list", "data": await asyncio.to_thread(model_entries)}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str, request: Request):
+        caller(request)
+        for entry in await asyncio.to_thread(model_entries):
+            if entry["id"] == model_id:
+                return entry
+        raise APIError(404, f"model {model_id!r} does not exist on this server", param="model",
+                       code="model_not_found")
 
     @app.get("/v1/t2v/defaults")
     async def defaults(request: Request):

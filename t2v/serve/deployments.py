@@ -9,6 +9,7 @@ come from the YAML config, not from here. The graph is bound once, in `build_app
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ from collections import OrderedDict
 import torch
 from ray import serve
 
+from .. import lora
 from ..bundle import COMPONENTS, load
 from ..errors import InputError, JobCancelled
 from .. import parallel
@@ -77,12 +79,19 @@ class Denoiser:
     step_batching ({max_batch_size, wait_s}, from the YAML): concurrent jobs' sampling loops run side by side
     and every forward goes through one `@serve.batch` queue, so the steps waiting at the same moment run as one
     batch (`sampling.predict_batch`). That pays where a forward is launch-bound (a GPU at these sizes); on a
-    CPU a forward is compute-bound, and jobs run one loop at a time instead."""
+    CPU a forward is compute-bound, and jobs run one loop at a time instead.
+
+    adapters ({root, max_per_replica}): LoRA adapters by name under root, loaded as jobs ask for them and kept
+    in an LRU of max_per_replica per replica by Serve's model multiplexing, which also routes a job to a replica
+    that has its adapter loaded. A batch of steps never mixes two adapters."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
                  fan_out: bool = True, step_batching: dict | None = None, runtime: dict | None = None,
-                 parallel: dict | None = None):
+                 parallel: dict | None = None, adapters: dict | None = None):
         layout, rank_options = parse_parallel(parallel)
+        adapter_root, per_replica = parse_adapters(adapters)
+        if adapter_root and layout.ranks > 1:
+            raise ValueError("adapters need a single-rank Denoiser (parallel layouts do not load adapters yet)")
         if (runtime or {}).get("cache") and (step_batching or fan_out or layout.ranks > 1):
             # A step cache keeps each latent's last step in this replica's transformer hooks: a batch of other
             # jobs' steps, or a window predicted on another replica, would compare against the wrong state; split
@@ -103,6 +112,13 @@ class Denoiser:
             self._forward.set_max_batch_size(int(step_batching.get("max_batch_size", 8)))
             self._forward.set_batch_wait_timeout_s(float(step_batching.get("wait_s", 0.002)))
         self._ranks = start_ranks(self.pipe.bundle, layout, rank_options, (model, precision, threads, runtime))
+        bundle = self.pipe.bundle
+
+        async def load_adapter(name: str) -> lora.Loaded:
+            return await asyncio.to_thread(lora.Loaded, bundle, adapter_root, name)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=per_replica)(load_adapter)
+        self.adapter_root = adapter_root
         if self._ranks:
             log.info("Denoiser parallel layout %s: %d ranks", layout.name, layout.ranks)
 
@@ -118,46 +134,63 @@ class Denoiser:
         return self._version
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _forward(self, requests: list[tuple]) -> list[tuple[torch.Tensor, int]]:
-        """The forwards waiting now, from any job or window, as one batch: (prediction, batch size) each."""
+    async def _forward(self, requests: list[tuple], choices: list) -> list[tuple[torch.Tensor, int]]:
+        """The forwards waiting now, from any job or window, as one batch per adapter (`choices`, None for the
+        base model): (prediction, the size of the batch it rode in) each."""
+        bundle = self.pipe.bundle
+
         def run():
             with torch.no_grad():
-                return bundle_forward(self.pipe.bundle, batched=True)(requests)
+                return lora.by_adapter(requests, choices, lambda choice, group: lora.with_adapter(
+                    bundle, choice, bundle_forward(bundle, batched=True))(group))
 
-        return [(pred, len(requests)) for pred in await asyncio.to_thread(run)]
+        sizes = [choices.count(c) for c in choices]
+        return list(zip(await asyncio.to_thread(run), sizes))
 
-    async def predict_window(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float):
-        """One window of one step of someone else's long video (no lock: it is a single forward)."""
+    async def predict_window(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float,
+                             strength: float = 1.0):
+        """One window of one step of someone else's long video (no lock: it is a single forward), with the
+        adapter the call was routed by (its multiplexed model id) at `strength`."""
         device = self.pipe.bundle.device
         x, t, embeds = x.to(device), t.to(device), embeds.to(device)
-        if self.step_batching:
-            return (await self._forward((x, t, embeds, guidance)))[0].cpu()
+        name = serve.get_multiplexed_model_id()
+        choice = lora.Choice(name, strength) if name else None
+        adapter = await self._adapter(name) if name else None
+        with adapter.in_use() if adapter else contextlib.nullcontext():
+            if self.step_batching:
+                return (await self._forward((x, t, embeds, guidance), choice))[0].cpu()
 
-        def run():
-            with torch.no_grad():
-                return bundle_forward(self.pipe.bundle)([(x, t, embeds, guidance)])[0].cpu()
+            def run():
+                with torch.no_grad():
+                    forward = lora.with_adapter(self.pipe.bundle, choice, bundle_forward(self.pipe.bundle))
+                    return forward([(x, t, embeds, guidance)])[0].cpu()
 
-        return await asyncio.to_thread(run)
+            return await asyncio.to_thread(run)
 
-    def _remote_predictor(self):
-        """Predict each step's windows on the Denoiser replicas (this one included) and gather them."""
+    def _remote_predictor(self, choice: lora.Choice | None):
+        """Predict each step's windows on the Denoiser replicas (this one included) and gather them, routed to
+        replicas that have the job's adapter loaded."""
         device = self.pipe.bundle.device
         peers = []  # their handle, got at the first step: a job without windows never needs one
 
         def predict(xs, t, embeds, guidance):
             if not peers:
                 ctx = serve.get_replica_context()
-                peers.append(serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name))
-            calls = [peers[0].predict_window.remote(x.cpu(), t.cpu(), e.cpu(), guidance) for x, e in zip(xs, embeds)]
+                handle = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
+                peers.append(handle.options(multiplexed_model_id=choice.name) if choice else handle)
+            strength = choice.strength if choice else 1.0
+            calls = [peers[0].predict_window.remote(x.cpu(), t.cpu(), e.cpu(), guidance, strength)
+                     for x, e in zip(xs, embeds)]
             return [c.result().to(device) for c in calls]
 
         return predict
 
-    def _batched_predictor(self, loop: asyncio.AbstractEventLoop, batch_sizes: list[int]):
+    def _batched_predictor(self, loop: asyncio.AbstractEventLoop, batch_sizes: list[int],
+                           choice: lora.Choice | None):
         """For a sampling loop in a worker thread: its forwards join the replica's batch queue (the sizes of
         the batches they rode in are appended to batch_sizes)."""
         def predict(xs, t, embeds, guidance):
-            calls = [asyncio.run_coroutine_threadsafe(self._forward((x, t, e, guidance)), loop)
+            calls = [asyncio.run_coroutine_threadsafe(self._forward((x, t, e, guidance), choice), loop)
                      for x, e in zip(xs, embeds)]
             results = [c.result() for c in calls]
             batch_sizes.extend(n for _, n in results)
@@ -171,16 +204,19 @@ class Denoiser:
         batch_sizes: list[int] = []
         cancel = threading.Event()
         last = [0, 0]  # the last step reported, of how many
+        choice = lora.choice_of(params)
+        adapter = await self._adapter(choice.name) if choice else None  # loaded here, or found in the LRU
 
         def run():
             def progress(i, n):
                 last[:] = i, n
                 loop.call_soon_threadsafe(events.put_nowait, (i, n))
 
-            batched = self._batched_predictor(loop, batch_sizes) if self.step_batching else None
-            windows = self._remote_predictor() if self.fan_out else batched
-            return stages.run_job(self.pipe, params, progress, (embeds, negative), predictor=batched,
-                                  window_predictor=windows, lock=self._lock, cancel=cancel)
+            batched = self._batched_predictor(loop, batch_sizes, choice) if self.step_batching else None
+            windows = self._remote_predictor(choice) if self.fan_out else batched
+            with adapter.in_use() if adapter else contextlib.nullcontext():
+                return stages.run_job(self.pipe, params, progress, (embeds, negative), predictor=batched,
+                                      window_predictor=windows, lock=self._lock, cancel=cancel)
 
         def stopped(task):  # the operator's trace that a cancelled job freed the replica (tests read it too)
             if not task.cancelled() and isinstance(task.exception(), JobCancelled):
@@ -208,6 +244,18 @@ class Denoiser:
             sampled.latents = sampled.latents.cpu()
         yield ("served_by", parallel.layout_of(self.pipe.bundle).describe())
         yield ("sampled", sampled)
+
+
+def parse_adapters(options: dict | None) -> tuple[str | None, int]:
+    """A Serve config's `adapters` ({root, max_per_replica}) -> (root, the LRU's size per Denoiser replica)."""
+    options = dict(options or {})
+    unknown = set(options) - {"root", "max_per_replica"}
+    if unknown:
+        raise ValueError(f"unknown adapters keys: {', '.join(sorted(unknown))} (allowed: root, max_per_replica)")
+    per_replica = int(options.get("max_per_replica", 4))
+    if per_replica < 1:
+        raise ValueError(f"adapters.max_per_replica: {per_replica} is not ≥ 1")
+    return options.get("root"), per_replica
 
 
 def parse_parallel(options: dict | None) -> tuple[parallel.ParallelLayout, dict]:
@@ -366,7 +414,10 @@ class ServeGenerator:
         embeds, negative = await self.encoder.encode.remote((params["prompt"], params["negative_prompt"]))
         t1 = time.perf_counter()
         result = {}
-        stream = self.denoiser.options(stream=True).denoise.remote(params, embeds, negative)
+        # A job with an adapter goes to a replica that has it loaded, where one does (Serve's multiplexing).
+        adapter = (params.get("lora") or {}).get("name", "")
+        stream = self.denoiser.options(stream=True, multiplexed_model_id=adapter).denoise.remote(
+            params, embeds, negative)
         try:
             async for event in stream:
                 if event[0] == "progress":
@@ -418,7 +469,8 @@ class Ingress:
 def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
-    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "runtime", "parallel", "settings"}
+    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "runtime", "parallel", "adapters",
+               "settings"}
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
@@ -426,8 +478,11 @@ def build_app(args: dict):
     runtime = args.get("runtime") or {}
     RuntimeOptions.parse(**runtime)  # a bad option fails the deploy here, naming it, not in every replica
     parse_parallel(args.get("parallel"))
+    adapter_root, _ = parse_adapters(args.get("adapters"))
+    settings = dict(args.get("settings") or {})
+    if adapter_root:  # the Ingress lists and checks adapters where the Denoiser replicas load them
+        settings["adapter_root"] = adapter_root
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
     denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"), runtime,
-                             args.get("parallel"))
-    return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime),
-                        args.get("settings"))
+                             args.get("parallel"), args.get("adapters"))
+    return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime), settings)

@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ..errors import InputError
 from ..images import MAX_BYTES as MAX_IMAGE_BYTES
+from ..lora import MAX_STRENGTH as MAX_LORA_STRENGTH
 from ..params import FALSE_WORDS, MAX_FPS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, TRUE_WORDS
 from ..production.postprocess import INTERPOLATIONS, MAX_SMOOTH
 from ..production.programs import CLIP_SECONDS, KINDS, MAX_CLIPS, MAX_TEXT_CHARS
@@ -151,10 +152,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
+class LoraChoice(_Strict):
+    """A video's LoRA adapter: an adapter name under the server's adapters root, and the strength its update is
+    scaled by (1: as trained)."""
+
+    name: Name
+    strength: optional(number(ge=-MAX_LORA_STRENGTH, le=MAX_LORA_STRENGTH)) = None
+
+
+def _lora(value: Any) -> Any:
+    """`"desert"` or `"desert:0.8"` (a form's single field) as {"name", "strength"}."""
+    if isinstance(value, str):
+        name, sep, strength = value.rpartition(":")
+        return {"name": name, "strength": strength} if sep else {"name": value}
+    return value
+
+
 class _Job(_Strict):
     """What every job takes: the model it asks for, its place in the queue and the sampler's settings."""
 
-    model: optional(Name) = None
+    model: optional(Name) = None  # the served model, or "<model>+<adapter>"
+    lora: optional(Annotated[LoraChoice, BeforeValidator(_lora)]) = None
     priority: optional(integer(0, MAX_PRIORITY)) = None
     seed: optional(integer(0, MAX_SEED)) = None
     num_inference_steps: optional(integer(1, MAX_STEPS)) = None
@@ -255,6 +273,13 @@ def parse(model: type[M], fields: Any) -> M:
         return model.model_validate(fields)
     except ValidationError as e:
         raise invalid(e.errors(include_url=False, include_input=False)) from None
+
+
+def adapter_fields(fields: dict) -> tuple[str | None, dict | None]:
+    """A job body's `model` and `lora` fields, checked (the job service chooses the adapter before anything
+    else is validated)."""
+    request = parse(_Job, fields)
+    return request.model, None if request.lora is None else request.lora.model_dump(exclude_none=True)
 
 
 def video_fields(fields: dict) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
+from .. import lora
 from ..errors import InputError, StorageError
 from .auth import ANONYMOUS, APIKeys, refuse_keys_in_args
 from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
@@ -30,7 +31,8 @@ class Settings:
     """The job service's and its HTTP API's settings (the Ingress's `settings` in a Serve config)."""
 
     store: str = "out/serve"  # job records and videos: a folder or s3:// prefix
-    model_name: str = "t2v-default"  # what "model" must be (or omitted)
+    model_name: str = "t2v-default"  # what "model" must be (or omitted), or "<model_name>+<adapter>"
+    adapter_root: str | None = None  # LoRA adapters: a folder or s3:// prefix with one folder per adapter
     # sha256 digests -> user level (auth.py); empty: no authentication. From the environment in a Serve
     # config (from_dict); a {key: level} dict in-process. Never in repr, logs or the Serve config.
     api_keys: APIKeys = field(default_factory=APIKeys, repr=False)
@@ -195,12 +197,35 @@ class JobService:
             pause = min(2 * pause, 0.5)  # the request holding the key is still validating: its job comes soon
             await asyncio.sleep(pause)
 
+    def adapter_of(self, fields: dict, program: bool) -> tuple[str, lora.Choice | None]:
+        """The model a job asks for, and its adapter: `model: "<model>+<adapter>"` or a `lora` field. An adapter
+        that is not under the adapters root is a 404, as for an unknown model; nothing is queued."""
+        from .requests import adapter_fields
+
+        model, spec = adapter_fields(fields)
+        base, plus, named = (model or self.settings.model_name).partition("+")
+        if base != self.settings.model_name:
+            raise APIError(400, f"model {base!r} is not served here", param="model", code="model_not_found")
+        if plus and spec and spec["name"] != named:
+            raise InputError("lora", f"names adapter {spec['name']!r}, but model names {named!r}")
+        name, field_name = (named, "model") if plus else ((spec or {}).get("name"), "lora")
+        if not name:
+            return base, None
+        choice = lora.Choice.parse(name, (spec or {}).get("strength", 1.0), field_name)
+        if program:
+            raise InputError(field_name, "programmes are made with the base model; adapters apply to videos")
+        if not lora.exists(self.settings.adapter_root, name):
+            raise APIError(404, f"adapter {name!r} does not exist on this server (GET /v1/models lists the models "
+                           "and adapters)", param=field_name, code="model_not_found")
+        return f"{base}+{name}", choice
+
     async def _create(self, fields: dict, user_level: int, program: bool, tenant: str, job_id: str) -> VideoJob:
-        model = fields.get("model") or self.settings.model_name
-        if model != self.settings.model_name:
-            raise APIError(400, f"model {model!r} is not served here", param="model", code="model_not_found")
+        model, choice = self.adapter_of(fields, program)
         priority = parse_priority(fields.get("priority", 5))
         params = await (self.generator.validate_program(fields) if program else self.generator.validate(fields))
+        if choice is not None:  # its version keys the result cache: a replaced adapter is not served from it
+            params["lora"] = {"name": choice.name, "strength": choice.strength,
+                              "version": lora.version(self.settings.adapter_root, choice.name)}
         now = time.time()
         job = VideoJob(
             id=job_id, prompt=params["original_prompt"], model=model, params=params, tenant=tenant,

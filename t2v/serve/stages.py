@@ -30,7 +30,8 @@ from ..production.prompting import optimize_prompt
 from ..images import check_aspect, read_image
 from ..parallel import layout_of
 from ..pipeline import TextToVideoPipeline, progress_callback
-from ..sampling import num_timesteps
+from ..sampling import as_predictor, bundle_forward, num_timesteps
+from .. import lora
 from ..video import png_bytes
 from .requests import program_fields, video_fields
 from .store import KINDS
@@ -289,8 +290,10 @@ def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, in
     predictor: where a clip's steps are predicted (the Denoiser's step batching); window_predictor: where a
     composed video's windows are; lock: held while the job uses the pipeline's own modules, which are not
     re-entrant (a clip whose forwards all go through `predictor` needs no lock); cancel: once set, the
-    sampling raises JobCancelled at its next step."""
+    sampling raises JobCancelled at its next step. A job that names an adapter (`params["lora"]`, loaded by the
+    caller) has it switched on for each of its forwards here; a predictor passed in switches it itself."""
     kind, lock = params["kind"], contextlib.nullcontext() if lock is None else lock
+    here = as_predictor(lora.with_adapter(pipe.bundle, lora.choice_of(params), bundle_forward(pipe.bundle)))
     progress = stop_when(cancel, progress)
     t0 = time.perf_counter()
     if kind == "program":  # its progress is per clip; a cancel is seen at every step of a clip
@@ -298,7 +301,7 @@ def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, in
             return Sampled(finished=program_job(pipe, params, progress, stop_when(cancel, None)))
     if kind == "composed":
         with lock:  # it decodes too, and the causal VAE's caches are not re-entrant
-            frames = compose_job(pipe, params, progress, window_predictor)
+            frames = compose_job(pipe, params, progress, window_predictor or here)
         return Sampled(frames=frames, timings={"generate_s": time.perf_counter() - t0})
     if kind != "video":
         raise ValueError(f"unknown job kind {kind!r} (known: {', '.join(KINDS)})")
@@ -310,7 +313,7 @@ def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, in
     t1 = time.perf_counter()
     if predictor is None:
         with lock:
-            latents = denoise(pipe, params, *embeds, progress)
+            latents = denoise(pipe, params, *embeds, progress, here)
     else:
         latents = denoise(pipe, params, *embeds, progress, predictor)
     timings["denoise_s"] = time.perf_counter() - t1
@@ -327,11 +330,12 @@ def score(frames: np.ndarray, prompt: str | None) -> dict:
 class LocalGenerator:
     """All stages in this process, one job at a time (the pipeline's modules are not re-entrant)."""
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, adapter_root: str | None = None, max_adapters: int = 4):
         self.bundle = bundle
         self.pipe = TextToVideoPipeline(bundle)
         self.version = model_version(bundle)
         self._lock = threading.Lock()
+        self.adapters = lora.LRU(bundle, adapter_root, max_adapters)  # loaded as jobs ask for them
 
     async def validate(self, fields: dict) -> dict:
         return validate(self.bundle, fields)
@@ -358,7 +362,9 @@ class LocalGenerator:
 
     def _generate(self, params, progress, cancel: threading.Event | None = None) -> GeneratedVideo:
         with self._lock:
-            sampled = run_job(self.pipe, params, progress, cancel=cancel)
+            choice = lora.choice_of(params)
+            with self.adapters.get(choice.name).in_use() if choice else contextlib.nullcontext():
+                sampled = run_job(self.pipe, params, progress, cancel=cancel)
             result = sampled.finished or finish(self.pipe, sampled.latents, params["fps"], sampled.frames)
         result.timings.update(sampled.timings)
         result.served_by = layout_of(self.bundle).describe()

@@ -46,6 +46,14 @@ class TrainConfig:
     vae_trainable: str = "all"  # VAE stage: "all", or "decoder" (fine-tune the decoder of an `init` bundle; its
     # latents, and so a denoiser trained on them, stay valid)
 
+    # LoRA (denoiser stage): > 0 trains an adapter of this rank on the frozen `init` bundle's denoiser and saves
+    # it to `out` as a diffusers LoRA folder (t2v.lora) instead of a whole bundle.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: the rank (a scale of 1)
+    lora_targets: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_dropout: float = 0.0
+    lora_words: list = field(default_factory=list)  # the words it teaches, recorded in its adapter.json
+
     log_every: int = 10
     checkpoint_every: int = 200
     sample_every: int = 0  # 0: never; else write sample videos to <out>/samples

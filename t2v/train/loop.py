@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import storage
+from .. import lora, storage
 from ..bundle import Bundle, from_components, load
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
@@ -65,9 +65,10 @@ class FolderCheckpoints:
 class EMA:
     """Exponential moving average of a model's floating-point weights (with the usual warm-up)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    def __init__(self, model: torch.nn.Module, decay: float, keys=None):
+        self.decay = decay  # keys: only these state entries (an adapter's weights), else every floating one
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                       if v.is_floating_point() and (keys is None or k in keys)}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
@@ -225,7 +226,16 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     for module in (bundle.text_encoder, bundle.vae, bundle.denoiser):
         module.to(device).requires_grad_(False).eval()
     trained = bundle.vae if cfg.stage == "vae" else bundle.denoiser
-    trained.requires_grad_(True).train()
+    adapter_keys = None
+    if cfg.lora_rank:
+        if cfg.stage != "denoiser":
+            raise ValueError(f"lora_rank: adapters are trained on the denoiser stage, not {cfg.stage!r}")
+        lora.add_trainable(bundle, lora.lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                                                    cfg.lora_dropout))
+        adapter_keys = {k for k, p in trained.named_parameters() if p.requires_grad}
+        trained.train()
+    else:
+        trained.requires_grad_(True).train()
     if cfg.stage == "vae" and cfg.vae_trainable == "decoder":
         trained.requires_grad_(False)
         for part in (trained.post_quant_conv, trained.decoder):
@@ -234,11 +244,11 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         raise ValueError(f"vae_trainable must be 'all' or 'decoder' (stage vae), got {cfg.vae_trainable!r}")
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ema = EMA(trained, cfg.ema_decay)
+    ema = EMA(trained, cfg.ema_decay, adapter_keys)
     step, samples_seen = 0, 0
     state = store.latest()
     if state is not None:
-        trained.load_state_dict(state["model"])
+        trained.load_state_dict(state["model"], strict=adapter_keys is None)
         ema.shadow = state["ema"]
         opt.load_state_dict(state["optimizer"])
         step, samples_seen = state["step"], state["samples_seen"]
@@ -288,7 +298,10 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         if on_step:
             on_step(step, metrics)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            state = {"model": trained.state_dict(), "ema": ema.shadow, "optimizer": opt.state_dict(), "step": step,
+            weights = trained.state_dict()
+            if adapter_keys is not None:  # the frozen base is the init bundle's: an adapter's checkpoint is its own
+                weights = {k: v for k, v in weights.items() if k in adapter_keys}
+            state = {"model": weights, "ema": ema.shadow, "optimizer": opt.state_dict(), "step": step,
                      "samples_seen": samples_seen, "config": dataclasses.asdict(cfg)}
             store.save(state, step, metrics)
             window = []
@@ -299,7 +312,10 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     trained.eval().requires_grad_(False)
     if cfg.stage == "vae" and cfg.vae_trainable == "all":  # a frozen encoder keeps its latent statistics
         set_latent_statistics(bundle, make_batches(0), device)
-    if rank == 0:
+    if rank == 0 and cfg.lora_rank:
+        lora.save(bundle, cfg.out, info={"base": cfg.init, "words": list(cfg.lora_words), "steps": cfg.steps,
+                                         "data": cfg.data, "samples_seen": samples_seen})
+    elif rank == 0:
         bundle.save(cfg.out)
     return bundle
 

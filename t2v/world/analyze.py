@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from .render import BOUNCE_HEIGHT, PAN, ZOOM, shape_points
-from .scene import BACKGROUNDS, CAMERAS, COLORS, SHAPES, SIZES, SPEEDS, background_palette, contrasts
+from .scene import ALL_BACKGROUNDS, CAMERAS, COLORS, SHAPES, SIZES, SPEEDS, background_palette, contrasts
 
 # --------------------------------------------------------------------------------------------------------------
 # Colour model
@@ -86,7 +86,7 @@ def classify_background(frames: np.ndarray) -> str:
     """The background whose palette (and blends of it) explains the most pixels."""
     px = frames[:: max(1, len(frames) // 4), ::3, ::3].reshape(-1, 3).astype(float)
     scores = {}
-    for name in BACKGROUNDS:
+    for name in ALL_BACKGROUNDS:
         best = np.full(len(px), np.inf)
         for a, b in _bg_segments(name):
             best = np.minimum(best, _segments_dist(px, a, b)[0])

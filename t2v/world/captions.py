@@ -53,6 +53,7 @@ BACKGROUND_WORDS = {
     "night": (["in the night sky", "against a starry night sky"], ["under the stars at night"]),
     "sky": (["under a blue sky over green grass", "in a grassy meadow under a blue sky"], ["over a green field"]),
     "sunset": (["at sunset", "against a sunset sky"], ["in the evening glow of a setting sun"]),
+    "desert": (["in a sandy desert", "over desert sand dunes"], ["among the dunes of a desert"]),
 }
 CAMERA_WORDS = {
     "static": ([""], [""]),

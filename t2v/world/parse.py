@@ -77,6 +77,8 @@ _EXTRA_SPEEDS = {
                 "zooms", "races", "racing", "dashes", "darts"],
 }
 _EXTRA_BACKGROUNDS = {
+    "desert": ["sandy desert", "desert sand", "sand dunes", "desert dunes", "dunes", "dune", "desert", "sahara",
+               "sand"],
     "night": ["starry night sky", "starry night", "starry sky", "night sky", "night-time sky", "nighttime sky",
               "starlit sky", "starry", "starlit", "at night", "night", "nighttime", "night-time", "the stars",
               "outer space", "space"],

@@ -18,7 +18,11 @@ MOTIONS = ("left", "right", "up", "down", "bounce", "spin", "grow", "shrink", "s
 TRANSLATIONS = ("left", "right", "up", "down")
 SPEEDS = {"slowly": 0.22, "normal": 0.40, "quickly": 0.62}  # translation over the clip, fraction of the frame
 GROW, SHRINK = 1.4, 0.6  # size at the end of the clip, relative to the start
-BACKGROUNDS = ("black", "white", "gray", "night", "sky", "sunset")
+BACKGROUNDS = ("black", "white", "gray", "night", "sky", "sunset")  # the vocabulary the embedded model knows
+# Words the world renders and the analyzer reads but that no base training clip shows: what an adapter can teach
+# the embedded model (docs/lora.md). Scenes use them only when asked (random_scene(background="desert")).
+NEW_BACKGROUNDS = ("desert",)
+ALL_BACKGROUNDS = BACKGROUNDS + NEW_BACKGROUNDS
 STRUCTURED = ("night", "sky", "sunset")  # camera motion is only visible over structure
 CAMERAS = ("static", "pan left", "pan right", "zoom in", "zoom out")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -30,6 +34,7 @@ BG = {  # the colours backgrounds are drawn with
     "sky": (110, 170, 240), "cloud": (236, 242, 252), "grass": (52, 135, 48), "grass_dark": (38, 105, 36),
     "sunset_top": (88, 40, 112), "sunset_mid": (245, 130, 60), "sunset_low": (120, 50, 70), "sun": (255, 215, 120),
     "hills": (45, 22, 45),
+    "sand": (214, 190, 140), "dune": (168, 128, 84),
 }
 MIN_CONTRAST = 90  # RGB distance an object colour keeps from every colour of its background
 
@@ -41,6 +46,7 @@ def background_palette(name: str) -> list[tuple[int, int, int]]:
         "night": [BG["night"], BG["star"]],
         "sky": [BG["sky"], BG["cloud"], BG["grass"], BG["grass_dark"]],
         "sunset": [BG["sunset_top"], BG["sunset_mid"], BG["sunset_low"], BG["sun"], BG["hills"]],
+        "desert": [BG["sand"], BG["dune"]],
     }[name]
 
 

@@ -1,0 +1,319 @@
+"""LoRA adapters on a bundle's denoiser, in diffusers' LoRA format.
+
+An adapter is a folder (local or s3://) holding `pytorch_lora_weights.safetensors`, its keys prefixed by the
+pipeline component they patch (`transformer.blocks.0.attn1.to_q.lora_A.weight`) and its peft config in the file's
+metadata: what `WanPipeline.save_lora_weights` writes and `pipe.load_lora_weights` reads, so diffusers loads
+t2v's adapters and t2v loads diffusers' (and, through diffusers' converters, the original Wan/ComfyUI layouts).
+t2v trains them with peft (`TrainConfig.lora_rank`), and a generation chooses one by name with a strength.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import storage
+from .errors import InputError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+CARD_NAME = "adapter.json"  # t2v's note beside it: what the adapter was trained on and for which words
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection (diffusers' Wan LoRA recipe)
+# One path segment of letters, digits and ._- (no leading dot): a name can never leave the adapters' root.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_STRENGTH = 4.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One generation's adapter: its name and the strength its update is scaled by (1 = as trained)."""
+
+    name: str
+    strength: float = 1.0
+
+    @classmethod
+    def parse(cls, name: str, strength: float = 1.0, field: str = "lora") -> "Choice":
+        check_name(name, field)
+        if not -MAX_STRENGTH <= float(strength) <= MAX_STRENGTH:
+            raise InputError(f"{field}.strength", f"{strength} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]")
+        return cls(name, float(strength))
+
+
+def check_name(name: str, field: str = "lora") -> str:
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise InputError(field, f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting "
+                                "with a letter or digit (one folder under the adapters' root)")
+    return name
+
+
+def adapter_uri(root: str, name: str) -> str:
+    """The folder of adapter `name` under `root`, the name checked first."""
+    return storage.join(root, check_name(name))
+
+
+def list_adapters(root: str | None) -> list[str]:
+    """The adapters under a root: its folders that hold a LoRA weight file, by name."""
+    if not root or not storage.exists(root):
+        return []
+    names = {rel.split("/")[0] for rel in storage.list_files(root) if rel.count("/") == 1 and rel.endswith(
+        "/" + WEIGHT_NAME)}
+    return sorted(n for n in names if NAME.match(n))
+
+
+def exists(root: str | None, name: str) -> bool:
+    return bool(root) and storage.exists(storage.join(adapter_uri(root, name), WEIGHT_NAME))
+
+
+def card(uri: str) -> dict:
+    """An adapter's adapter.json ({} when it has none, as diffusers' own adapters do)."""
+    path = storage.join(uri, CARD_NAME)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else {}
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def lora_config(rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS, dropout: float = 0.0):
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha or rank), target_modules=list(targets),
+                      lora_dropout=float(dropout), init_lora_weights=True)
+
+
+def add_trainable(bundle, config, name: str = "default") -> list:
+    """Add a fresh adapter to the bundle's denoiser, which is frozen; its LoRA weights are the only trainable
+    parameters (returned)."""
+    denoiser = _supporting(bundle)
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(config, adapter_name=name)
+    params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def adapter_state(bundle, name: str = "default") -> dict:
+    """An adapter's LoRA weights, keyed as peft names them inside the denoiser (no component prefix)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(bundle.denoiser, adapter_name=name)
+
+
+def save(bundle, uri: str, name: str = "default", info: dict | None = None) -> None:
+    """Write adapter `name` of the bundle's denoiser as a diffusers LoRA folder (weights, peft config in the
+    metadata) plus t2v's adapter.json (`info`: base model, trigger words, training figures)."""
+    denoiser = _supporting(bundle)
+    loader, prefix = bundle.family.lora_loader(), bundle.family.denoiser_key
+    config = denoiser.peft_config[name].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])  # a set, which JSON metadata cannot hold
+    state = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(bundle, name).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        loader.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **{f"{prefix}_lora_layers": state,
+                                                                  f"{prefix}_lora_adapter_metadata": config})
+        Path(tmp, CARD_NAME).write_text(json.dumps({"rank": config["r"], "alpha": config["lora_alpha"],
+                                                    "target_modules": config["target_modules"], **(info or {})},
+                                                   indent=2, sort_keys=True))
+        for file in (WEIGHT_NAME, CARD_NAME):
+            storage.write_bytes(storage.join(uri, file), Path(tmp, file).read_bytes())
+
+
+# --- loading and choosing ---------------------------------------------------------------------------------
+
+def load(bundle, uri: str, name: str) -> None:
+    """Load the LoRA folder at `uri` (local or s3://) into the bundle's denoiser as adapter `name`, inactive
+    until a generation chooses it. Formats diffusers converts (original Wan, ComfyUI) load too."""
+    denoiser = _supporting(bundle)
+    if name in getattr(denoiser, "peft_config", {}):
+        return
+    loader, prefix = bundle.family.lora_loader(), bundle.family.denoiser_key
+    with _local_folder(uri) as folder:
+        if not (folder / WEIGHT_NAME).is_file():
+            raise FileNotFoundError(f"{uri}: no {WEIGHT_NAME} (not a LoRA adapter folder)")
+        state, metadata = loader.lora_state_dict(str(folder), weight_name=WEIGHT_NAME, return_lora_metadata=True)
+    with lock_of(denoiser):
+        was = _active(denoiser)
+        denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=name, metadata=metadata)
+        _set_active(denoiser, _STALE)  # loading made the new adapter active: put back what was chosen
+        _apply(denoiser, None if was is _STALE else was)
+
+
+def unload(bundle, name: str) -> None:
+    """Remove adapter `name` from the bundle's denoiser (nothing to do when it is not loaded)."""
+    denoiser = bundle.denoiser
+    with lock_of(denoiser):
+        if name in getattr(denoiser, "peft_config", {}):
+            was = _active(denoiser)
+            denoiser.delete_adapters(name)
+            _set_active(denoiser, _STALE)
+            _apply(denoiser, None if was is None or was is _STALE or was.name == name else was)
+
+
+def loaded(bundle) -> list[str]:
+    return sorted(getattr(bundle.denoiser, "peft_config", {}) or {})
+
+
+def activate(bundle, choice: Choice | None) -> None:
+    """Make `choice` the adapter the denoiser's next forwards use (None: the base model alone)."""
+    with lock_of(bundle.denoiser):
+        _apply(bundle.denoiser, choice)
+
+
+_STALE = object()  # the denoiser's adapter state is not known: the next choice is applied whatever it is
+
+
+def _active(denoiser):
+    return denoiser.__dict__.get("_t2v_lora")
+
+
+def _set_active(denoiser, choice) -> None:
+    denoiser.__dict__["_t2v_lora"] = choice
+
+
+def _apply(denoiser, choice: Choice | None) -> None:
+    if _active(denoiser) is choice or (_active(denoiser) is not _STALE and _active(denoiser) == choice):
+        return
+    if choice is None:
+        if getattr(denoiser, "peft_config", None):
+            denoiser.disable_lora()
+    else:
+        if choice.name not in getattr(denoiser, "peft_config", {}):
+            raise KeyError(f"adapter {choice.name!r} is not loaded (loaded: {', '.join(sorted(getattr(denoiser, 'peft_config', {}))) or 'none'})")
+        denoiser.enable_lora()
+        denoiser.set_adapters([choice.name], [choice.strength])
+    _set_active(denoiser, choice)
+
+
+def with_adapter(bundle, choice: Choice | None, predict_requests: Callable) -> Callable:
+    """requests -> predictions with `choice` active for each forward: the switch and the forward hold the
+    denoiser's lock together, so loops of jobs with different adapters may share one replica."""
+    def predict(requests):
+        with lock_of(bundle.denoiser):
+            _apply(bundle.denoiser, choice)
+            return predict_requests(requests)
+
+    return predict
+
+
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def lock_of(denoiser) -> threading.RLock:
+    """The lock that pairs an adapter switch with the forwards that use it."""
+    with _LOCKS_LOCK:
+        return _LOCKS.setdefault(denoiser, threading.RLock())
+
+
+def _supporting(bundle):
+    if bundle.family.lora_loader() is None:
+        raise InputError("lora", f"the {bundle.family.name} family's denoiser has no LoRA support in diffusers")
+    return bundle.denoiser
+
+
+@contextmanager
+def _local_folder(uri: str):
+    if not storage.is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in (WEIGHT_NAME, CARD_NAME):
+            if storage.exists(storage.join(uri, file)):
+                Path(tmp, file).write_bytes(storage.read_bytes(storage.join(uri, file)))
+        yield Path(tmp)
+
+
+def version(root: str, name: str) -> str:
+    """A fingerprint of an adapter's weights file (size and mtime, or the S3 ETag): cached results of an adapter
+    that was replaced under the same name are not served again."""
+    uri = storage.join(adapter_uri(root, name), WEIGHT_NAME)
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        return storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    stat = Path(uri).stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def choice_of(params: dict) -> Choice | None:
+    """A job's adapter, from its parameters (`params["lora"]`, set by the job service)."""
+    spec = params.get("lora")
+    return None if not spec else Choice(spec["name"], float(spec.get("strength", 1.0)))
+
+
+class Loaded:
+    """An adapter loaded into a bundle's denoiser. Whoever holds it -- a cache that keeps it loaded, each
+    generation that uses it -- holds a reference; the last one released unloads it, so an LRU evicting an adapter
+    never pulls it from under a generation still sampling with it."""
+
+    def __init__(self, bundle, root: str, name: str):
+        self.bundle, self.root, self.name, self._released = bundle, root, name, False
+        load(bundle, adapter_uri(root, name), name)
+        _hold(bundle, name, +1)
+
+    @contextmanager
+    def in_use(self):
+        _hold(self.bundle, self.name, +1)
+        try:
+            yield self
+        finally:
+            _hold(self.bundle, self.name, -1)
+
+    def unload(self) -> None:
+        """The cache's reference, released (once)."""
+        if not self._released:
+            self._released = True
+            _hold(self.bundle, self.name, -1)
+
+    def __del__(self):  # Serve's multiplexing calls it when its LRU evicts the adapter
+        try:
+            self.unload()
+        except Exception:  # noqa: BLE001 - at interpreter exit the denoiser may be gone already
+            pass
+
+
+def _hold(bundle, name: str, delta: int) -> None:
+    denoiser = bundle.denoiser
+    with lock_of(denoiser):
+        refs = denoiser.__dict__.setdefault("_t2v_lora_refs", {})
+        refs[name] = refs.get(name, 0) + delta
+        if refs[name] <= 0:
+            del refs[name]
+            unload(bundle, name)
+
+
+class LRU:
+    """The adapters one process keeps loaded, the least recently used unloaded past `capacity` (the policy Serve's
+    `@serve.multiplexed` applies per Denoiser replica, for generators that run without Serve)."""
+
+    def __init__(self, bundle, root: str | None, capacity: int = 4):
+        from collections import OrderedDict
+
+        self.bundle, self.root, self.capacity = bundle, root, capacity
+        self._loaded: OrderedDict[str, Loaded] = OrderedDict()
+
+    def get(self, name: str) -> Loaded:
+        if not self.root:
+            raise InputError("lora", "this server has no adapters (no adapters root is configured)")
+        if name not in self._loaded:
+            self._loaded[name] = Loaded(self.bundle, self.root, name)
+            while len(self._loaded) > self.capacity:
+                self._loaded.popitem(last=False)[1].unload()
+        self._loaded.move_to_end(name)
+        return self._loaded[name]
+
+
+def by_adapter(requests: list, choices: list, predict_requests: Callable[[Choice | None, list], list]) -> list:
+    """Predictions for requests that each name an adapter: one call per adapter, requests of the same adapter
+    batched together (a batch never mixes two), results in the requests' order."""
+    groups: dict = {}
+    for i, choice in enumerate(choices):
+        groups.setdefault(choice, []).append(i)
+    out = [None] * len(requests)
+    for choice, members in groups.items():
+        for i, pred in zip(members, predict_requests(choice, [requests[i] for i in members])):
+            out[i] = pred
+    return out

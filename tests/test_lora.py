@@ -1,0 +1,242 @@
+"""LoRA adapters: trained with peft by the plain loop, saved in diffusers' format and loaded both ways, chosen
+per generation, and served by name through the job API (the in-process generator; the Serve graph's run is in
+test_serve_graph.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import diffusers
+import httpx
+import openai
+import pytest
+import torch
+from test_agreement import CALL_WAN, reference
+from test_serve_api import Server
+
+import t2v
+from t2v import lora
+from t2v.data.shards import WorldSpec, write_world
+from t2v.errors import InputError
+from t2v.serve.api import Settings, create_app
+from t2v.serve.stages import LocalGenerator
+from t2v.train import FolderCheckpoints, TrainConfig, shard_batches, train
+from t2v.train.loop import data_columns
+
+TOL = 1e-3
+PROMPT = "a red ball bouncing in a sandy desert"
+
+
+@pytest.fixture(scope="module")
+def desert32(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "desert32")
+    write_world(path, WorldSpec(clips=16, shards=1, width=32, height=32, num_frames=9, background="desert",
+                                background_share=0.75), parallel=False)
+    return path
+
+
+def lora_config(tmp_path, base, data, **kw) -> TrainConfig:
+    values = dict(family="wan", init=str(base), data=data, out=str(tmp_path / "adapter"),
+                  checkpoint_dir=str(tmp_path / "ckpt"), steps=12, batch_size=4, lr=5e-3, warmup_steps=2,
+                  num_frames=9, size=32, checkpoint_every=6, log_every=6, lora_rank=4, lora_words=["desert"])
+    return TrainConfig(**{**values, **kw})
+
+
+def run(cfg, losses=None):
+    return train(cfg, lambda start: shard_batches(cfg.data, cfg.batch_size, start, columns=data_columns(cfg),
+                                                  num_frames=cfg.num_frames, width=cfg.size, height=cfg.size),
+                 FolderCheckpoints(cfg.checkpoint_dir),
+                 on_step=(lambda step, m: losses.append(m["loss"])) if losses is not None else None)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, wan_dir, desert32):
+    """An adapter of the tiny wan bundle, trained 12 steps by the plain loop."""
+    tmp = tmp_path_factory.mktemp("lora")
+    cfg = lora_config(tmp, wan_dir, desert32)
+    run(cfg)
+    return cfg.out
+
+
+def test_training_changes_only_the_adapter_and_saves_a_diffusers_lora(tmp_path, wan_dir, desert32):
+    cfg = lora_config(tmp_path, wan_dir, desert32, steps=6, checkpoint_every=3)
+    losses = []
+    bundle = run(cfg, losses)
+    base = t2v.load(wan_dir).denoiser.state_dict()
+    for name, value in bundle.denoiser.state_dict().items():
+        if "lora_" not in name:  # the frozen base: peft wraps a layer as base_layer
+            assert torch.equal(value, base[name.replace("base_layer.", "")]), name
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == [lora.CARD_NAME, lora.WEIGHT_NAME]
+    state, metadata = diffusers.WanPipeline.lora_state_dict(cfg.out, return_lora_metadata=True)
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in state)
+    assert metadata["transformer.r"] == 4
+    assert lora.card(cfg.out)["words"] == ["desert"] and lora.card(cfg.out)["rank"] == 4
+    # Its checkpoints hold the adapter, not the frozen base: resuming continues from them.
+    ckpt = FolderCheckpoints(cfg.checkpoint_dir).latest()
+    assert ckpt["step"] == 6 and all("lora_" in k for k in ckpt["model"])
+    more = []
+    run(lora_config(tmp_path, wan_dir, desert32, steps=9, checkpoint_every=3), more)
+    assert len(more) == 3
+
+
+def test_lora_needs_the_denoiser_stage(tmp_path, wan_dir, desert32):
+    with pytest.raises(ValueError, match="lora_rank"):
+        run(lora_config(tmp_path, wan_dir, desert32, stage="vae"))
+
+
+def test_t2v_adapter_in_diffusers_wanpipeline_gives_the_same_frames(wan_dir, adapter):
+    pipe = t2v.TextToVideoPipeline.from_pretrained(wan_dir)
+    call = dict(CALL_WAN, prompt=PROMPT)
+    seed = call.pop("seed")
+    base = pipe(output_type="pt", seed=seed, **call).frames
+    pipe.load_lora_weights(adapter, "desert")
+    ours = pipe(output_type="pt", seed=seed, **call).frames
+    ref = reference(wan_dir, pipe.bundle)
+    ref.load_lora_weights(adapter, adapter_name="desert")
+    theirs = ref(generator=torch.Generator().manual_seed(seed), output_type="pt",
+                 max_sequence_length=pipe.bundle.config.max_sequence_length, **call).frames
+    assert (ours - base).abs().max() > 0.01  # the adapter changes the video
+    assert (ours - theirs).abs().max().item() <= TOL
+    # Strength scales the update as diffusers' set_adapters does; none gives the base model back.
+    pipe.set_adapters("desert", 0.5)
+    ref.set_adapters(["desert"], [0.5])
+    half = pipe(output_type="pt", seed=seed, **call).frames
+    theirs = ref(generator=torch.Generator().manual_seed(seed), output_type="pt",
+                 max_sequence_length=pipe.bundle.config.max_sequence_length, **call).frames
+    assert (half - theirs).abs().max().item() <= TOL
+    pipe.set_adapters(None)
+    assert torch.equal(pipe(output_type="pt", seed=seed, **call).frames, base)
+
+
+def test_a_diffusers_lora_loads_in_t2v(tmp_path, wan_dir):
+    """A LoRA made on diffusers' side (peft on their WanTransformer3DModel, their save_lora_weights) predicts the
+    same in t2v as in diffusers."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    theirs = diffusers.WanTransformer3DModel.from_pretrained(wan_dir, subfolder="transformer")
+    theirs.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v", "ffn.net.2"],
+                                  init_lora_weights=False))  # random A and B: a non-zero update
+    folder = tmp_path / "theirs"
+    diffusers.WanPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(theirs),
+                                            transformer_lora_adapter_metadata=theirs.peft_config["default"].to_dict())
+    bundle = t2v.load(wan_dir)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 16, 3, 4, 4), torch.tensor([500.0])
+    text = torch.randn(1, bundle.config.max_sequence_length, bundle.denoiser.config.text_dim)
+    base = bundle.family.predict(bundle, x, t, text)
+    lora.load(bundle, str(folder), "theirs")
+    lora.activate(bundle, lora.Choice("theirs"))
+    ours = bundle.family.predict(bundle, x, t, text)
+    with torch.no_grad():
+        expected = theirs(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert (ours - base).abs().max() > 1e-3
+    assert (ours - expected).abs().max().item() <= 1e-5
+
+
+def test_adapters_by_name_and_their_lru(tmp_path, wan_dir, adapter):
+    root = tmp_path / "adapters"
+    for name in ("desert", "desert-2"):
+        shutil.copytree(adapter, root / name)
+    (root / "not-an-adapter").mkdir()
+    assert lora.list_adapters(str(root)) == ["desert", "desert-2"]
+    for bad in ("../desert", "a/b", ".hidden", "", "x" * 65, "de..sert"):
+        with pytest.raises(InputError, match="lora"):
+            lora.adapter_uri(str(root), bad)
+    bundle = t2v.load(wan_dir)
+    cache = lora.LRU(bundle, str(root), capacity=1)
+    first = cache.get("desert")
+    with first.in_use():  # evicted while a generation uses it: it stays loaded until that generation ends
+        cache.get("desert-2")
+        assert lora.loaded(bundle) == ["desert", "desert-2"]
+    assert lora.loaded(bundle) == ["desert-2"]
+
+
+def test_batches_never_mix_adapters():
+    a, b = lora.Choice("a"), lora.Choice("b", 0.5)
+    seen = []
+
+    def predict(choice, group):
+        seen.append((choice, group))
+        return [f"{choice.name if choice else 'base'}:{r}" for r in group]
+
+    out = lora.by_adapter([1, 2, 3, 4, 5], [a, None, a, b, None], predict)
+    assert out == ["a:1", "base:2", "a:3", "b:4", "base:5"]
+    assert sorted((c.name if c else "", g) for c, g in seen) == [("", [2, 5]), ("a", [1, 3]), ("b", [4])]
+
+
+# --- the job API ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strong_adapter(tmp_path_factory, wan_dir):
+    """An adapter of random weights (peft's init_lora_weights=False): its videos differ from the base model's
+    far beyond the mp4 codec's error, which a 12-step adapter's do not."""
+    from peft import LoraConfig
+
+    bundle = t2v.load(wan_dir)
+    torch.manual_seed(0)
+    lora.add_trainable(bundle, LoraConfig(r=4, lora_alpha=8, target_modules=list(lora.DEFAULT_TARGETS),
+                                          init_lora_weights=False))
+    path = str(tmp_path_factory.mktemp("strong") / "adapter")
+    lora.save(bundle, path)
+    return path
+
+
+@pytest.fixture
+def adapter_server(tmp_path, wan_dir, strong_adapter):
+    root = tmp_path / "adapters"
+    shutil.copytree(strong_adapter, root / "desert")
+    settings = Settings(store=str(tmp_path / "store"), poll_after_ms=50, adapter_root=str(root))
+    srv = Server(create_app(LocalGenerator(t2v.load(wan_dir), adapter_root=str(root)), settings))
+    yield srv
+    srv.stop()
+
+
+def test_models_lists_the_base_and_its_adapters(adapter_server):
+    client = openai.OpenAI(base_url=adapter_server.url + "/v1", api_key="unused", max_retries=0)
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["t2v-default", "t2v-default+desert"]
+    assert client.models.retrieve("t2v-default+desert").model_extra["parent"] == "t2v-default"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("t2v-default+nothing")
+
+
+def test_a_video_with_an_adapter_is_the_adapters_video(adapter_server, wan_dir, strong_adapter):
+    client = openai.OpenAI(base_url=adapter_server.url + "/v1", api_key="unused", max_retries=0)
+    body = {"seed": 5, "num_inference_steps": 3, "optimize_prompt": False}
+    by_model = client.videos.create_and_poll(prompt=PROMPT, size="32x32", seconds="1", model="t2v-default+desert",
+                                             extra_body=body)
+    by_field = client.videos.create_and_poll(prompt=PROMPT, size="32x32", seconds="1",
+                                             extra_body={**body, "lora": {"name": "desert", "strength": 0.5}})
+    plain = client.videos.create_and_poll(prompt=PROMPT, size="32x32", seconds="1", extra_body=body)
+    assert by_model.status == by_field.status == plain.status == "completed"
+    assert by_model.model == "t2v-default+desert" and plain.model == "t2v-default"
+    assert by_field.model_extra["t2v"]["params"]["lora"]["strength"] == 0.5
+    pipe = t2v.TextToVideoPipeline.from_pretrained(wan_dir)
+    want_plain = pipe(PROMPT, num_frames=9, height=32, width=32, num_inference_steps=3, seed=5).frames[0]
+    pipe.load_lora_weights(strong_adapter, "desert")
+    want = pipe(PROMPT, num_frames=9, height=32, width=32, num_inference_steps=3, seed=5).frames[0]
+    from t2v.video import encode_video, read_video
+
+    got = {v.id: read_video(client.videos.download_content(v.id).read()) for v in (by_model, plain)}
+    # Through the same mp4 encoder, the same frames decode the same: the adapter's video is the adapter's.
+    same = lambda a, b: float(abs(a.astype(float) - read_video(encode_video(b, 8.0)).astype(float)).max())  # noqa: E731
+    assert same(got[by_model.id], want) <= 1 < same(got[by_model.id], want_plain)
+    assert same(got[plain.id], want_plain) <= 1 < same(got[plain.id], want)
+
+
+def test_an_unknown_adapter_is_a_404_and_nothing_is_queued(adapter_server):
+    url = adapter_server.url
+    for body in ({"model": "t2v-default+nothing"}, {"lora": "nothing"}, {"lora": {"name": "nothing"}}):
+        r = httpx.post(f"{url}/v1/videos", json={"prompt": PROMPT, **body})
+        assert r.status_code == 404, body
+        error = r.json()["error"]
+        assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+        assert "nothing" in error["message"] and error["param"] in ("model", "lora")
+    for body, param in (({"lora": "../desert"}, "lora"), ({"model": "t2v-default+../x"}, "model"),
+                        ({"lora": {"name": "desert", "strength": 9}}, "lora.strength"),
+                        ({"model": "t2v-default+desert", "lora": "other"}, "lora")):
+        r = httpx.post(f"{url}/v1/videos", json={"prompt": PROMPT, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.json())
+    assert httpx.get(f"{url}/v1/videos").json()["data"] == []
