@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--image", default=None, help="the video's first frame (PNG, JPEG or WebP of its aspect)")
+    gen.add_argument("--lora", default=None, help="a LoRA adapter: a folder or s3:// URI, or the name of one of "
+                     "the embedded model's (e.g. desert), optionally :strength")
     gen.add_argument("--sampler", default=None)
     gen.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
     _runtime_arguments(gen)
@@ -56,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=25)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
-    ev.add_argument("--lora", default=None, help="a LoRA adapter folder (or s3:// URI), optionally :strength")
+    ev.add_argument("--lora", default=None, help="a LoRA adapter folder, s3:// URI or embedded adapter's name, "
+                    "optionally :strength")
     ev.add_argument("--background", default=None, help="prompts on this background only (e.g. a new word: desert)")
     ev.add_argument("--precision", default="fp32")
     _runtime_arguments(ev)
@@ -127,6 +130,7 @@ def generate(args) -> int:
 
     from .errors import InputError
     from .images import read_image
+    from .lora import from_spec
     from .production.generate import PostOptions, generate
     from .params import frames_for_seconds
     from .pipeline import TextToVideoPipeline
@@ -136,9 +140,11 @@ def generate(args) -> int:
     if args.image and not Path(args.image).is_file():
         raise InputError("image", f"no such file: {args.image}")
     image = read_image(Path(args.image).read_bytes()) if args.image else None
+    adapter = from_spec(args.lora) if args.lora else None
     start = time.perf_counter()
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
                                                memory=args.memory, cache=args.cache, compile=args.compile)
+    load_adapter(pipe, adapter)
     cfg = pipe.bundle.config
     frames = args.frames
     if args.seconds is not None:
@@ -232,13 +238,12 @@ def info(args) -> int:
     return 0
 
 
-def _has_strength(spec: str) -> bool:
-    """Whether PATH:strength ends in a number (an s3:// URI has a colon of its own)."""
-    head, sep, tail = spec.rpartition(":")
-    try:
-        return bool(sep) and bool(head) and float(tail) is not None
-    except ValueError:
-        return False
+def load_adapter(pipe, adapter: tuple[str, str, float] | None) -> None:
+    """--lora, resolved by lora.from_spec before any work: loaded into the pipeline and switched on."""
+    if adapter is not None:
+        uri, name, strength = adapter
+        pipe.load_lora_weights(uri, name)
+        pipe.set_adapters(name, strength)
 
 
 def evaluate(args) -> int:
@@ -249,18 +254,17 @@ def evaluate(args) -> int:
     from .quality.evaluate import evaluate as run_eval
     from .pipeline import TextToVideoPipeline
 
+    from .lora import from_spec
     from .world.scene import ALL_BACKGROUNDS
 
     if args.n < 1:
         raise InputError("n", f"{args.n} prompts", "≥ 1")
     if args.background is not None and args.background not in ALL_BACKGROUNDS:
         raise InputError("background", f"unknown background {args.background!r}", ", ".join(ALL_BACKGROUNDS))
+    adapter = from_spec(args.lora) if args.lora else None
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
                                                memory=args.memory, cache=args.cache, compile=args.compile)
-    if args.lora:
-        path, _, strength = args.lora.rpartition(":") if _has_strength(args.lora) else (args.lora, "", "1")
-        pipe.load_lora_weights(path, "eval")
-        pipe.set_adapters("eval", float(strength))
+    load_adapter(pipe, adapter)
     stages = ["vae", "dit", "video"] if args.stage == "all" else [args.stage]
     for stage in stages:
         with tqdm(total=args.n, desc=f"evaluating ({stage})", unit="clip", file=sys.stderr) as bar:

@@ -28,6 +28,8 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projec
 # One path segment of letters, digits and ._- (no leading dot): a name can never leave the adapters' root.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_STRENGTH = 4.0
+# The embedded default model's adapters (t2v/models/adapters/<name>): a folder per adapter, as any adapters root.
+DEFAULT_ROOT = Path(__file__).parent / "models" / "adapters"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,28 @@ def check_name(name: str, field: str = "lora") -> str:
 def adapter_uri(root: str, name: str) -> str:
     """The folder of adapter `name` under `root`, the name checked first."""
     return storage.join(root, check_name(name))
+
+
+def from_spec(spec: str, root: str | None = None) -> tuple[str, str, float]:
+    """A command line's `NAME_OR_FOLDER[:strength]` -> (folder, name, strength): a folder (or s3:// URI) of
+    its own, else a name under `root` (default: the embedded model's adapters)."""
+    head, sep, tail = spec.rpartition(":")
+    try:
+        strength = float(tail) if sep and head else None
+    except ValueError:
+        strength = None
+    uri = head if strength is not None else spec
+    strength = 1.0 if strength is None else strength
+    if storage.is_s3(uri) or Path(uri).is_dir():
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        name = name if NAME.match(name) else "adapter"
+    else:
+        root, name = str(root or DEFAULT_ROOT), uri
+        if not NAME.match(name) or not exists(root, name):
+            raise InputError("lora", f"no adapter folder or adapter named {name!r}",
+                             ", ".join(list_adapters(root)) or "a LoRA folder")
+        uri = adapter_uri(root, name)
+    return uri, name, Choice.parse(name, strength).strength
 
 
 def list_adapters(root: str | None) -> list[str]:

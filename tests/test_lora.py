@@ -240,3 +240,94 @@ def test_an_unknown_adapter_is_a_404_and_nothing_is_queued(adapter_server):
         r = httpx.post(f"{url}/v1/videos", json={"prompt": PROMPT, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.json())
     assert httpx.get(f"{url}/v1/videos").json()["data"] == []
+
+
+# --- the Serve graph --------------------------------------------------------------------------------------
+
+def random_adapter(bundle_dir, path, seed: int) -> str:
+    from peft import LoraConfig
+
+    bundle = t2v.load(bundle_dir)
+    torch.manual_seed(seed)
+    lora.add_trainable(bundle, LoraConfig(r=4, lora_alpha=8, target_modules=list(lora.DEFAULT_TARGETS),
+                                          init_lora_weights=False))
+    lora.save(bundle, str(path))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_serve_graph_serves_adapters_per_request(tmp_path, wan_dir):
+    """`serve run` with an adapters root and per-step batching: GET /v1/models lists the adapters; two jobs with
+    different adapters, at once, make the videos each makes alone (a batch never mixes adapters), and two with
+    the same adapter share forwards; an image-to-video job with an adapter; an unknown adapter is a 404 and
+    queues nothing."""
+    import secrets
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    from test_serve_graph import ROOT, free_port
+
+    from t2v.serve.process import ServeProcess
+
+    root = tmp_path / "adapters"
+    for i, name in enumerate(("sand", "snow")):
+        random_adapter(wan_dir, root / name, seed=i)
+    config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(model=str(wan_dir), step_batching={"max_batch_size": 4, "wait_s": 0.05},
+                       adapters={"root": str(root), "max_per_replica": 2})
+    app["args"]["settings"].update(store=str(tmp_path / "store"), poll_after_ms=100, concurrency=2, cache_ttl_s=0)
+    denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser")
+    denoiser.pop("autoscaling_config")
+    denoiser["num_replicas"] = 1  # both jobs of a pair in one replica's batch queue
+    path = tmp_path / "t2v.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="t2vray-", dir="/tmp"))
+    serve = ServeProcess(path, f"http://127.0.0.1:{port}", tmp_path / "serve.log", cwd=ROOT,
+                         env={"RAY_TMPDIR": str(ray_tmp)})
+    try:
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=2)
+        assert [m.id for m in c.models.list()] == ["t2v-default", "t2v-default+sand", "t2v-default+snow"]
+        with pytest.raises(openai.NotFoundError) as missing:
+            c.videos.create(prompt=PROMPT, size="32x32", model="t2v-default+rain")
+        assert missing.value.body["code"] == "model_not_found"
+        assert c.videos.list().data == []
+
+        def create(model=None, seed=3, **extra):
+            return c.videos.create(prompt=PROMPT, size="32x32", seconds="1", **({"model": model} if model else {}),
+                                   extra_body={"seed": seed, "num_inference_steps": 6, "optimize_prompt": False,
+                                               **extra},
+                                   extra_headers={"Idempotency-Key": secrets.token_hex(8)})
+
+        def finish(job):
+            done = c.videos.poll(job.id, poll_interval_ms=100)
+            assert done.status == "completed", done.error
+            return done, c.videos.download_content(job.id).read()
+
+        kinds = [("t2v-default+sand", {}), (None, {"lora": {"name": "snow", "strength": 0.8}})]
+        alone = [finish(create(m, **e)) for m, e in kinds]
+        together = [finish(j) for j in [create(m, **e) for m, e in kinds]]
+        for (one, video), (other, video_together) in zip(alone, together):
+            assert video_together == video  # the same frames, so the same mp4
+            assert other.model_extra["t2v"]["timings"]["step_batch_max"] == 1  # never batched with the other
+        assert alone[0][1] != alone[1][1]
+        same = [finish(j) for j in [create("t2v-default+sand", seed=s) for s in (4, 5)]]
+        assert max(v.model_extra["t2v"]["timings"]["step_batch_max"] for v, _ in same) == 2
+        # Image to video with an adapter, the image sent as the openai client sends a file.
+        import io
+
+        from PIL import Image
+
+        png = io.BytesIO()
+        Image.new("RGB", (32, 32), (214, 190, 140)).save(png, format="PNG")
+        i2v = c.videos.create(prompt=PROMPT, size="32x32", seconds="1", model="t2v-default+sand",
+                              input_reference=("sand.png", png.getvalue(), "image/png"),
+                              extra_body={"num_inference_steps": 4})
+        done, _ = finish(i2v)
+        assert done.model == "t2v-default+sand" and done.model_extra["t2v"]["params"]["image_sha256"]
+    finally:
+        serve.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -478,11 +478,14 @@ def build_app(args: dict):
     runtime = args.get("runtime") or {}
     RuntimeOptions.parse(**runtime)  # a bad option fails the deploy here, naming it, not in every replica
     parse_parallel(args.get("parallel"))
-    adapter_root, _ = parse_adapters(args.get("adapters"))
+    adapters = dict(args.get("adapters") or {})
+    if adapters.get("root") is None and args.get("model") in (None, "default"):
+        adapters["root"] = str(lora.DEFAULT_ROOT)  # the embedded model's own adapters
+    adapter_root, _ = parse_adapters(adapters)
     settings = dict(args.get("settings") or {})
     if adapter_root:  # the Ingress lists and checks adapters where the Denoiser replicas load them
         settings["adapter_root"] = adapter_root
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
     denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"), runtime,
-                             args.get("parallel"), args.get("adapters"))
+                             args.get("parallel"), adapters)
     return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime), settings)
