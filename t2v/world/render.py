@@ -65,13 +65,15 @@ def _background(scene: Scene) -> Image.Image:
                for x in np.linspace(0, w, 60)]
         draw.polygon(pts + [(w, h), (0, h)], fill=BG["hills"])
     elif name == "desert":
-        draw.rectangle([0, 0, w, h], fill=BG["sand"])
+        horizon = int(h * 0.34)
+        draw.rectangle([0, 0, w, horizon], fill=BG["desert_sky"])
+        draw.rectangle([0, horizon, w, h], fill=BG["sand"])
         # Shadowed dune flanks: bands below wavy crest lines, lit sand between them.
-        for k, level in enumerate((0.30, 0.62, 0.90)):
+        for level in (0.52, 0.80):
             phase, wave = rng.uniform(0, 6), rng.uniform(4, 7)
             xs = np.linspace(0, w, 60)
-            crest = [(x, h * (level + 0.05 * math.sin(x / w * wave + phase))) for x in xs]
-            foot = [(x, h * (level + 0.09 + 0.04 * math.sin(x / w * wave * 1.7 + phase))) for x in xs[::-1]]
+            crest = [(x, h * (level + 0.04 * math.sin(x / w * wave + phase))) for x in xs]
+            foot = [(x, h * (level + 0.07 + 0.03 * math.sin(x / w * wave * 1.7 + phase))) for x in xs[::-1]]
             draw.polygon(crest + foot, fill=BG["dune"])
     else:
         raise ValueError(f"unknown background {name!r}")

@@ -34,7 +34,9 @@ BG = {  # the colours backgrounds are drawn with
     "sky": (110, 170, 240), "cloud": (236, 242, 252), "grass": (52, 135, 48), "grass_dark": (38, 105, 36),
     "sunset_top": (88, 40, 112), "sunset_mid": (245, 130, 60), "sunset_low": (120, 50, 70), "sun": (255, 215, 120),
     "hills": (45, 22, 45),
-    "sand": (214, 190, 140), "dune": (168, 128, 84),
+    # The desert is made of colours the embedded model's VAE already renders (sky, sunset orange, its shadow):
+    # its decoder turns colours it never saw, such as a pale sand, into the nearest one it knows.
+    "desert_sky": (110, 170, 240), "sand": (245, 130, 60), "dune": (120, 50, 70),
 }
 MIN_CONTRAST = 90  # RGB distance an object colour keeps from every colour of its background
 
@@ -46,7 +48,7 @@ def background_palette(name: str) -> list[tuple[int, int, int]]:
         "night": [BG["night"], BG["star"]],
         "sky": [BG["sky"], BG["cloud"], BG["grass"], BG["grass_dark"]],
         "sunset": [BG["sunset_top"], BG["sunset_mid"], BG["sunset_low"], BG["sun"], BG["hills"]],
-        "desert": [BG["sand"], BG["dune"]],
+        "desert": [BG["desert_sky"], BG["sand"], BG["dune"]],
     }[name]
 
 
