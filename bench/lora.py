@@ -1,7 +1,7 @@
 """A LoRA that teaches the embedded model a new world word: adherence to it without vs with the adapter, and the
 base vocabulary's adherence with the adapter loaded (it must not drop by more than 5 points).
 
-    python bench/lora.py --adapter out/adapters/desert [--word desert] [--n-new 40] [--n-base 100] [--steps 25]
+    python bench/lora.py [--adapter desert|FOLDER] [--word desert] [--n-new 40] [--n-base 100] [--steps 25]
 
 Every prompt is generated twice with the same seed, without and with the adapter, and scored by the world's
 pixel analyzer against its scene (t2v.quality.evaluate):
@@ -22,10 +22,12 @@ import numpy as np
 
 def main() -> None:
     import t2v
+    from t2v.lora import from_spec
     from t2v.quality.evaluate import contact_sheet, evaluate
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--adapter", required=True, help="the LoRA folder (or s3:// URI)")
+    ap.add_argument("--adapter", default="desert", help="a LoRA folder, s3:// URI or the embedded model's "
+                    "adapter's name")
     ap.add_argument("--word", default="desert", help="the new background the adapter teaches")
     ap.add_argument("--n-new", type=int, default=40)
     ap.add_argument("--n-base", type=int, default=100)
@@ -35,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     pipe = t2v.TextToVideoPipeline.from_pretrained()
-    pipe.load_lora_weights(args.adapter, "bench")
+    pipe.load_lora_weights(from_spec(args.adapter)[0], "bench")
     results, t0 = {}, time.perf_counter()
     for label, adapter in (("without", None), ("with", "bench")):
         pipe.set_adapters(adapter, args.strength)
