@@ -65,6 +65,8 @@ class Bundle:
     precision: str = "fp32"
     source: str | None = None
     runtime: Any = None  # t2v.runtime.Runtime: the memory, cache and compile options switched on
+    image_encoder: torch.nn.Module | None = None  # an image-conditioned family's (wan-i2v: CLIP's vision model)
+    image_processor: Any = None  # and its preprocessing (CLIPImageProcessor)
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +94,7 @@ class Bundle:
             pipe = pipeline_cls(**{
                 self.family.denoiser_key: self.denoiser, "vae": self.vae, "scheduler": self.scheduler,
                 "tokenizer": None if packaged else self.tokenizer,
-                "text_encoder": None if packaged else self.text_encoder,
+                "text_encoder": None if packaged else self.text_encoder, **self.family.extra_components(self),
             })
         with tempfile.TemporaryDirectory(prefix="t2v-save-") as tmp:
             target = Path(tmp) if storage.is_s3(uri) else Path(uri)
@@ -106,20 +108,20 @@ class Bundle:
 
     def num_parameters(self) -> dict[str, int]:
         out = {}
-        for name in ("text_encoder", "denoiser", "vae"):
+        for name in ("text_encoder", "denoiser", "vae", "image_encoder"):
             module = getattr(self, name)
             out[name] = sum(p.numel() for p in module.parameters()) if module is not None else 0
         return out
 
 
-COMPONENTS = ("denoiser", "vae", "text_encoder")
+COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder")  # the components with weights
 
 
 def load(uri: str | Path | None = None, precision: str = "fp32", device: str | torch.device | None = None,
          runtime: "RuntimeOptions | None" = None, weights: tuple[str, ...] = COMPONENTS) -> Bundle:
     """Load a bundle from a local folder or s3:// URI (default: the embedded model). runtime: memory, cache
     and compile options (`t2v.runtime`); with group_offload the offloaded weights stay on the CPU.
-    weights: the components whose weights are read (of denoiser, vae, text_encoder); the others are built
+    weights: the components whose weights are read (of denoiser, vae, text_encoder, image_encoder); the others are built
     from their configs on the meta device, shapes without memory: a serving stage that only encodes prompts
     or only decodes holds no 14B transformer."""
     unknown = set(weights) - set(COMPONENTS)
@@ -140,11 +142,13 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
     except json.JSONDecodeError as e:
         raise BundleError(uri, f"model_index.json is not valid JSON: {e}") from None
     family = family_of(index, uri)
+    family.check_index(index, uri)
     with storage.local_copy(uri) as folder:
         bundle = _load_folder(Path(folder), index, family, uri, weights)
     bundle.source = uri
-    for module in (bundle.denoiser, bundle.vae, bundle.text_encoder):
-        module.requires_grad_(False)  # inference; the training loop turns on what it trains
+    for module in (bundle.denoiser, bundle.vae, bundle.text_encoder, bundle.image_encoder):
+        if module is not None:
+            module.requires_grad_(False)  # inference; the training loop turns on what it trains
     return place(bundle, precision, device, runtime)
 
 
@@ -159,6 +163,7 @@ def place(bundle: Bundle, precision: str, device: torch.device | str, runtime: "
         return apply(to_precision(bundle, precision, device), runtime, device)
     to_precision(bundle, precision, "cpu")
     _cast(bundle.vae, device, torch.float32)
+    _cast(bundle.image_encoder, device, torch.float32)
     return apply(bundle, runtime, device)
 
 
@@ -174,7 +179,7 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=CO
     _check_folder(folder, index, family, uri)
     for name in COMPONENTS:
         key = family.denoiser_key if name == "denoiser" else name
-        if name not in weights and key not in kwargs:
+        if name not in weights and key not in kwargs and (index.get(key) or [None])[0]:
             kwargs[key] = _shapes_only(folder / key, index[key])
     pipeline_cls = getattr(diffusers, family.pipeline_class)
     try:
@@ -190,11 +195,16 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=CO
         config_values["max_sequence_length"] = min(int(pipe.tokenizer.model_max_length),
                                                   family.defaults["max_sequence_length"])
     config = BundleConfig.from_dict(family, config_values)
-    family.after_load(pipe, config)
+    try:
+        family.after_load(pipe, config)
+    except ValueError as e:  # the family's own conventions refuse what diffusers accepted
+        raise BundleError(uri, str(e)) from None
+    image_encoder = getattr(pipe, "image_encoder", None)
     return Bundle(
         family=family, denoiser=getattr(pipe, family.denoiser_key).eval(), vae=pipe.vae.eval(),
         scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),
-        config=config,
+        config=config, image_encoder=None if image_encoder is None else image_encoder.eval(),
+        image_processor=getattr(pipe, "image_processor", None),
     )
 
 
@@ -234,7 +244,7 @@ def _check_folder(folder: Path, index: dict, family: Family, uri: str) -> None:
     missing = [k for k in dict.fromkeys([*required, *named]) if not (folder / k).is_dir()]
     if missing:
         raise BundleError(uri, f"missing component folder(s): {', '.join(missing)}")
-    for name in (family.denoiser_key, "vae", *(k for k in named if k == "text_encoder")):
+    for name in (family.denoiser_key, "vae", *(k for k in named if k in ("text_encoder", "image_encoder"))):
         weights = sorted((folder / name).glob("*.safetensors"))
         if not weights:
             others = sorted(p.name for p in (folder / name).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -270,7 +280,8 @@ def from_components(family: str | Family, components: dict, config: dict | None 
     return Bundle(
         family=family, denoiser=components[family.denoiser_key].eval(), vae=components["vae"].eval(),
         scheduler=components["scheduler"], tokenizer=tokenizer, text_encoder=text_encoder.eval(),
-        config=BundleConfig.from_dict(family, values),
+        config=BundleConfig.from_dict(family, values), image_encoder=components.get("image_encoder"),
+        image_processor=components.get("image_processor"),
     )
 
 
@@ -283,6 +294,7 @@ def to_precision(bundle: Bundle, precision: str, device: torch.device | str = "c
         raise InputError("precision", f"unknown precision {precision!r}", ", ".join(PRECISIONS))
     device = torch.device(device)
     _cast(bundle.vae, device, torch.float32)
+    _cast(bundle.image_encoder, device, torch.float32)  # as diffusers' Wan image-to-video examples load it
     if precision == "int8":
         _cast(bundle.denoiser, device, torch.float32)
         _cast(bundle.text_encoder, device, torch.float32)
@@ -309,8 +321,8 @@ def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 def _cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """`.to(dtype)` that keeps a model's `_keep_in_fp32_modules` (norms, time embeddings) in fp32, as
     diffusers' `from_pretrained(torch_dtype=...)` does."""
-    if is_shapes_only(module):
-        return  # no weights to move: a stage that never runs it (load(weights=...))
+    if module is None or is_shapes_only(module):
+        return  # no weights to move: a stage that never runs it (load(weights=...)), or no such component
     for p in module.parameters():
         p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
     for b in module.buffers():

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--image", default=None, help="the video's first frame (PNG, JPEG or WebP of its aspect)")
+    gen.add_argument("--last-image", default=None,
+                     help="its last frame, for a first-last-frame model (the Wan2.1-FLF2V layout)")
     gen.add_argument("--lora", default=None, help="a LoRA adapter: a folder or s3:// URI, or the name of one of "
                      "the embedded model's (e.g. desert), optionally :strength")
     gen.add_argument("--sampler", default=None)
@@ -137,9 +139,11 @@ def generate(args) -> int:
     from .video import _format, write_video
 
     _format(args.output)  # an unknown extension fails before any work
-    if args.image and not Path(args.image).is_file():
-        raise InputError("image", f"no such file: {args.image}")
-    image = read_image(Path(args.image).read_bytes()) if args.image else None
+    images = {}
+    for field, path in (("image", args.image), ("last_image", args.last_image)):
+        if path and not Path(path).is_file():
+            raise InputError(field, f"no such file: {path}")
+        images[field] = read_image(Path(path).read_bytes(), field) if path else None
     adapter = from_spec(args.lora) if args.lora else None
     start = time.perf_counter()
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
@@ -163,7 +167,7 @@ def generate(args) -> int:
         out = generate(pipe, args.prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=args.negative,
                       seed=args.seed, progress=progress, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                      image=image)
+                      **images)
     finally:
         for bar in bars:
             bar.close()

@@ -63,3 +63,11 @@ def image_size(image) -> tuple[int, int]:
         return image.size
     shape = tuple(image.shape)
     return (shape[1], shape[0]) if isinstance(image, np.ndarray) else (shape[-1], shape[-2])
+
+
+def to_pixels(image: Image.Image, height: int, width: int):
+    """An RGB image -> the [1, 3, height, width] tensor in [-1, 1] a VAE encodes, resized as diffusers' video
+    pipelines resize their image inputs."""
+    from diffusers.video_processor import VideoProcessor
+
+    return VideoProcessor().preprocess(image, height=height, width=width)

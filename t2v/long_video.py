@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InputError
 from .params import resolve
-from .pipeline import TextToVideoPipeline, VideoOutput, to_uint8
+from .pipeline import TextToVideoPipeline, VideoOutput, check_images, to_uint8
 from .runtime import step_predictor
 from .sampling import local_predictor, model_input, scheduler_for
 
@@ -211,10 +211,11 @@ class LongVideoPipeline:
                  fps: float | None = None, output_type: str = "np",
                  predictor: Callable | None = None,  # (window latents, t, window embeds, guidance) -> preds
                  callback_on_step_end: Callable[["LongVideoPipeline", int, Any, dict], dict] | None = None,
-                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",), image=None) -> LongVideoOutput:
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",), image=None,
+                 last_image=None) -> LongVideoOutput:
         """prompt: one prompt, or one per window (multi-shot). callback_on_step_end as TextToVideoPipeline's
-        (its "prompt_embeds" are the per-window embeddings). image: the first frame, as TextToVideoPipeline's
-        (latent frame 0 is every window's anchor, so it holds across the windows)."""
+        (its "prompt_embeds" are the per-window embeddings). image, last_image: the first (and last) frame, as
+        TextToVideoPipeline's (latent frame 0 is every window's anchor, so the first frame holds across them)."""
         b, fam = self.bundle, self.bundle.family
         start = time.perf_counter()
         tf = fam.temporal_factor(b)
@@ -237,6 +238,7 @@ class LongVideoPipeline:
         if len(prompts) not in (1, len(windows)):
             raise InputError("prompt", f"{len(prompts)} prompts for {len(windows)} windows", f"1 or {len(windows)}")
         window_prompts = prompts * len(windows) if len(prompts) == 1 else prompts
+        images = check_images(b, image, last_image, p.width, p.height)
         cfg = p.guidance_scale > 1.0
 
         # 2. Encode each distinct prompt once; with guidance the negative prompt rides first.
@@ -254,15 +256,15 @@ class LongVideoPipeline:
         shape = fam.latent_shape(b, 1, num_frames, p.height, p.width)
         noise = freenoise(shape, window, generator)
         latents = fam.init_latents(noise.to(b.device), scheduler)
-        first = self.pipe.first_frame(image, p.height, p.width, 1, noise.to(b.device))
+        condition = self.pipe.image_condition(images, num_frames, p.height, p.width, noise.to(b.device))
+        embeds = [condition.embeds(e) for e in embeds]
 
         # 5. Denoise: per-window predictions (in parallel where the predictor fans out), fused, one step.
         predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
-            if first is not None:
-                latents = first.before_step(scheduler, latents, t)
-            scaled = model_input(scheduler, latents, t)
+            latents = condition.before_step(scheduler, latents, t)
+            scaled = condition.model_input(model_input(scheduler, latents, t))
             preds = predict([window_latents(scaled, run) for run in windows], t, embeds, p.guidance_scale)
             fused = fuse_windows(preds, windows, total, ramp=overlap)
             latents = fam.step(scheduler, fused, t, latents, generator=generator)
@@ -270,8 +272,7 @@ class LongVideoPipeline:
                 local = {"latents": latents, "prompt_embeds": embeds}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 latents = (outputs or {}).get("latents", latents)
-        if first is not None:
-            latents = first.after_last_step(latents)
+        latents = condition.after_last_step(latents)
         denoise_s = time.perf_counter() - t0
 
         # 6. Decode window by window (the VAE decodes the lengths it was trained on), blending the overlaps.

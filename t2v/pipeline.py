@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from .errors import InputError
 from .params import GenerationParams, resolve
 from .runtime import step_predictor
 from .images import check_aspect, image_size
-from .sampling import FirstFrame, local_predictor, model_input, scheduler_for
+from .sampling import NO_IMAGE, ImageCondition, local_predictor, model_input, scheduler_for
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 
@@ -86,20 +87,18 @@ class TextToVideoPipeline:
         """A first frame (a PIL image or an [H, W, 3] uint8 array, of the video's aspect) -> the latents of a
         one-frame video, [1, C, 1, h, w]: what latent frame 0 of the video is (a causal VAE encodes frame 0
         alone)."""
-        from PIL import Image
+        image = check_images(self.bundle, image, None, width, height)[0]
+        return self.bundle.family.image_latents(self.bundle, image, height, width)
 
-        check_aspect(image_size(image), width, height)
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        pixels = self.video_processor.preprocess(image.convert("RGB"), height=height, width=width)  # [-1, 1]
-        b = self.bundle
-        return b.family.encode(b, pixels.unsqueeze(2).to(b.device, b.vae.dtype)).float()
-
-    def first_frame(self, image, height: int, width: int, batch: int, noise: torch.Tensor) -> FirstFrame | None:
-        """Image-to-video's latent replacement for a call (None without an image)."""
-        if image is None:
-            return None
-        return FirstFrame(self.encode_image(image, height, width).expand(batch, -1, -1, -1, -1), noise[:, :, :1])
+    @torch.no_grad()
+    def image_condition(self, images: tuple, num_frames: int, height: int, width: int,
+                        noise: torch.Tensor) -> ImageCondition:
+        """A call's image conditioning (`check_images`' (first, last) frames), as the model's family takes images:
+        latent replacement, or an image branch (`Family.image_conditioning`). NO_IMAGE without images."""
+        first, last = images
+        if first is None:
+            return NO_IMAGE
+        return self.bundle.family.image_conditioning(self.bundle, first, last, num_frames, height, width, noise)
 
     @torch.no_grad()
     def __call__(
@@ -124,10 +123,15 @@ class TextToVideoPipeline:
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         predictor: Callable | None = None,
         image=None,
+        last_image=None,
+        modules_lock=None,
     ) -> VideoOutput:
         """predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
         (default: here; the Serve graph's Denoiser batches concurrent jobs' steps through it). image: the first
-        frame (PIL image or [H, W, 3] uint8 array of the video's aspect): image-to-video by latent replacement."""
+        frame (PIL image or [H, W, 3] uint8 array of the video's aspect): image-to-video, through the model's image
+        branch where it has one (wan-i2v), else by latent replacement. last_image: the last frame, for a
+        first-last-frame model (the Wan2.1-FLF2V layout). modules_lock: held while the call runs the bundle's
+        modules itself (encoding prompts and images), for a caller whose other threads share them."""
         b, fam = self.bundle, self.bundle.family
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -138,18 +142,22 @@ class TextToVideoPipeline:
         p = resolve(b, prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                     fps=fps, seed=seed if generator is None else (seed or 0))
+        images = check_images(b, image, last_image, p.width, p.height)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(p.seed)
         batch = len(p.prompts)
         cfg = p.guidance_scale > 1.0
+        modules_lock = modules_lock or contextlib.nullcontext()
 
         # 2. Encode the prompts (unless given, e.g. by a separate text-encoder stage); with guidance the negative
         #    prompts ride in the same batch, first.
         if prompt_embeds is None:
-            embeds = self.encode_prompt(p.negative_prompts + p.prompts if cfg else p.prompts)
+            with modules_lock:
+                embeds = self.encode_prompt(p.negative_prompts + p.prompts if cfg else p.prompts)
         else:
             if cfg and negative_prompt_embeds is None:
-                negative_prompt_embeds = self.encode_prompt(p.negative_prompts)
+                with modules_lock:
+                    negative_prompt_embeds = self.encode_prompt(p.negative_prompts)
             embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
             embeds = embeds.to(b.device)
         timings["encode_s"] = time.perf_counter() - start
@@ -166,26 +174,29 @@ class TextToVideoPipeline:
             raise InputError("latents", f"shape {tuple(latents.shape)} does not match the request", str(shape))
         else:
             noise = latents
-        first = self.first_frame(image, p.height, p.width, batch, noise)  # an image fixes latent frame 0
 
-        # 5. Denoising loop: one forward per step for both guidance halves.
+        # 5. The images' conditioning (none without images): what they add to the latents, to every forward's
+        #    input and to its cross-attention context.
+        with modules_lock:
+            condition = self.image_condition(images, p.num_frames, p.height, p.width, noise)
+        embeds = condition.embeds(embeds)
+
+        # 6. Denoising loop: one forward per step for both guidance halves.
         predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
-            if first is not None:
-                latents = first.before_step(scheduler, latents, t)
-            x = model_input(scheduler, latents, t)
+            latents = condition.before_step(scheduler, latents, t)
+            x = condition.model_input(model_input(scheduler, latents, t))
             pred = predict([x], t, [embeds], p.guidance_scale)[0]
             latents = fam.step(scheduler, pred, t, latents, generator=generator, eta=eta)
             if callback_on_step_end is not None:
                 local = {"latents": latents, "prompt_embeds": embeds}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 latents = (outputs or {}).get("latents", latents)
-        if first is not None:
-            latents = first.after_last_step(latents)
+        latents = condition.after_last_step(latents)
         timings["denoise_s"] = time.perf_counter() - t0
 
-        # 6. Decode to frames.
+        # 7. Decode to frames.
         t0 = time.perf_counter()
         frames = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         timings["decode_s"] = time.perf_counter() - t0
@@ -199,6 +210,23 @@ class TextToVideoPipeline:
         video = self.video_processor.postprocess_video(self.bundle.family.decode(self.bundle, latents),
                                                        output_type="pt")
         return video if output_type == "pt" else to_uint8(video)
+
+
+def check_images(bundle, image, last_image, width: int, height: int) -> tuple:
+    """A call's (first, last) frames as RGB PIL images (None where not given), each checked against the video's
+    aspect, and against what the model takes (`Family.check_images`)."""
+    from PIL import Image
+
+    if image is None and last_image is not None:
+        raise InputError("last_image", "a last frame without a first frame", "image= as well")
+    bundle.family.check_images(bundle, image is not None, last_image is not None)
+    out = []
+    for field, im in (("image", image), ("last_image", last_image)):
+        if im is not None:
+            check_aspect(image_size(im), width, height, field)
+            im = (Image.fromarray(im) if isinstance(im, np.ndarray) else im).convert("RGB")
+        out.append(im)
+    return tuple(out)
 
 
 def progress_callback(report: Callable[[int, int], None] | None, total: int):

@@ -97,7 +97,32 @@ def with_first_frame(latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor
     return torch.cat([first.to(latents.dtype), latents[:, :, 1:]], dim=2)
 
 
-class FirstFrame:
+class ImageCondition:
+    """How a call's images condition its sampling loop (image-to-video), in four hooks the loops call; each is the
+    identity here, a call without images. The family decides which kind a model takes (`Family.image_conditioning`).
+
+    embeds(e): the cross-attention tokens of every forward, from the prompts' embeddings;
+    before_step(scheduler, latents, t): the latents before step t's forward;
+    model_input(x): the denoiser's input from the scheduled latents;
+    after_last_step(latents): the latents after the last step, before decoding."""
+
+    def embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds
+
+    def before_step(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
+        return latents
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def after_last_step(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+NO_IMAGE = ImageCondition()
+
+
+class FirstFrame(ImageCondition):
     """Image-to-video for a model without an image branch, by latent replacement: the image's latents fix
     latent frame 0 -- noised to each step's level before its forward, clean after the last -- and the model
     denoises the other frames around it. noise: the initial noise's frame 0, so the image starts from it."""

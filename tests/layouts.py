@@ -1,6 +1,8 @@
 """Folders in the exact layouts of real checkpoints, built from config with tiny sizes:
-Wan-AI/Wan2.1-T2V-1.3B-Diffusers (UMT5 + T5 tokenizer, sharded transformer, UniPC flow scheduler) and
-damo-vilab/text-to-video-ms-1.7b (CLIP text model + tokenizer, UNet3D, DDIM)."""
+Wan-AI/Wan2.1-T2V-1.3B-Diffusers (UMT5 + T5 tokenizer, sharded transformer, UniPC flow scheduler),
+Wan-AI/Wan2.1-I2V-14B-480P-Diffusers and Wan2.1-FLF2V-14B-720P-diffusers (the same + CLIP vision encoder and image
+processor, a 36-channel transformer with an image branch) and damo-vilab/text-to-video-ms-1.7b (CLIP text model +
+tokenizer, UNet3D, DDIM)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,36 @@ def build_wan21(path: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(path, safe_serialization=True)
     # The real checkpoint shards its big components: do the same so sharded loading is exercised.
     transformer.save_pretrained(path / "transformer", safe_serialization=True, max_shard_size="100KB")
+    return path
+
+
+def build_wan21_i2v(path: Path, seed: int = 0, first_last: bool = False) -> Path:
+    """Wan2.1-I2V's layout (first_last: Wan2.1-FLF2V's, whose image embedder has positions for two images)."""
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline,
+                           WanTransformer3DModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    # CLIP ViT at 32 px in 8 px patches: 16 + 1 tokens (the real ViT-H/14 at 224 px: 257).
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+                                                     num_attention_heads=4, image_size=32, patch_size=8,
+                                                     projection_dim=16))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, image_dim=24, added_kv_proj_dim=32, pos_embed_seq_len=2 * 17 if first_last else None,
+    )
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000, solver_order=2)
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                                   scheduler=scheduler, image_encoder=image_encoder, image_processor=image_processor)
+    pipe.save_pretrained(path, safe_serialization=True)
     return path
 
 

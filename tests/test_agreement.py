@@ -4,9 +4,11 @@ same frames (max abs difference ≤ 1e-3, fp32)."""
 from __future__ import annotations
 
 import diffusers
+import numpy as np
 import pytest
 import torch
-from layouts import build_modelscope, build_wan21
+from layouts import build_modelscope, build_wan21, build_wan21_i2v
+from PIL import Image
 
 import t2v
 from t2v.sampling import make_scheduler
@@ -31,7 +33,7 @@ def run_both(path, sampler=None, **call):
         fam = bundle.family
         ref.scheduler = make_scheduler(dict(ref.scheduler.config), fam.samplers, sampler, fam.flow)
     kwargs = dict(call)
-    if bundle.family.name == "wan":
+    if bundle.family.name in ("wan", "wan-i2v"):
         kwargs["max_sequence_length"] = bundle.config.max_sequence_length
     theirs = ref(generator=torch.Generator().manual_seed(ours.seed), output_type="pt", **kwargs).frames
     return ours.frames, theirs
@@ -75,3 +77,36 @@ def test_modelscope_layout_with_clip_loads_and_agrees(tmp_path):
     assert bundle.config.max_sequence_length == 77
     ours, theirs = run_both(path, **CALL_UNET)
     assert (ours - theirs).abs().max().item() <= TOL
+
+
+def noise_image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def i2v_dir(tmp_path_factory):
+    return build_wan21_i2v(tmp_path_factory.mktemp("Wan2.1-I2V-tiny"))
+
+
+@pytest.mark.parametrize("sampler", [None, "flow-match-euler"])
+def test_wan21_i2v_layout_loads_and_agrees_with_diffusers_wanimagetovideopipeline(i2v_dir, sampler):
+    bundle = t2v.load(i2v_dir)
+    assert bundle.family.name == "wan-i2v"
+    assert type(bundle.image_encoder).__name__ == "CLIPVisionModel"
+    ours, theirs = run_both(i2v_dir, sampler=sampler, image=noise_image(1), **CALL_WAN)
+    assert ours.shape == theirs.shape == (1, 9, 3, 32, 32)
+    assert ours.std() > 0.01
+    assert (ours - theirs).abs().max().item() <= TOL
+    # The image conditions the video: another image, another video.
+    other, _ = run_both(i2v_dir, sampler=sampler, image=noise_image(2), **CALL_WAN)
+    assert (ours - other).abs().max().item() > 0.01
+
+
+def test_wan21_flf2v_layout_agrees_with_diffusers_from_a_first_and_a_last_frame(tmp_path):
+    path = build_wan21_i2v(tmp_path / "Wan2.1-FLF2V-tiny", first_last=True)
+    assert t2v.load(path).denoiser.config.pos_embed_seq_len == 34
+    ours, theirs = run_both(path, image=noise_image(1), last_image=noise_image(3), **CALL_WAN)
+    assert ours.std() > 0.01
+    assert (ours - theirs).abs().max().item() <= TOL
+    other, _ = run_both(path, image=noise_image(1), last_image=noise_image(4), **CALL_WAN)
+    assert (ours - other).abs().max().item() > 0.01  # the last frame conditions it too

@@ -10,8 +10,9 @@ from ..errors import BundleError
 from .base import DenoisingObjective, Family
 from .unet3d import UNET3D
 from .wan import WAN
+from .wan_i2v import WAN_I2V
 
-FAMILIES: dict[str, Family] = {WAN.name: WAN, UNET3D.name: UNET3D}
+FAMILIES: dict[str, Family] = {WAN.name: WAN, WAN_I2V.name: WAN_I2V, UNET3D.name: UNET3D}
 
 
 def family_of(model_index: dict, uri: str = "") -> Family:
@@ -29,4 +30,4 @@ def family_of(model_index: dict, uri: str = "") -> Family:
     )
 
 
-__all__ = ["FAMILIES", "DenoisingObjective", "Family", "WAN", "UNET3D", "family_of"]
+__all__ = ["FAMILIES", "DenoisingObjective", "Family", "WAN", "WAN_I2V", "UNET3D", "family_of"]

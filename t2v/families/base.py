@@ -72,6 +72,43 @@ class Family:
         """Video in [-1, 1] [B, 3, F, H, W] -> normalized latents (the inverse of decode)."""
         raise NotImplementedError
 
+    # --- image-to-video -----------------------------------------------------------------------------
+    def check_images(self, bundle, first: bool, last: bool, fields=("image", "last_image")) -> None:
+        """Refuse the frames a call gives (first, last: whether it gives each) where the model cannot start from
+        them, naming the field (fields: the caller's names for the two). Here a model without an image branch:
+        a causal VAE encodes frame 0 alone, so a first frame is latent frame 0; a last frame has no latent of its
+        own."""
+        from ..errors import InputError
+
+        if last:
+            raise InputError(fields[1], "this model has no image branch: an image can only be its first frame",
+                             "a first-last-frame model (wan-i2v family, the Wan2.1-FLF2V layout)")
+
+    def image_conditioning(self, bundle, image, last_image, num_frames: int, height: int, width: int,
+                           noise: torch.Tensor):
+        """How images start a video on this family's models (`sampling.ImageCondition`), once `check_images`
+        accepted them. image, last_image: RGB PIL images of the video's aspect (last_image may be None); noise:
+        the call's initial noise. Here latent replacement: the image's latents are latent frame 0's."""
+        from ..sampling import FirstFrame
+
+        first = self.image_latents(bundle, image, height, width)
+        return FirstFrame(first.expand(noise.shape[0], -1, -1, -1, -1), noise[:, :, :1])
+
+    def image_latents(self, bundle, image, height: int, width: int) -> torch.Tensor:
+        """An RGB PIL image -> the latents of a one-frame video of it, [1, C, 1, h, w]."""
+        from ..images import to_pixels
+
+        pixels = to_pixels(image, height, width).unsqueeze(2).to(bundle.device, bundle.vae.dtype)
+        return self.encode(bundle, pixels).float()
+
+    def check_index(self, index: dict, uri: str) -> None:
+        """Refuse a model_index.json this family's code cannot sample (before any weight is read)."""
+
+    def extra_components(self, bundle) -> dict:
+        """Pipeline components besides denoiser, VAE, scheduler, tokenizer and text encoder, as the family's
+        diffusers pipeline takes them (save_pretrained writes them)."""
+        return {}
+
     def lora_loader(self):
         """The diffusers LoRA loader mixin of the family's pipeline (save_lora_weights / lora_state_dict), or None
         when diffusers has no LoRA support for its denoiser."""

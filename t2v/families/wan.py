@@ -79,7 +79,7 @@ class WanFamily(Family):
 
     def latent_shape(self, bundle, batch, num_frames, height, width):
         s, t = self.spatial_factor(bundle), self.temporal_factor(bundle)
-        return (batch, bundle.denoiser.config.in_channels, (num_frames - 1) // t + 1, height // s, width // s)
+        return (batch, bundle.vae.config.z_dim, (num_frames - 1) // t + 1, height // s, width // s)
 
     def encode_prompt(self, bundle, prompts, max_length):
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -154,9 +154,9 @@ class WanFamily(Family):
         import diffusers
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-        if preset not in PRESETS:
-            raise KeyError(f"unknown wan preset {preset!r} (known: {', '.join(PRESETS)})")
-        cfg = {k: dict(v) for k, v in PRESETS[preset].items()}
+        if preset not in self.presets:
+            raise KeyError(f"unknown {self.name} preset {preset!r} (known: {', '.join(self.presets)})")
+        cfg = {k: dict(v) for k, v in self.presets[preset].items()}
         for part, values in overrides.items():
             cfg.setdefault(part, {}).update(values)
         transformer_cfg = {"text_dim": text_dim, **cfg["transformer"]}
@@ -164,9 +164,9 @@ class WanFamily(Family):
                             {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}), **cfg.get("scheduler", {})}
         with torch.device(device or "cpu"):
             vae = AutoencoderKLWan(**{"z_dim": 16, "temperal_downsample": [False, True, True], **cfg["vae"]})
-            transformer = WanTransformer3DModel(
-                in_channels=vae.config.z_dim, out_channels=vae.config.z_dim, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", **{"patch_size": (1, 2, 2), **transformer_cfg})
+            transformer = WanTransformer3DModel(**{
+                "in_channels": vae.config.z_dim, "out_channels": vae.config.z_dim, "cross_attn_norm": True,
+                "qk_norm": "rms_norm_across_heads", "patch_size": (1, 2, 2), **transformer_cfg})
             components = {"transformer": transformer, "vae": vae}
             if text_encoder and "text_encoder" in cfg:
                 from transformers import UMT5Config, UMT5EncoderModel

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from .. import lora
 from ..errors import InputError, StorageError
 from .auth import ANONYMOUS
-from .requests import invalid, program_fields, video_fields
+from .requests import IMAGE_FIELDS, invalid, program_fields, video_fields
 from .store import VideoJob
 from .service import APIError, JobService, Settings, replica_died
 
@@ -55,11 +55,13 @@ async def read_fields(request: Request, max_bytes: int) -> dict:
 
         form = await Request(request.scope, replay).form()
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        upload = form.get("input_reference")
-        if upload is not None and not isinstance(upload, str):  # a file part: the image itself
-            fields["input_reference"] = await upload.read()
-        for field, key in (("input_reference", "image_url"), ("input_reference", "file_id"), ("lora", "name"),
-                           ("lora", "strength")):  # objects, as the openai client writes them in a form
+        for field in IMAGE_FIELDS:
+            upload = form.get(field)
+            if upload is not None and not isinstance(upload, str):  # a file part: the image itself
+                fields[field] = await upload.read()
+        objects = [(f, k) for f in IMAGE_FIELDS for k in ("image_url", "file_id")] + [("lora", "name"),
+                                                                                    ("lora", "strength")]
+        for field, key in objects:  # objects, as the openai client writes them in a form
             if f"{field}[{key}]" in fields:
                 fields.setdefault(field, {})[key] = fields.pop(f"{field}[{key}]")
         return fields

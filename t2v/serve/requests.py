@@ -120,6 +120,8 @@ def _image_bytes(value: Any) -> Any:
 
 
 ImageBytes = Annotated[bytes, BeforeValidator(_image_bytes), Field(max_length=MAX_IMAGE_BYTES)]
+# A request's images -> their keys in a job's parameters (the pipeline's image= and last_image=).
+IMAGE_FIELDS = {"input_reference": "image", "last_frame_reference": "last_image"}
 
 
 def number(ge: float | None = None, le: float | None = None, gt: float | None = None):
@@ -195,6 +197,7 @@ class VideoRequest(_Job):
     smooth: optional(Annotated[integer(1, MAX_SMOOTH), AfterValidator(_odd)]) = None
     color_match: optional(Flag) = None
     input_reference: optional(ImageBytes) = None  # the video's first frame
+    last_frame_reference: optional(ImageBytes) = None  # its last frame (a first-last-frame model)
 
 
 class ProgramRequest(_Job):

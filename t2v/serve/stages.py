@@ -33,7 +33,7 @@ from ..pipeline import TextToVideoPipeline, progress_callback
 from ..sampling import as_predictor, bundle_forward, num_timesteps
 from .. import lora
 from ..video import png_bytes
-from .requests import program_fields, video_fields
+from .requests import IMAGE_FIELDS, program_fields, video_fields
 from .store import KINDS
 
 
@@ -89,6 +89,7 @@ def validate_program(bundle, fields: dict) -> dict:
     from ..production.programs import check_spec
 
     fields = program_fields(fields)  # types and bounds (the API has checked them already; other callers not)
+    bundle.family.check_images(bundle, False, False, ("model", "model"))  # its clips start from prompts alone
     program_kind, spec = fields.get("kind"), fields.get("spec")
     check_spec(program_kind, spec)
     items = spec[ITEMS[program_kind]]
@@ -148,6 +149,7 @@ def validate(bundle, fields: dict) -> dict:
     parameters carry the post options and the shot plan (returned with the job). Sets the job's "kind"."""
     cfg, lim = bundle.config, limits(bundle)
     request = video_fields(fields)  # types and bounds (the API has checked them already; other callers not)
+    check_image_fields(bundle, request)
     kw = generation_kwargs(request, lim.temporal_factor, cfg.fps)
     post = PostOptions(**{k: request[k] for k in POST_FIELDS if k in request})
     post.check()
@@ -176,27 +178,37 @@ def validate(bundle, fields: dict) -> dict:
     params["original_prompt"], params["prompt_changes"] = original, changes
     if composed:  # its length was checked first; keyframes() keeps the key frames on the model's grid
         params.update(num_frames=frames, post=asdict(post), plan=plan.to_dict())
-    if "input_reference" in request:
-        params["image"] = first_frame_png(request["input_reference"], p.width, p.height)
-        params["image_sha256"] = hashlib.sha256(params["image"].encode()).hexdigest()
+    for field, key in IMAGE_FIELDS.items():
+        if field in request:
+            params[key] = frame_png(request[field], p.width, p.height, field)
+            params[f"{key}_sha256"] = hashlib.sha256(params[key].encode()).hexdigest()
     return params
 
 
-def first_frame_png(data: bytes, width: int, height: int) -> str:
-    """A request's input_reference -> the video's first frame: read safely, its aspect checked, resized to the
-    video, as base64 PNG (it travels in the job's parameters, so a retry or a restart still has it)."""
+def check_image_fields(bundle, request: dict) -> None:
+    """The frames a request gives, against what the model starts from (`Family.check_images`)."""
+    first, last = (field in request for field in IMAGE_FIELDS)
+    if last and not first:
+        raise InputError("last_frame_reference", "a last frame without a first frame", "input_reference as well")
+    bundle.family.check_images(bundle, first, last, tuple(IMAGE_FIELDS))
+
+
+def frame_png(data: bytes, width: int, height: int, field: str) -> str:
+    """A request's image (input_reference: its first frame; last_frame_reference: its last) -> that frame: read
+    safely, its aspect checked, resized to the video, as base64 PNG (it travels in the job's parameters, so a
+    retry or a restart still has it)."""
     from PIL import Image
 
-    image = read_image(data, "input_reference")
-    check_aspect(image.size, width, height, "input_reference")
+    image = read_image(data, field)
+    check_aspect(image.size, width, height, field)
     return base64.b64encode(png_bytes(np.asarray(image.resize((width, height), Image.LANCZOS)))).decode()
 
 
-def job_image(params: dict):
-    """A job's first frame (an RGB image of the video's size), if it asked for one."""
-    if params.get("image") is None:
+def job_image(params: dict, key: str = "image"):
+    """A job's first frame (key "image") or last ("last_image"), an RGB image of the video's size, if it gave one."""
+    if params.get(key) is None:
         return None
-    return read_image(base64.b64decode(params["image"]))
+    return read_image(base64.b64decode(params[key]))
 
 
 def optimize_parts(bundle, prompt: str, negative: str | None) -> tuple[str, str, list[str]]:
@@ -226,7 +238,8 @@ def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int
                   post=PostOptions(**params["post"]), negative_prompt=params["negative_prompt"] or None,
                   seed=params["seed"], progress=progress, height=params["height"], width=params["width"],
                   num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-                  sampler=params["sampler"], predictor=predictor, image=job_image(params))
+                  sampler=params["sampler"], predictor=predictor, image=job_image(params),
+                  last_image=job_image(params, "last_image"))
     return out.frames
 
 
@@ -237,16 +250,18 @@ def encode(pipe: TextToVideoPipeline, params: dict) -> tuple[torch.Tensor, torch
 
 
 def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negative_embeds: torch.Tensor,
-            progress: Callable[[int, int], None] | None = None, predictor: Callable | None = None) -> torch.Tensor:
+            progress: Callable[[int, int], None] | None = None, predictor: Callable | None = None,
+            modules_lock=None) -> torch.Tensor:
     """The sampling loop; progress(step, total) after every step; `predictor` runs the forwards elsewhere
-    (the Denoiser's per-step batching)."""
+    (the Denoiser's per-step batching); modules_lock: held while the call encodes its images here."""
     total = num_timesteps(pipe.bundle, params["sampler"], params["num_inference_steps"])
     out = pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_frames=params["num_frames"],
                height=params["height"], width=params["width"], num_inference_steps=params["num_inference_steps"],
                guidance_scale=params["guidance_scale"], seed=params["seed"], sampler=params["sampler"],
                fps=params["fps"], output_type="latent", prompt_embeds=embeds,
                negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
-               predictor=predictor, image=job_image(params))
+               predictor=predictor, image=job_image(params), last_image=job_image(params, "last_image"),
+               modules_lock=modules_lock)
     return out.frames
 
 
@@ -315,7 +330,7 @@ def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, in
         with lock:
             latents = denoise(pipe, params, *embeds, progress, here)
     else:
-        latents = denoise(pipe, params, *embeds, progress, predictor)
+        latents = denoise(pipe, params, *embeds, progress, predictor, modules_lock=lock)
     timings["denoise_s"] = time.perf_counter() - t1
     return Sampled(latents=latents, timings=timings)
 

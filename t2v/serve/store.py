@@ -93,7 +93,7 @@ class VideoJob:
             "prompt": self.prompt, "seconds": self.seconds, "size": self.size, "error": self.error,
             "remixed_from_video_id": None,
             "t2v": {"kind": self.kind, "params": {k: v for k, v in self.params.items()
-                                                  if k not in ("kind", "plan", "image")},  # the image: its digest
+                                                  if k not in ("kind", "plan", "image", "last_image")},  # images: digests
                     "plan": self.params.get("plan"), "priority": self.priority, "cost": self.cost,
                     "timings": self.timings, "cached_from": self.cached_from, "quality": self.quality,
                     "attempts": self.attempts, "served_by": self.served_by},
