@@ -181,9 +181,9 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=CO
         key = family.denoiser_key if name == "denoiser" else name
         if name not in weights and key not in kwargs and (index.get(key) or [None])[0]:
             kwargs[key] = _shapes_only(folder / key, index[key])
-    pipeline_cls = getattr(diffusers, family.pipeline_class)
     try:
-        with _quiet_diffusers():
+        with _quiet_diffusers():  # (importing WanImageToVideoPipeline warns that CLIP's processor falls back to PIL)
+            pipeline_cls = getattr(diffusers, family.pipeline_class)
             pipe = pipeline_cls.from_pretrained(folder, use_safetensors=True, **kwargs)
     except ImportError as e:
         raise BundleError(uri, f"a package this bundle needs is not installed: {e}") from None

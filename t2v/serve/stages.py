@@ -62,7 +62,7 @@ class Sampled:
 def model_version(bundle) -> str:
     """A short fingerprint of the weights and config (the result cache's key changes with the model)."""
     h = hashlib.sha256(json.dumps(bundle.config.__dict__, sort_keys=True, default=str).encode())
-    for module in (bundle.denoiser, bundle.vae):
+    for module in (m for m in (bundle.denoiser, bundle.vae, bundle.image_encoder) if m is not None):
         params = list(module.state_dict().values())
         for p in (params[0], params[len(params) // 2], params[-1]):
             h.update(p.detach().float().cpu().numpy().tobytes())
