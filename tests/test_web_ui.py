@@ -57,6 +57,11 @@ def test_generate_from_the_page_and_watch_it_play(wan_dir, tmp_path, auth):
             assert job["t2v"]["params"]["seed"] == 4 and job["t2v"]["params"]["num_inference_steps"] == 2
             assert len(job["t2v"]["params"]["image_sha256"]) == 64  # it started from the chosen image
             page.wait_for_function("document.querySelectorAll('#gallery img[src^=\"blob:\"]').length == 1")
+            # A last frame goes as last_frame_reference; this model has no image branch, and the page shows the 400.
+            page.set_input_files("#last_frame", str(first))
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('error').textContent.startsWith('last_frame_reference')")
+            assert "no image branch" in page.text_content("#error")
             browser.close()
     finally:
         srv.stop()
