@@ -221,9 +221,9 @@ def check_images(bundle, image, last_image, width: int, height: int) -> tuple:
         raise InputError("last_image", "a last frame without a first frame", "image= as well")
     bundle.family.check_images(bundle, image is not None, last_image is not None)
     out = []
-    for field, im in (("image", image), ("last_image", last_image)):
+    for name, im in (("image", image), ("last_image", last_image)):
         if im is not None:
-            check_aspect(image_size(im), width, height, field)
+            check_aspect(image_size(im), width, height, name)
             im = (Image.fromarray(im) if isinstance(im, np.ndarray) else im).convert("RGB")
         out.append(im)
     return tuple(out)

@@ -262,33 +262,16 @@ def test_serve_graph_serves_adapters_per_request(tmp_path, wan_dir):
     the same adapter share forwards; an image-to-video job with an adapter; an unknown adapter is a 404 and
     queues nothing."""
     import secrets
-    import tempfile
-    from pathlib import Path
 
-    import yaml
-    from test_serve_graph import ROOT, free_port
-
-    from t2v.serve.process import ServeProcess
+    from test_serve_graph import serve_app
 
     root = tmp_path / "adapters"
     for i, name in enumerate(("sand", "snow")):
         random_adapter(wan_dir, root / name, seed=i)
-    config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    app = config["applications"][0]
-    app["args"].update(model=str(wan_dir), step_batching={"max_batch_size": 4, "wait_s": 0.05},
-                       adapters={"root": str(root), "max_per_replica": 2})
-    app["args"]["settings"].update(store=str(tmp_path / "store"), poll_after_ms=100, concurrency=2, cache_ttl_s=0)
-    denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser")
-    denoiser.pop("autoscaling_config")
-    denoiser["num_replicas"] = 1  # both jobs of a pair in one replica's batch queue
-    path = tmp_path / "t2v.yaml"
-    path.write_text(yaml.safe_dump(config))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="t2vray-", dir="/tmp"))
-    serve = ServeProcess(path, f"http://127.0.0.1:{port}", tmp_path / "serve.log", cwd=ROOT,
-                         env={"RAY_TMPDIR": str(ray_tmp)})
-    try:
+    # One Denoiser replica: both jobs of a pair in its batch queue.
+    with serve_app(tmp_path, wan_dir, denoiser_replicas=1, step_batching={"max_batch_size": 4, "wait_s": 0.05},
+                   adapters={"root": str(root), "max_per_replica": 2},
+                   settings={"concurrency": 2, "cache_ttl_s": 0}) as (serve, _):
         c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=2)
         assert [m.id for m in c.models.list()] == ["t2v-default", "t2v-default+sand", "t2v-default+snow"]
         with pytest.raises(openai.NotFoundError) as missing:
@@ -328,6 +311,3 @@ def test_serve_graph_serves_adapters_per_request(tmp_path, wan_dir):
                               extra_body={"num_inference_steps": 4})
         done, _ = finish(i2v)
         assert done.model == "t2v-default+sand" and done.model_extra["t2v"]["params"]["image_sha256"]
-    finally:
-        serve.stop()
-        shutil.rmtree(ray_tmp, ignore_errors=True)

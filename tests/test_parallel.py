@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ import openai
 import pytest
 import torch
 import torch.multiprocessing as mp
-import yaml
 from PIL import Image
 
 import t2v
@@ -29,10 +26,9 @@ from t2v.parallel import (ParallelLayout, Rank, attach, free_address, join_seque
                           split_guidance, thread_peer)
 from t2v.sampling import local_requests, predict_batch
 from t2v.serve import stages
-from t2v.serve.process import ServeProcess
 from t2v.video import read_video
 from test_image_to_video import picture, png
-from test_serve_graph import free_port
+from test_serve_graph import serve_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red ball bouncing on a black background"
@@ -173,24 +169,11 @@ def _pids(title: str, ray_tmp: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", [{"cfg": 2}, {"ulysses": 2}], ids=["cfg2", "ulysses2"])
 def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, parallel):
-    config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    app = config["applications"][0]
-    args = app["args"]
-    args.update(model=str(wan_dir), threads=1, step_batching={"max_batch_size": 4, "wait_s": 0.01},
-                parallel={**parallel, "rank_actor_options": {"num_cpus": 0.3}})
-    args["settings"].update(store=str(tmp_path / "store"), poll_after_ms=100, concurrency=3)
-    for d in app["deployments"]:
-        if d["name"] == "Denoiser":  # one replica and its rank: the layout is the only way this video splits
-            d.pop("autoscaling_config")
-            d["num_replicas"] = 1
-    path = tmp_path / "t2v.yaml"
-    path.write_text(yaml.safe_dump(config))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="t2vray-", dir="/tmp"))
-    serve = ServeProcess(path, f"http://127.0.0.1:{port}", tmp_path / "serve.log", cwd=ROOT,
-                         env={"RAY_TMPDIR": str(ray_tmp)})
-    try:
+    # One replica and its rank: the layout is the only way this video splits.
+    with serve_app(tmp_path, wan_dir, denoiser_replicas=1, threads=1,
+                   step_batching={"max_batch_size": 4, "wait_s": 0.01},
+                   parallel={**parallel, "rank_actor_options": {"num_cpus": 0.3}},
+                   settings={"concurrency": 3}) as (serve, ray_tmp):
         # 1. The same clip, sampled by the replica and its rank, and alone in this process.
         fields = {"prompt": PROMPT, "size": "32x32", "seed": 7, "num_inference_steps": 5, "guidance_scale": 4.0}
         out = tmp_path / "sampled.pt"
@@ -240,9 +223,6 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
             assert v.status == "completed", v.error
             assert v.model_extra["t2v"]["attempts"] == 2 and v.model_extra["t2v"]["served_by"]["parallel"] == "cfg2"
             assert len(_pids("DenoiserRank", ray_tmp)) == 1 and rank not in _pids("DenoiserRank", ray_tmp)
-    finally:
-        serve.stop()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_job_records_the_layout_that_served_it(wan_dir):

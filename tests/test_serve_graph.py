@@ -5,6 +5,7 @@ given through the environment, found in none of Ray's logs nor on its dashboard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import shutil
@@ -98,6 +99,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(tmp_path: Path, model, denoiser_replicas: int | None = None, settings: dict | None = None, **args):
+    """`serve run` of serve_configs/t2v.yaml serving `model`, with these application args and job settings, a
+    temporary store, and Ray in a temp folder of its own. denoiser_replicas: a fixed count instead of autoscaling.
+    Yields (the running ServeProcess, Ray's temp folder)."""
+    config = yaml.safe_load((ROOT / "serve_configs" / "t2v.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(model=str(model), **args)
+    app["args"]["settings"].update(store=str(tmp_path / "store"), poll_after_ms=100, **(settings or {}))
+    if denoiser_replicas is not None:
+        denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser")
+        denoiser.pop("autoscaling_config")
+        denoiser["num_replicas"] = denoiser_replicas
+    path = tmp_path / "t2v.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="t2vray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    serve = ServeProcess(path, f"http://127.0.0.1:{port}", tmp_path / "serve.log", cwd=ROOT,
+                         env={"RAY_TMPDIR": str(ray_tmp)})
+    try:
+        yield serve, ray_tmp
+    finally:
+        serve.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def assert_nowhere(key: str, folders: list[Path]) -> int:

@@ -209,3 +209,39 @@ def test_each_serve_stage_holds_only_the_weights_it_runs(flf_dir, i2v_pipe):
     i2v_pipe(PROMPT, **dict(SMALL, num_inference_steps=1), image=noise_image(1),
              predictor=as_predictor(lambda rs: seen.extend(rs) or [predict_guided(i2v_pipe.bundle, *r) for r in rs]))
     assert torch.equal(predict_guided(rank, *seen[0]), predict_guided(i2v_pipe.bundle, *seen[0]))
+
+
+@pytest.mark.slow
+def test_image_jobs_through_the_serve_graph(tmp_path, i2v_dir):
+    """`serve run` with a wan-i2v model and per-step batching: the TextEncoder replica (no image encoder weights)
+    refuses a job without a first frame; two jobs with different images share forwards in the Denoiser and make
+    the videos each makes alone."""
+    import openai
+    from test_serve_graph import serve_app
+
+    from t2v.video import read_video
+
+    with serve_app(tmp_path, i2v_dir, denoiser_replicas=1, step_batching={"max_batch_size": 4, "wait_s": 0.05},
+                   settings={"concurrency": 2, "cache_ttl_s": 0}) as (serve, _):
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=2)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.videos.create(prompt=PROMPT, size="32x32")
+        assert e.value.response.json()["error"]["param"] == "input_reference"
+        assert c.videos.list().data == []
+
+        def create(seed):
+            return c.videos.create(prompt=PROMPT, size="32x32", seconds="0.5",
+                                   input_reference=(f"{seed}.png", png(noise_image(seed)), "image/png"),
+                                   extra_body={"seed": 3, "num_inference_steps": 6, "optimize_prompt": False})
+
+        def finish(job):
+            done = c.videos.poll(job.id, poll_interval_ms=100)
+            assert done.status == "completed", done.error
+            return done, read_video(c.videos.download_content(job.id).read()).astype(float)
+
+        alone = [finish(create(seed)) for seed in (1, 2)]
+        together = [finish(j) for j in [create(seed) for seed in (1, 2)]]
+        assert max(v.model_extra["t2v"]["timings"]["step_batch_max"] for v, _ in together) == 2
+        for (_, video), (_, video_together) in zip(alone, together):
+            assert np.abs(video - video_together).mean() < 0.5  # batched forwards: float noise, through x264
+        assert np.abs(alone[0][1] - alone[1][1]).mean() > 2  # each its own image's video

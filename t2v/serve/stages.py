@@ -178,9 +178,9 @@ def validate(bundle, fields: dict) -> dict:
     params["original_prompt"], params["prompt_changes"] = original, changes
     if composed:  # its length was checked first; keyframes() keeps the key frames on the model's grid
         params.update(num_frames=frames, post=asdict(post), plan=plan.to_dict())
-    for field, key in IMAGE_FIELDS.items():
-        if field in request:
-            params[key] = frame_png(request[field], p.width, p.height, field)
+    for name, key in IMAGE_FIELDS.items():
+        if name in request:
+            params[key] = frame_png(request[name], p.width, p.height, name)
             params[f"{key}_sha256"] = hashlib.sha256(params[key].encode()).hexdigest()
     return params
 
