@@ -3,8 +3,10 @@
 An adapter is a folder (local or s3://) holding `pytorch_lora_weights.safetensors`, its keys prefixed by the
 pipeline component they patch (`transformer.blocks.0.attn1.to_q.lora_A.weight`) and its peft config in the file's
 metadata: what `WanPipeline.save_lora_weights` writes and `pipe.load_lora_weights` reads, so diffusers loads
-t2v's adapters and t2v loads diffusers' (and, through diffusers' converters, the original Wan/ComfyUI layouts).
-t2v trains them with peft (`TrainConfig.lora_rank`), and a generation chooses one by name with a strength.
+t2v's adapters and t2v loads diffusers'. A folder holding one other `.safetensors` file instead is an adapter as
+published (a few-step distillation LoRA in the original Wan layout, a ComfyUI export): diffusers' converters read
+those. t2v trains adapters with peft (`TrainConfig.lora_rank`), and a generation chooses one by name with a
+strength.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def from_spec(spec: str, root: str | None = None) -> tuple[str, str, float]:
         strength = None
     uri = head if strength is not None else spec
     strength = 1.0 if strength is None else strength
-    if storage.is_s3(uri) or Path(uri).is_dir():
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if storage.is_s3(uri) or Path(uri).is_dir() or (uri.endswith(".safetensors") and Path(uri).is_file()):
+        name = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".safetensors")
         name = name if NAME.match(name) else "adapter"
     else:
         root, name = str(root or DEFAULT_ROOT), uri
@@ -82,16 +84,39 @@ def from_spec(spec: str, root: str | None = None) -> tuple[str, str, float]:
 
 
 def list_adapters(root: str | None) -> list[str]:
-    """The adapters under a root: its folders that hold a LoRA weight file, by name."""
+    """The adapters under a root: its folders that hold a LoRA weight file (`weight_file`), by name."""
     if not root or not storage.exists(root):
         return []
-    names = {rel.split("/")[0] for rel in storage.list_files(root) if rel.count("/") == 1 and rel.endswith(
-        "/" + WEIGHT_NAME)}
-    return sorted(n for n in names if NAME.match(n))
+    files: dict[str, list[str]] = {}
+    for rel in storage.list_files(root):
+        folder, _, file = rel.partition("/")
+        if "/" not in file and file.endswith(".safetensors"):
+            files.setdefault(folder, []).append(file)
+    return sorted(n for n, found in files.items() if NAME.match(n) and (WEIGHT_NAME in found or len(found) == 1))
 
 
 def exists(root: str | None, name: str) -> bool:
-    return bool(root) and storage.exists(storage.join(adapter_uri(root, name), WEIGHT_NAME))
+    try:
+        return bool(root) and bool(weight_file(adapter_uri(root, name)))
+    except FileNotFoundError:
+        return False
+
+
+def weight_file(uri: str) -> str:
+    """The weights of the adapter at `uri`: a .safetensors file itself, or in a folder diffusers'
+    pytorch_lora_weights.safetensors, else the folder's only .safetensors file (an adapter as published)."""
+    if uri.endswith(".safetensors"):
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"{uri}: no such LoRA file")
+        return uri
+    if storage.exists(storage.join(uri, WEIGHT_NAME)):
+        return storage.join(uri, WEIGHT_NAME)
+    found = [f for f in (storage.list_files(uri) if storage.exists(uri) else [])
+             if "/" not in f and f.endswith(".safetensors")]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{uri}: not a LoRA adapter (no {WEIGHT_NAME}, and "
+                                f"{'no' if not found else len(found)} other .safetensors files)")
+    return storage.join(uri, found[0])
 
 
 def card(uri: str) -> dict:
@@ -149,16 +174,15 @@ def save(bundle, uri: str, name: str = "default", info: dict | None = None) -> N
 # --- loading and choosing ---------------------------------------------------------------------------------
 
 def load(bundle, uri: str, name: str) -> None:
-    """Load the LoRA folder at `uri` (local or s3://) into the bundle's denoiser as adapter `name`, inactive
-    until a generation chooses it. Formats diffusers converts (original Wan, ComfyUI) load too."""
+    """Load the LoRA adapter at `uri` (a folder or a .safetensors file, local or s3://: `weight_file`) into the
+    bundle's denoiser as adapter `name`, inactive until a generation chooses it. Formats diffusers converts
+    (original Wan, ComfyUI) load too."""
     denoiser = _supporting(bundle)
     if name in getattr(denoiser, "peft_config", {}):
         return
     loader, prefix = bundle.family.lora_loader(), bundle.family.denoiser_key
-    with _local_folder(uri) as folder:
-        if not (folder / WEIGHT_NAME).is_file():
-            raise FileNotFoundError(f"{uri}: no {WEIGHT_NAME} (not a LoRA adapter folder)")
-        state, metadata = loader.lora_state_dict(str(folder), weight_name=WEIGHT_NAME, return_lora_metadata=True)
+    with _local_copy(weight_file(uri)) as path:
+        state, metadata = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
     with lock_of(denoiser):
         was = _active(denoiser)
         denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=name, metadata=metadata)
@@ -240,21 +264,21 @@ def _supporting(bundle):
 
 
 @contextmanager
-def _local_folder(uri: str):
+def _local_copy(uri: str):
+    """A local path of the file at `uri` (s3://: downloaded to a temporary folder for the block)."""
     if not storage.is_s3(uri):
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        for file in (WEIGHT_NAME, CARD_NAME):
-            if storage.exists(storage.join(uri, file)):
-                Path(tmp, file).write_bytes(storage.read_bytes(storage.join(uri, file)))
-        yield Path(tmp)
+        path = Path(tmp, uri.rsplit("/", 1)[-1])
+        path.write_bytes(storage.read_bytes(uri))
+        yield path
 
 
 def version(root: str, name: str) -> str:
     """A fingerprint of an adapter's weights file (size and mtime, or the S3 ETag): cached results of an adapter
     that was replaced under the same name are not served again."""
-    uri = storage.join(adapter_uri(root, name), WEIGHT_NAME)
+    uri = weight_file(adapter_uri(root, name))
     if storage.is_s3(uri):
         bucket, key = storage.split_s3(uri)
         return storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')

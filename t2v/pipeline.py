@@ -52,7 +52,8 @@ class TextToVideoPipeline:
 
     # --- LoRA adapters, with diffusers' method names (t2v.lora) ------------------------------------------------
     def load_lora_weights(self, uri: str, adapter_name: str = "default") -> None:
-        """Load a diffusers-format LoRA folder (local or s3://) into the denoiser and make it the active one."""
+        """Load a LoRA adapter (a folder or .safetensors file, local or s3://; diffusers' format, or the original
+        Wan / ComfyUI layouts diffusers converts) into the denoiser and make it the active one."""
         from . import lora
 
         lora.load(self.bundle, str(uri), adapter_name)

@@ -255,6 +255,55 @@ def random_adapter(bundle_dir, path, seed: int) -> str:
     return str(path)
 
 
+def original_wan_layout(state: dict, alpha: float) -> dict:
+    """A diffusers-format Wan LoRA's weights under the original Wan names, as few-step distillation LoRAs
+    (lightx2v, CausVid) are published: diffusion_model.blocks.0.self_attn.q.lora_down.weight, with alphas."""
+    names = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o",
+             "lora_A": "lora_down", "lora_B": "lora_up"}
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("transformer.")
+        for ours, theirs in names.items():
+            key = key.replace(ours, theirs)
+        out["diffusion_model." + key] = value
+        if key.endswith(".lora_down.weight"):
+            out["diffusion_model." + key.replace(".lora_down.weight", ".alpha")] = torch.tensor(alpha)
+    return out
+
+
+def test_an_adapter_as_published_in_the_original_wan_layout_loads_as_its_diffusers_twin(wan_dir, tmp_path,
+                                                                                        s3_bucket):
+    from safetensors.torch import load_file, save_file
+
+    from t2v import storage
+
+    twin = random_adapter(wan_dir, tmp_path / "twin", seed=3)  # rank 4, alpha 8
+    root = tmp_path / "adapters"
+    (root / "distill").mkdir(parents=True)
+    published = root / "distill" / "wan_t2v_distill_lora_rank4.safetensors"  # no metadata, its own name
+    save_file(original_wan_layout(load_file(f"{twin}/{lora.WEIGHT_NAME}"), alpha=8.0), published)
+    assert lora.list_adapters(str(root)) == ["distill"] and lora.exists(str(root), "distill")
+    pipe = t2v.TextToVideoPipeline.from_pretrained(wan_dir)
+    kw = dict(num_frames=5, height=32, width=32, num_inference_steps=2, seed=1, output_type="latent")
+    base = pipe(PROMPT, **kw).frames
+    videos = {}
+    for name, uri in (("twin", twin), ("folder", root / "distill"), ("file", published)):
+        pipe.load_lora_weights(str(uri), adapter_name=name)
+        videos[name] = pipe(PROMPT, **kw).frames
+    assert (videos["twin"] - base).abs().max() > 1e-2
+    assert (videos["folder"] - videos["twin"]).abs().max() < 1e-4 and torch.equal(videos["file"], videos["folder"])
+    # The same root on S3 (a local S3 server): listed, versioned by its ETag, loaded by name.
+    s3_root = f"s3://{s3_bucket}/adapters"
+    storage.upload_dir(root, s3_root)
+    assert lora.list_adapters(s3_root) == ["distill"] and lora.version(s3_root, "distill")
+    pipe.delete_adapters("folder")
+    with lora.Loaded(pipe.bundle, s3_root, "distill").in_use():
+        pipe.set_adapters("distill")
+        assert torch.equal(pipe(PROMPT, **kw).frames, videos["folder"])
+    (root / "distill" / "second.safetensors").write_bytes(published.read_bytes())
+    assert lora.list_adapters(str(root)) == [] and not lora.exists(str(root), "distill")  # which one: ambiguous
+
+
 @pytest.mark.slow
 def test_serve_graph_serves_adapters_per_request(tmp_path, wan_dir):
     """`serve run` with an adapters root and per-step batching: GET /v1/models lists the adapters; two jobs with
