@@ -88,7 +88,7 @@ def i2v_dir(tmp_path_factory):
     return build_wan21_i2v(tmp_path_factory.mktemp("Wan2.1-I2V-tiny"))
 
 
-@pytest.mark.parametrize("sampler", [None, "flow-match-euler"])
+@pytest.mark.parametrize("sampler", [None, "flow-match-euler", "flow-match-heun", "dpm-solver++"])
 def test_wan21_i2v_layout_loads_and_agrees_with_diffusers_wanimagetovideopipeline(i2v_dir, sampler):
     bundle = t2v.load(i2v_dir)
     assert bundle.family.name == "wan-i2v"
