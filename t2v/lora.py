@@ -88,11 +88,10 @@ def list_adapters(root: str | None) -> list[str]:
     if not root or not storage.exists(root):
         return []
     files: dict[str, list[str]] = {}
-    for rel in storage.list_files(root):
+    for rel in storage.list_files(root):  # one listing for the whole root
         folder, _, file = rel.partition("/")
-        if "/" not in file and file.endswith(".safetensors"):
-            files.setdefault(folder, []).append(file)
-    return sorted(n for n, found in files.items() if NAME.match(n) and (WEIGHT_NAME in found or len(found) == 1))
+        files.setdefault(folder, []).append(file)
+    return sorted(n for n, found in files.items() if NAME.match(n) and _weights_among(found))
 
 
 def exists(root: str | None, name: str) -> bool:
@@ -109,14 +108,19 @@ def weight_file(uri: str) -> str:
         if not storage.exists(uri):
             raise FileNotFoundError(f"{uri}: no such LoRA file")
         return uri
-    if storage.exists(storage.join(uri, WEIGHT_NAME)):
-        return storage.join(uri, WEIGHT_NAME)
-    found = [f for f in (storage.list_files(uri) if storage.exists(uri) else [])
-             if "/" not in f and f.endswith(".safetensors")]
-    if len(found) != 1:
-        raise FileNotFoundError(f"{uri}: not a LoRA adapter (no {WEIGHT_NAME}, and "
-                                f"{'no' if not found else len(found)} other .safetensors files)")
-    return storage.join(uri, found[0])
+    files = storage.list_files(uri) if storage.exists(uri) else []
+    weights = _weights_among(files)
+    if weights is None:
+        raise FileNotFoundError(f"{uri}: not a LoRA adapter (no {WEIGHT_NAME}, and not exactly one other "
+                                ".safetensors file)")
+    return storage.join(uri, weights)
+
+
+def _weights_among(files: list[str]) -> str | None:
+    """Which of an adapter folder's files (paths relative to it) holds its weights: diffusers' WEIGHT_NAME, else
+    the only .safetensors file directly in it; None when neither is there."""
+    found = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+    return WEIGHT_NAME if WEIGHT_NAME in found else (found[0] if len(found) == 1 else None)
 
 
 def card(uri: str) -> dict:

@@ -218,9 +218,7 @@ def check_images(bundle, image, last_image, width: int, height: int) -> tuple:
     aspect, and against what the model takes (`Family.check_images`)."""
     from PIL import Image
 
-    if image is None and last_image is not None:
-        raise InputError("last_image", "a last frame without a first frame", "image= as well")
-    bundle.family.check_images(bundle, image is not None, last_image is not None)
+    check_frames(bundle, image is not None, last_image is not None)
     out = []
     for name, im in (("image", image), ("last_image", last_image)):
         if im is not None:
@@ -228,6 +226,14 @@ def check_images(bundle, image, last_image, width: int, height: int) -> tuple:
             im = (Image.fromarray(im) if isinstance(im, np.ndarray) else im).convert("RGB")
         out.append(im)
     return tuple(out)
+
+
+def check_frames(bundle, first: bool, last: bool, fields: tuple[str, str] = ("image", "last_image")) -> None:
+    """Refuse a call's frames (whether it gives a first and a last) where the model cannot start from them, naming
+    the caller's field for each: no last frame without a first, then what the family takes (`Family.check_images`)."""
+    if last and not first:
+        raise InputError(fields[1], "a last frame without a first frame", f"{fields[0]} as well")
+    bundle.family.check_images(bundle, first, last, fields)
 
 
 def progress_callback(report: Callable[[int, int], None] | None, total: int):

@@ -33,24 +33,50 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_wan21(path: Path, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def noise_image(seed: int, size: tuple[int, int] = (32, 32)):
+    """A random RGB image of (width, height)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def umt5_encoder(tokenizer):
     from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                       num_heads=4, relative_attention_num_buckets=8))
+
+
+def wan_transformer(**config):
+    """A tiny WanTransformer3DModel (config: the image branch's keys, the channels)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**{
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 16,
+        "out_channels": 16, "text_dim": 32, "freq_dim": 32, "ffn_dim": 64, "num_layers": 2, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, **config})
+
+
+def wan_vae_and_scheduler():
+    """A tiny causal AutoencoderKLWan, and Wan2.1's shipped scheduler config."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000, solver_order=2)
+    return vae, scheduler
+
+
+def build_wan21(path: Path, seed: int = 0) -> Path:
+    from diffusers import WanPipeline
 
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                               num_heads=4, relative_attention_num_buckets=8))
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    # Wan2.1's shipped scheduler config.
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                        num_train_timesteps=1000, solver_order=2)
+    text_encoder = umt5_encoder(tokenizer)
+    transformer = wan_transformer()
+    vae, scheduler = wan_vae_and_scheduler()
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
                        scheduler=scheduler)
     pipe.save_pretrained(path, safe_serialization=True)
@@ -61,28 +87,20 @@ def build_wan21(path: Path, seed: int = 0) -> Path:
 
 def build_wan21_i2v(path: Path, seed: int = 0, first_last: bool = False) -> Path:
     """Wan2.1-I2V's layout (first_last: Wan2.1-FLF2V's, whose image embedder has positions for two images)."""
-    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline,
-                           WanTransformer3DModel)
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
     tokenizer = t5_tokenizer()
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                               num_heads=4, relative_attention_num_buckets=8))
+    text_encoder = umt5_encoder(tokenizer)
     # CLIP ViT at 32 px in 8 px patches: 16 + 1 tokens (the real ViT-H/14 at 224 px: 257).
     image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=37, num_hidden_layers=2,
                                                      num_attention_heads=4, image_size=32, patch_size=8,
                                                      projection_dim=16))
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32, image_dim=24, added_kv_proj_dim=32, pos_embed_seq_len=2 * 17 if first_last else None,
-    )
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                        num_train_timesteps=1000, solver_order=2)
+    transformer = wan_transformer(in_channels=36, image_dim=24, added_kv_proj_dim=32,
+                                  pos_embed_seq_len=2 * 17 if first_last else None)
+    vae, scheduler = wan_vae_and_scheduler()
     pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
                                    scheduler=scheduler, image_encoder=image_encoder, image_processor=image_processor)
     pipe.save_pretrained(path, safe_serialization=True)

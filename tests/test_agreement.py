@@ -4,11 +4,9 @@ same frames (max abs difference ≤ 1e-3, fp32)."""
 from __future__ import annotations
 
 import diffusers
-import numpy as np
 import pytest
 import torch
-from layouts import build_modelscope, build_wan21, build_wan21_i2v
-from PIL import Image
+from layouts import build_modelscope, build_wan21, build_wan21_i2v, noise_image
 
 import t2v
 from t2v.sampling import make_scheduler
@@ -77,10 +75,6 @@ def test_modelscope_layout_with_clip_loads_and_agrees(tmp_path):
     assert bundle.config.max_sequence_length == 77
     ours, theirs = run_both(path, **CALL_UNET)
     assert (ours - theirs).abs().max().item() <= TOL
-
-
-def noise_image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ API."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from layouts import build_wan21_i2v
-from PIL import Image
+from layouts import build_wan21_i2v, noise_image
+from test_image_to_video import png
 
 import t2v
 from t2v.errors import BundleError, InputError
@@ -22,16 +21,6 @@ from t2v.sampling import as_predictor, predict_batch, predict_guided
 
 PROMPT = "a red ball bouncing on a black background"
 SMALL = dict(num_frames=9, height=32, width=32, num_inference_steps=3, guidance_scale=4.0, seed=5)
-
-
-def noise_image(seed: int, size=(32, 32)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from ..production.planner import plan_video, split_then
 from ..production.prompting import optimize_prompt
 from ..images import check_aspect, read_image
 from ..parallel import layout_of
-from ..pipeline import TextToVideoPipeline, progress_callback
+from ..pipeline import TextToVideoPipeline, check_frames, progress_callback
 from ..sampling import as_predictor, bundle_forward, num_timesteps
 from .. import lora
 from ..video import png_bytes
@@ -149,7 +149,7 @@ def validate(bundle, fields: dict) -> dict:
     parameters carry the post options and the shot plan (returned with the job). Sets the job's "kind"."""
     cfg, lim = bundle.config, limits(bundle)
     request = video_fields(fields)  # types and bounds (the API has checked them already; other callers not)
-    check_image_fields(bundle, request)
+    check_frames(bundle, *(field in request for field in IMAGE_FIELDS), tuple(IMAGE_FIELDS))
     kw = generation_kwargs(request, lim.temporal_factor, cfg.fps)
     post = PostOptions(**{k: request[k] for k in POST_FIELDS if k in request})
     post.check()
@@ -183,14 +183,6 @@ def validate(bundle, fields: dict) -> dict:
             params[key] = frame_png(request[name], p.width, p.height, name)
             params[f"{key}_sha256"] = hashlib.sha256(params[key].encode()).hexdigest()
     return params
-
-
-def check_image_fields(bundle, request: dict) -> None:
-    """The frames a request gives, against what the model starts from (`Family.check_images`)."""
-    first, last = (field in request for field in IMAGE_FIELDS)
-    if last and not first:
-        raise InputError("last_frame_reference", "a last frame without a first frame", "input_reference as well")
-    bundle.family.check_images(bundle, first, last, tuple(IMAGE_FIELDS))
 
 
 def frame_png(data: bytes, width: int, height: int, field: str) -> str:
