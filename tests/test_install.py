@@ -8,7 +8,9 @@ import ast
 import importlib
 import pkgutil
 import re
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,6 +22,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 import t2v
+from conftest import needs_program
 
 ROOT = Path(__file__).resolve().parents[1]
 # Who imports a module -> the groups of pyproject.toml that may declare it. The library and what
@@ -151,6 +154,33 @@ def test_ci_runs_the_readme_test_command_in_a_fresh_virtualenv():
     ci = (ROOT / ".ci" / "run").read_text()
     assert install_and_test in ci.splitlines()
     assert "python3 -m venv" in ci and "rm -rf" in ci
+
+
+NO_SUCH_PACKAGE = "t2v-ci-no-such-package"
+
+
+@needs_program("chromium")
+@needs_program("espeak-ng")
+def test_ci_fails_when_the_install_fails(tmp_path):
+    """.ci/run, copied as it is, on a project whose install cannot succeed (its build needs a package that does
+    not exist): CI must exit non-zero and run no test. Before the fix it printed its last line and exited 0."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "pyproject.toml").write_text(
+        f'[build-system]\nrequires = ["{NO_SUCH_PACKAGE}"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "t2v-ci-probe"\nversion = "0"\n\n[project.optional-dependencies]\ntest = []\n')
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_would_pass.py").write_text("def test_passes():\n    assert True\n")
+    # Offline (no index: the unknown name is refused from the local wheels alone) and with CI's own environment.
+    env = {**os.environ, "PIP_NO_INDEX": "1", "TMPDIR": str(tmp_path), "CI": "true"}
+    env.pop("VIRTUAL_ENV", None)
+    r = subprocess.run(["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                       stdin=subprocess.DEVNULL)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert NO_SUCH_PACKAGE in out, out  # it failed where it should: pip could not install the build requirement
+    assert not re.search(r"\d+ passed", out), out
+    assert f"exit status {r.returncode}" in r.stdout, r.stdout
 
 
 def test_the_dockerfile_installs_the_declared_set_with_the_constraints():

@@ -25,8 +25,28 @@ def test_windows_cover_the_clip_with_overlaps_after_the_anchor():
     assert window_latents(x, (5, 9)).flatten().tolist() == [0, 5, 6, 7, 8]
 
 
+def test_window_weights_rise_over_the_ramp_and_are_one_in_the_middle():
+    for length, ramp in ((4, 2), (9, 3), (5, 0), (3, 5)):
+        w = window_weights(length, ramp)
+        assert len(w) == length and (w > 0).all() and (w <= 1).all()  # never 0: a lone window keeps its frame
+        assert torch.equal(w, w.flip(0))  # both ends ramp alike
+        rise = w[:min(ramp, length // 2)]
+        assert (rise[1:] > rise[:-1]).all()
+        assert (w[ramp:length - ramp] == 1).all()
+
+
+def test_two_overlapping_windows_crossfade_linearly():
+    """Runs (1, 5) and (3, 7) of a 7-frame latent share frames 3 and 4. With a 2-frame ramp the later window's
+    share rises linearly across the overlap, 1/3 then 2/3 (hand-computed: weights 2/3 vs 1/3, then 1/3 vs 2/3),
+    and a frame only one window covers is that window's."""
+    runs = [(1, 5), (3, 7)]
+    preds = [torch.zeros(1, 1, 5, 1, 1), torch.ones(1, 1, 5, 1, 1)]
+    fused = fuse_windows(preds, runs, 7, ramp=2)[0, 0, :, 0, 0]
+    assert fused[1:].tolist() == pytest.approx([0, 0, 1 / 3, 2 / 3, 1, 1])
+    assert fused[0].item() == pytest.approx(0.5)  # the anchor frame: both windows' mean
+
+
 def test_fusion_is_a_weighted_average_that_keeps_agreeing_predictions():
-    assert window_weights(4, 2).tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 1 / 3])
     runs = latent_windows(13, 5, 2)
     truth = torch.randn(1, 2, 13, 3, 3)
     preds = [window_latents(truth, r) for r in runs]
@@ -54,7 +74,12 @@ def test_seam_ratio():
     jump = smooth.copy()
     jump[12:] += 60
     assert seam_ratio(np.clip(jump, 0, 255).astype(np.uint8), [12]) > 5
-    assert pixel_boundaries([(1, 5), (3, 7)], 4) == [1 + (4 - 1) * 4]
+    # Latent frame j >= 1 of a causal VAE (4x in time) decodes to pixel frames 4j - 3 ... 4j. Runs (1, 5) and
+    # (3, 7) share latents 3 and 4; the later window owns the second half of the overlap, latent 4, whose first
+    # pixel frame is 13. Adjacent runs (1, 3) and (3, 5) pass at latent 3: pixel frame 9.
+    assert pixel_boundaries([(1, 5), (3, 7)], 4) == [13]
+    assert pixel_boundaries([(1, 3), (3, 5)], 4) == [9]
+    assert pixel_boundaries([(1, 5), (3, 7), (5, 9)], 4) == [13, 21]
 
 
 def test_one_window_is_exactly_the_plain_pipeline(wan_pipe):
