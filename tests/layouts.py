@@ -85,6 +85,20 @@ def build_wan21(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_wan22_a14b(path: Path, seed: int = 0) -> Path:
+    """Wan2.2-T2V-A14B's layout: a high-noise `transformer` and a low-noise `transformer_2`, switched at
+    boundary_ratio 0.875 of the training timesteps."""
+    from diffusers import WanPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    vae, scheduler = wan_vae_and_scheduler()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=umt5_encoder(tokenizer), transformer=wan_transformer(),
+                       transformer_2=wan_transformer(), vae=vae, scheduler=scheduler, boundary_ratio=0.875)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def build_wan21_i2v(path: Path, seed: int = 0, first_last: bool = False) -> Path:
     """Wan2.1-I2V's layout (first_last: Wan2.1-FLF2V's, whose image embedder has positions for two images)."""
     from diffusers import WanImageToVideoPipeline

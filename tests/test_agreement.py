@@ -3,12 +3,15 @@ same frames (max abs difference ≤ 1e-3, fp32)."""
 
 from __future__ import annotations
 
+import json
+
 import diffusers
 import pytest
 import torch
-from layouts import build_modelscope, build_wan21, build_wan21_i2v, noise_image
+from layouts import build_modelscope, build_wan21, build_wan21_i2v, build_wan22_a14b, noise_image
 
 import t2v
+from t2v.errors import BundleError
 from t2v.sampling import make_scheduler
 
 TOL = 1e-3
@@ -66,6 +69,14 @@ def test_wan21_layout_with_umt5_loads_and_agrees(tmp_path):
     assert not bundle.uses_packaged_text_encoder
     ours, theirs = run_both(path, **dict(CALL_WAN, prompt="a red ball on the left"))
     assert (ours - theirs).abs().max().item() <= TOL
+
+
+def test_a_wan22_a14b_layout_is_refused_naming_its_second_expert(tmp_path):
+    """Loaded as Wan2.1, its low-noise expert would be ignored and the video silently another one."""
+    path = build_wan22_a14b(tmp_path / "Wan2.2-T2V-A14B-tiny")
+    assert json.loads((path / "model_index.json").read_text())["transformer_2"][1] == "WanTransformer3DModel"
+    with pytest.raises(BundleError, match=r"transformer_2: WanTransformer3DModel, boundary_ratio: 0.875"):
+        t2v.load(path)
 
 
 def test_modelscope_layout_with_clip_loads_and_agrees(tmp_path):

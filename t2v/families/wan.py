@@ -63,6 +63,17 @@ PRESETS.update(REAL_PRESETS)
 
 
 class WanFamily(Family):
+    def check_index(self, index, uri):
+        # Wan2.2-T2V-A14B's WanPipeline hands the low-noise steps to a second expert: sampling with `transformer`
+        # alone would make another video without a word, so the layout is refused until the family samples both.
+        second = (index.get("transformer_2") or [None, None])[-1]  # ["diffusers", "WanTransformer3DModel"]
+        if second or index.get("boundary_ratio") is not None:
+            from ..errors import BundleError
+
+            raise BundleError(uri, f"a Wan2.2 mixture-of-experts layout (transformer_2: {second}, boundary_ratio: "
+                                   f"{index.get('boundary_ratio')}) is not supported: the wan family samples one "
+                                   "transformer (the Wan2.1 layout, or Wan2.2-TI2V-5B's for text alone)")
+
     def lora_loader(self):
         from diffusers.loaders import WanLoraLoaderMixin
 
