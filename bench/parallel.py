@@ -1,6 +1,6 @@
 """One video over two ranks: per-step and end-to-end time of a single rank vs guidance-parallel (cfg2) and
 Ulysses sequence-parallel (ulysses2), with the ranks as the Serve Denoiser starts them (Ray actors,
-`t2v.serve.deployments.start_ranks`), and the per-step cost of sending a guidance half to its rank and back.
+`t2v.serve.ranks.start_ranks`), and the per-step cost of sending a guidance half to its rank and back.
 
     python bench/parallel.py                            # the embedded model, 17x128x128, 25 steps
     python bench/parallel.py --preset wan2.1-1.3b --cpu-reduced   # the 1.3B shapes at 64x64x5, 8 steps
@@ -28,7 +28,7 @@ def round_trip_ms(x: torch.Tensor, e: torch.Tensor, dtype: torch.dtype, repeats:
     from types import SimpleNamespace
 
     from t2v.parallel import ParallelLayout
-    from t2v.serve.deployments import DenoiserRank, start_ranks
+    from t2v.serve.ranks import DenoiserRank, start_ranks
 
     def echo_bundle():  # a "model" that answers at once with a prediction of the right shape
         return SimpleNamespace(denoiser=SimpleNamespace(dtype=dtype), device="cpu", runtime=None,
@@ -57,7 +57,7 @@ def main() -> None:
     import t2v
     from t2v.families import WAN
     from t2v.parallel import ParallelLayout
-    from t2v.serve.deployments import DenoiserRank, start_ranks
+    from t2v.serve.ranks import DenoiserRank, start_ranks
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default=None, help="a wan preset with random weights (default: the embedded model)")

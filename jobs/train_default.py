@@ -26,8 +26,9 @@ import torch
 
 from t2v.bundle import load, to_precision
 from t2v.data.rendered import RenderedWorld, RenderSpec
+from t2v.data.stream import video_tensor
 from t2v.train.config import TrainConfig
-from t2v.train.loop import FolderCheckpoints, train, video_tensor
+from t2v.train.loop import FolderCheckpoints, train
 from t2v.world import caption
 
 log = logging.getLogger("t2v.train_default")

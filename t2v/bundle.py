@@ -21,6 +21,7 @@ import torch
 from . import storage
 from .errors import BundleError, InputError
 from .families import FAMILIES, Family, family_of
+from .runtime import RuntimeOptions, apply, is_shapes_only
 from .text import DEFAULT_TEXT_ENCODER, load_default_text_encoder
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.qint8}
@@ -118,7 +119,7 @@ COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder")  # the compone
 
 
 def load(uri: str | Path | None = None, precision: str = "fp32", device: str | torch.device | None = None,
-         runtime: "RuntimeOptions | None" = None, weights: tuple[str, ...] = COMPONENTS) -> Bundle:
+         runtime: RuntimeOptions | None = None, weights: tuple[str, ...] = COMPONENTS) -> Bundle:
     """Load a bundle from a local folder or s3:// URI (default: the embedded model). runtime: memory, cache
     and compile options (`t2v.runtime`); with group_offload the offloaded weights stay on the CPU.
     weights: the components whose weights are read (of denoiser, vae, text_encoder, image_encoder); the others
@@ -152,11 +153,9 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
     return place(bundle, precision, device, runtime)
 
 
-def place(bundle: Bundle, precision: str, device: torch.device | str, runtime: "RuntimeOptions | None" = None) -> Bundle:
+def place(bundle: Bundle, precision: str, device: torch.device | str, runtime: RuntimeOptions | None = None) -> Bundle:
     """Cast a bundle to its precision on the device and switch its runtime options on. With group_offload the
     offloaded weights stay on the CPU (never the whole model on the device: the hooks bring it block by block)."""
-    from .runtime import RuntimeOptions, apply
-
     runtime = runtime or RuntimeOptions()
     device = torch.device(device)
     if "group_offload" not in runtime.memory:
@@ -222,12 +221,6 @@ def _shapes_only(folder: Path, entry: list) -> torch.nn.Module:
 
         config = transformers.AutoConfig.from_pretrained(folder)
         return getattr(transformers, class_name)(config).eval()
-
-
-def is_shapes_only(module: torch.nn.Module | None) -> bool:
-    """A component built by `load(weights=...)` without its weights."""
-    param = next(module.parameters(), None) if module is not None else None
-    return param is not None and param.is_meta
 
 
 def _check_folder(folder: Path, index: dict, family: Family, uri: str) -> None:

@@ -91,10 +91,15 @@ class Runtime:
     layout: object = None  # that t2v.parallel.ParallelLayout
 
 
+def is_shapes_only(module: torch.nn.Module | None) -> bool:
+    """A component built by `t2v.load(weights=...)` without its weights."""
+    param = next(module.parameters(), None) if module is not None else None
+    return param is not None and param.is_meta
+
+
 def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.device | None = None):
     """Switch the options on for a loaded bundle (in place; returns it). device: where the forwards run
     (default: the bundle's); with group_offload the offloaded weights stay on the CPU."""
-    from .bundle import is_shapes_only
 
     options = options or RuntimeOptions()
     runtime = Runtime(options)

@@ -12,8 +12,7 @@ from .shards import latents_to_bytes, map_shards, read_manifest, shard_uris, wri
 
 def encode_shard(src: str, dst: str, bundle_uri: str, batch_size: int = 4) -> int:
     from ..bundle import load
-    from ..train.loop import video_tensor
-    from .stream import decode_rows
+    from .stream import decode_rows, video_tensor
 
     bundle = load(bundle_uri, device="cpu")
     fs, path = storage.arrow_filesystem(src)

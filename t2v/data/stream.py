@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .. import storage
@@ -18,6 +19,12 @@ from .shards import latents_from_bytes, shard_uris
 
 log = logging.getLogger(__name__)
 COLUMNS = ["key", "video", "caption", "scene"]
+
+
+def video_tensor(batch: dict, device) -> torch.Tensor:
+    """A batch's clips as a VAE takes them: uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
+    v = torch.as_tensor(batch["video"], device=device)
+    return v.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
 @dataclass

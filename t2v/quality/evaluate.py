@@ -173,7 +173,7 @@ def evaluate_vae(pipe, split: str = "heldout", n: int = 200, seed: int = 0, shee
     generated video, with its per-frame error inside vs outside the objects."""
     import torch
 
-    from ..train.loop import video_tensor
+    from ..data.stream import video_tensor
     from ..world import render
     from ..world.render import object_masks
 
@@ -199,7 +199,7 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
     import torch
 
     from ..errors import InputError
-    from ..train.loop import video_tensor
+    from ..data.stream import video_tensor
     from ..world import render
 
     bundle = pipe.bundle

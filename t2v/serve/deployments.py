@@ -11,41 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
-from collections import OrderedDict
 
 import torch
 from ray import serve
 
 from .. import lora
-from ..bundle import COMPONENTS, load
 from ..errors import InputError, JobCancelled
 from .. import parallel
-from ..pipeline import TextToVideoPipeline
-from ..runtime import RuntimeOptions
 from ..sampling import bundle_forward
 from . import stages
 from .api import create_app
 from .auth import refuse_keys_in_args
+from .ranks import parse_parallel, start_ranks
 from .store import JobStore
 from .service import Settings
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _pipeline(model: str | None, precision: str, threads: int | None, runtime: dict | None,
-              weights: tuple[str, ...] = COMPONENTS) -> TextToVideoPipeline:
-    """A stage's pipeline: only the weights it runs are read (the other components are shapes, for limits and
-    latent geometry), with the runtime options (memory, cache, compile) of the Serve config."""
-    if threads:  # Ray gives a fractional-CPU actor one thread; a stage that runs alone may use more
-        torch.set_num_threads(threads)
-    options = RuntimeOptions.parse(**(runtime or {}))
-    return TextToVideoPipeline(load(model, precision=precision, device=_device(), runtime=options, weights=weights))
 
 
 @serve.deployment
@@ -55,7 +37,7 @@ class TextEncoder:
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
                  runtime: dict | None = None):
-        self.pipe = _pipeline(model, precision, threads, runtime, weights=("text_encoder",))
+        self.pipe = stages.stage_pipeline(model, precision, threads, runtime, weights=("text_encoder",))
 
     def validate(self, fields: dict) -> dict:
         return stages.validate(self.pipe.bundle, fields)
@@ -99,7 +81,8 @@ class Denoiser:
             # would wait for a rank that skipped).
             raise ValueError("runtime.cache needs step_batching: null, fan_out: false and no parallel layout (a "
                              "step cache lives in one replica, per sampling loop)")
-        self.pipe = _pipeline(model, precision, threads, runtime)  # every weight: programmes encode prompts here
+        # Every weight: programmes encode prompts here too.
+        self.pipe = stages.stage_pipeline(model, precision, threads, runtime)
         self._version = stages.model_version(self.pipe.bundle)
         self._lock = threading.Lock()  # one sampling loop at a time, or one VAE user when steps are batched
         self.fan_out = fan_out  # long videos: each step's windows go to every Denoiser replica
@@ -258,108 +241,6 @@ def parse_adapters(options: dict | None) -> tuple[str | None, int]:
     return options.get("root"), per_replica
 
 
-def parse_parallel(options: dict | None) -> tuple[parallel.ParallelLayout, dict]:
-    """A Serve config's `parallel` ({cfg | ulysses | ring, attention_backend, rank_actor_options}) -> the
-    layout and the ray_actor_options of each extra rank (e.g. {num_gpus: 1})."""
-    options = dict(options or {})
-    rank_options = options.pop("rank_actor_options", None) or {}
-    return parallel.ParallelLayout.parse(**options), rank_options
-
-
-def start_ranks(bundle, layout: parallel.ParallelLayout, rank_options: dict, stage: tuple,
-                rank_class: type | None = None) -> list:
-    """A layout's other ranks for the bundle of a Denoiser replica (the lead): Ray actors it starts, so they land
-    in its placement group (the Denoiser's placement_group_bundles reserve their GPUs) and die with it; the
-    bundle's forwards then run across them (`parallel.attach`). stage: (model, precision, threads, runtime),
-    what each rank loads; rank_class: the actor (default DenoiserRank)."""
-    if layout.ranks == 1:
-        return []
-    import ray
-
-    if layout.sequence > 1:  # refused here, before any process group forms
-        parallel.check_sequence_parallel(bundle.denoiser, layout, bundle.device)
-    actor = ray.remote(rank_class or DenoiserRank).options(**rank_options)
-    ranks = [actor.remote(*stage) for _ in range(layout.ranks - 1)]
-    dtype = bundle.denoiser.dtype
-    stored = parallel.PerTensor()  # a job's embeddings -> their copy in Ray's object store
-
-    def on_cpu(requests):
-        """Requests as they travel: latents in the denoiser's dtype (its forward casts them to it anyway);
-        embeddings, the same at every step of a job, put in the object store once and passed by reference."""
-        return [(to_wire(x.to(dtype)), t.cpu(), stored.get(e, lambda e: ray.put(to_wire(e.to(dtype)))), g)
-                for x, t, e, g in requests]
-
-    def gathered(refs):
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayActorError:
-            # A rank died: the gang cannot sample any more. The replica ends itself, so Serve replaces it (ranks
-            # and all) and the job service retries its jobs there, as for any replica that dies.
-            log.error("a rank of this Denoiser's %s layout died: the replica exits to be replaced", layout.name)
-            os._exit(1)
-
-    if layout.sequence > 1:
-        address = parallel.free_address(ray.util.get_node_ip_address())
-        joined = [r.join.remote(i + 1, layout.ranks, address, layout) for i, r in enumerate(ranks)]
-        parallel.join_sequence_parallel(bundle, 0, layout.ranks, address, layout)
-        ray.get(joined)
-
-        def start_peers(requests):  # parallel.lockstep sends one forward at a time, in order
-            sent = on_cpu(requests)
-            refs = [r.predict.remote(sent, False) for r in ranks]
-            return lambda: gathered(refs)
-    else:
-        def start_peers(requests):
-            ref = ranks[0].predict.remote(on_cpu(requests))
-            return lambda: [from_wire(p) for p in gathered(ref)]
-    parallel.attach(bundle, layout, start_peers)
-    return ranks
-
-
-def to_wire(x: torch.Tensor) -> tuple:
-    """A tensor as Ray moves it fastest between processes: a numpy array, which leaves the object store without
-    a copy (a torch tensor is pickled: about 3x slower at 16 MiB); bf16, which numpy lacks, as int16 bits."""
-    x = x.detach().cpu().contiguous()
-    return (x.view(torch.int16).numpy(), "bfloat16") if x.dtype == torch.bfloat16 else (x.numpy(), None)
-
-
-def from_wire(wire: tuple) -> torch.Tensor:
-    array, dtype = wire
-    x = torch.from_numpy(array.copy())  # the store's buffer is read-only
-    return x.view(torch.bfloat16) if dtype == "bfloat16" else x
-
-
-class DenoiserRank:
-    """One extra rank of a Denoiser replica's parallel layout (a Ray actor in the replica's placement group):
-    the transformer's weights only, predicting what the replica sends (`parallel.Rank`)."""
-
-    def __init__(self, *stage):
-        self.rank = parallel.Rank(self.load(*stage))
-        self._embeds: OrderedDict = OrderedDict()
-
-    def load(self, model, precision, threads, runtime):
-        """The bundle this rank runs: the stage's model, the transformer's weights only."""
-        return _pipeline(model, precision, threads, runtime, weights=("denoiser",)).bundle
-
-    def join(self, rank: int, world: int, address: str, layout) -> None:
-        self.rank.join(rank, world, address, layout)
-
-    def predict(self, requests: list, reply: bool = True):
-        import ray
-
-        for _, _, ref, _ in requests:  # a job's embeddings: fetched at its first step, then kept (a few jobs)
-            if ref not in self._embeds:
-                self._embeds[ref] = from_wire(ray.get(ref))
-                while len(self._embeds) > 16:
-                    self._embeds.popitem(last=False)
-            self._embeds.move_to_end(ref)
-        out = self.rank.predict([(from_wire(x), t, self._embeds[ref], g) for x, t, ref, g in requests], reply)
-        return None if out is None else [to_wire(p) for p in out]
-
-    def ping(self) -> bool:
-        return True
-
-
 @serve.deployment
 class Decoder:
     """VAE decode, video encode, the upload of the mp4 and its thumbnail to the job store, then quality scores.
@@ -367,7 +248,7 @@ class Decoder:
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
                  runtime: dict | None = None):
-        self.pipe = _pipeline(model, precision, threads, runtime, weights=("vae",))  # the VAE's weights only
+        self.pipe = stages.stage_pipeline(model, precision, threads, runtime, weights=("vae",))  # the VAE's only
         self._lock = threading.Lock()
 
     async def finish(self, latents: torch.Tensor | None, fps: float, store: str, job_id: str, frames=None,

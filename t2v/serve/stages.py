@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..bundle import COMPONENTS, load
 from ..production.generate import PostOptions, generate, keyframes
 from ..production.programs import CARD_SECONDS, ITEMS
 from ..errors import InputError, JobCancelled
@@ -30,11 +31,27 @@ from ..production.prompting import optimize_prompt
 from ..images import check_aspect, read_image
 from ..parallel import layout_of
 from ..pipeline import TextToVideoPipeline, check_frames, progress_callback
+from ..runtime import RuntimeOptions
 from ..sampling import as_predictor, bundle_forward, num_timesteps
 from .. import lora
 from ..video import png_bytes
 from .requests import IMAGE_FIELDS, program_fields, video_fields
 from .store import KINDS
+
+
+def device() -> str:
+    """Where a stage's replica runs its modules: the GPU Ray gave it, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stage_pipeline(model: str | None, precision: str, threads: int | None, runtime: dict | None,
+                   weights: tuple[str, ...] = COMPONENTS) -> TextToVideoPipeline:
+    """A stage's pipeline: only the weights it runs are read (the other components are shapes, for limits and
+    latent geometry), with the runtime options (memory, cache, compile) of the Serve config."""
+    if threads:  # Ray gives a fractional-CPU actor one thread; a stage that runs alone may use more
+        torch.set_num_threads(threads)
+    options = RuntimeOptions.parse(**(runtime or {}))
+    return TextToVideoPipeline(load(model, precision=precision, device=device(), runtime=options, weights=weights))
 
 
 @dataclass

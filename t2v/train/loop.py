@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import lora, storage
 from ..bundle import Bundle, from_components, load
+from ..data.stream import video_tensor
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
 from .losses import temporal_difference_loss, vae_loss
@@ -94,12 +95,6 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
     for part, values in family.training_overrides(cfg).items():
         overrides.setdefault(part, {}).update(values)
     return from_components(family, family.build(cfg.preset, **overrides), config=cfg.bundle_config)
-
-
-def video_tensor(batch: dict, device) -> torch.Tensor:
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W] in [-1, 1]."""
-    v = torch.as_tensor(batch["video"], device=device)
-    return v.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
 def crop_window(shape, size: int | None, frames: int | None, rng: random.Random,
