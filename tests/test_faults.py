@@ -293,11 +293,14 @@ def test_a_long_soak_keeps_every_replicas_memory_flat(served):
     the first 50 (allocator caches and Python's arenas settle by then; a per-job leak would not)."""
     deadline = time.time() + 900
     checkpoints = {}
+    jobs = []
     for n in range(200):
         job = submit(served.url, {"prompt": "a red ball bouncing", "size": "32x32", "seed": n,
                                   "num_inference_steps": 2}, deadline)
+        jobs.append(job)
         if n % 8 == 7 or n == 199:  # at most 8 in flight: the queue never fills
-            wait_all(served.url, [job], timeout=300)
+            done = wait_all(served.url, [job], timeout=300)[job]
+            assert done["status"] == "completed", done["error"]  # a failed job would not have used the memory
         if n + 1 in (50, 200):
             time.sleep(2)  # the last jobs' quality scores finish
             checkpoints[n + 1] = {name: [rss_mb(p) for p in pids] for name, pids in
@@ -309,8 +312,9 @@ def test_a_long_soak_keeps_every_replicas_memory_flat(served):
         assert len(after) == len(before), f"{name} replicas changed: none may have died"
         for b, a in zip(sorted(before), sorted(after)):
             assert a - b < 25.0, f"{name}: RSS {b:.0f} -> {a:.0f} MB over 150 jobs"
-    listed = httpx.get(served.url + "/v1/videos?limit=100").json()
-    assert all(v["status"] == "completed" for v in listed["data"])
+    final = wait_all(served.url, jobs, timeout=60)  # all 200, not only the list's first page of 100
+    assert [v["status"] for v in final.values()] == ["completed"] * 200, {i: v["error"] for i, v in final.items()
+                                                                          if v["status"] != "completed"}
 
 
 @pytest.mark.slow
@@ -373,5 +377,7 @@ def test_replicas_killed_at_random_points_leave_every_job_in_one_final_state(ser
     for v in completed:
         assert probe((served.store / "content" / f"{v['id']}.mp4").read_bytes()).num_frames == 9
     # After all of it the graph serves a new job.
-    assert wait_all(served.url, [submit(served.url, {"prompt": "a green heart", "size": "32x32",
-                                                     "num_inference_steps": 2}, deadline)], 120)
+    fresh = submit(served.url, {"prompt": "a green heart", "size": "32x32", "num_inference_steps": 2}, deadline)
+    after = wait_all(served.url, [fresh], 120)[fresh]
+    assert after["status"] == "completed", after["error"]
+    assert probe((served.store / "content" / f"{fresh}.mp4").read_bytes()).num_frames == 9

@@ -111,17 +111,29 @@ def test_a_tenant_reaches_only_its_own_jobs_on_every_route(generator, tmp_path):
     try:
         assert_openai_error(httpx.get(srv.url + "/v1/videos"), 401, "invalid_api_key")
         video = httpx.post(srv.url + "/v1/videos", json={**BODY, "seed": 4}, headers=A).json()
-        for _ in range(600):
-            if httpx.get(f"{srv.url}/v1/videos/{video['id']}", headers=A).json()["status"] == "completed":
-                break
+        deadline = time.time() + 60
+        while (v := httpx.get(f"{srv.url}/v1/videos/{video['id']}", headers=A).json())["status"] not in (
+                "completed", "failed"):
+            assert time.time() < deadline, f"the video is still {v['status']} after 60 s"
             time.sleep(0.05)
+        assert v["status"] == "completed", v["error"]
         program = httpx.post(srv.url + "/v1/programs", json=NEWS, headers=A)
         assert program.status_code == 200, program.text
         ids = [video["id"], program.json()["id"]]
         for vid in ids:
+            status = httpx.get(f"{srv.url}/v1/videos/{vid}", headers=A)
+            assert status.status_code == 200, status.text
+            if vid == ids[1]:  # Held never finishes a programme: it is not ready, and its content says so
+                assert status.json()["status"] in ("queued", "in_progress"), status.json()
+            for path, kind in ((f"/v1/videos/{vid}/content", "video/mp4"),
+                               (f"/v1/videos/{vid}/content?variant=thumbnail", "image/png")):
+                r = httpx.get(srv.url + path, headers=A)
+                if status.json()["status"] == "completed":  # the owner gets the content
+                    assert r.status_code == 200 and r.headers["content-type"] == kind and r.content, r.text
+                else:  # the owner is told it is not ready
+                    assert_openai_error(r, 409, "video_not_ready")
             for path in (f"/v1/videos/{vid}", f"/v1/videos/{vid}/content",
                          f"/v1/videos/{vid}/content?variant=thumbnail"):
-                assert httpx.get(srv.url + path, headers=A).status_code in (200, 409)  # the programme is not ready
                 assert_openai_error(httpx.get(srv.url + path, headers=B), 404, "not_found")
             assert_openai_error(httpx.delete(f"{srv.url}/v1/videos/{vid}", headers=B), 404, "not_found")
         assert httpx.get(srv.url + "/v1/videos", headers=B).json()["data"] == []

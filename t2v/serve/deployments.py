@@ -18,6 +18,7 @@ from ray import serve
 
 from .. import lora
 from ..errors import InputError, JobCancelled
+from ..runtime import RuntimeOptions
 from .. import parallel
 from ..sampling import bundle_forward
 from . import stages
