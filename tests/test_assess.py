@@ -63,8 +63,21 @@ def test_wrong_colour_lowers_text_alignment_and_total(clip):
     assert bad.scores["text_alignment"] < good.scores["text_alignment"]
     assert bad.total < good.total
     assert "color" in bad.details["wrong"] and "color" in " ".join(bad.recommendations)
-    other = assess(frames, "a portrait of an old sailor in the rain")  # outside the world's vocabulary
-    assert other.details["alignment_method"] == "MiniLM similarity" and 0 <= other.scores["text_alignment"] <= 1
+    # Outside the world's vocabulary the score is the prompt's MiniLM similarity to what the video shows: a prompt
+    # that paraphrases the clip beats one about something else, and each of two prompts scores higher on the video
+    # that fits it (the moving object, or the same backdrop left empty) than on the other.
+    empty = np.broadcast_to(np.median(frames.reshape(-1, 3), axis=0).astype(np.uint8), frames.shape).copy()
+    moving, bare, sailor = ("a blob drifting sideways over a plain backdrop", "an empty, featureless backdrop",
+                            "a portrait of an old sailor in the rain")
+    alignment = {}
+    for name, video in (("clip", frames), ("empty", empty)):
+        for prompt in (moving, bare, sailor):
+            result = assess(video, prompt)
+            assert result.details["alignment_method"] == "MiniLM similarity", prompt
+            alignment[name, prompt] = result.scores["text_alignment"]
+    assert alignment["clip", moving] > alignment["clip", sailor] + 0.1
+    assert alignment["clip", moving] > alignment["empty", moving] + 0.05
+    assert alignment["empty", bare] > alignment["clip", bare] + 0.05
 
 
 def test_assess_command(clip, tmp_path):

@@ -89,11 +89,36 @@ def test_keyframes_and_compose_with_the_tiny_model(wan_pipe):
     assert keyframes(33, 8.0, 4.0, 4) == (17, 2) and keyframes(33, 8.0, 8.0, 4) == (33, 1)
     with pytest.raises(InputError, match="keyframe_fps"):
         keyframes(33, 8.0, 3.0, 4)
-    out = generate(wan_pipe, "a red ball, then a blue star", num_frames=17, fps=8, seed=1,
-                  post=PostOptions(keyframe_fps=4, interpolate="linear", color_match=True, smooth=3))
+    prompt, kw = "a red ball, then a blue star", dict(num_frames=17, fps=8, seed=1)
+    # The same keyframes (9 at 4 fps, same seed) post-processed three ways, one option added at a time.
+    keys = generate(wan_pipe, prompt, num_frames=9, fps=4, seed=1).frames
+    lin = generate(wan_pipe, prompt, post=PostOptions(keyframe_fps=4, interpolate="linear"), **kw).frames
+    graded = generate(wan_pipe, prompt, post=PostOptions(keyframe_fps=4, interpolate="linear", color_match=True),
+                      **kw).frames
+    out = generate(wan_pipe, prompt, post=PostOptions(keyframe_fps=4, interpolate="linear", color_match=True,
+                                                      smooth=3), **kw)
     assert out.frames.shape == (17, 32, 32, 3) and out.fps == 8
     assert [s.prompt for s in out.plan.shots] == ["a red ball", "a blue star"]
-    assert out.plan.shots[-1].end_frame == 17 and out.windows
+    assert [(s.start_frame, s.end_frame) for s in out.plan.shots] == [(0, 8), (8, 17)] and out.windows
+    # Linear interpolation: the keyframes at even frames, each odd frame the midpoint of its neighbours (to the
+    # rounding of uint8), on a video that does change from keyframe to keyframe.
+    f = lin.astype(float)
+    assert np.array_equal(lin[::2], keys) and np.abs(np.diff(f[::2], axis=0)).mean() > 5
+    assert np.abs(f[1::2] - (f[:-1:2] + f[2::2]) / 2).max() <= 0.5
+    # Colour match: the first shot (keyframes 0-3, frames 0-6) untouched; the second (keyframes 4-8), whose
+    # colours differed, takes the first's per-channel distribution (quantiles within 2 levels).
+    q = lambda frames: np.percentile(frames.reshape(-1, 3), [10, 50, 90], axis=0)  # noqa: E731
+    assert np.array_equal(graded[:7], lin[:7])
+    assert np.abs(q(keys[4:]) - q(keys[:4])).max() > 8
+    assert np.abs(q(graded[::2][4:]) - q(graded[::2][:4])).max() <= 2
+    assert np.abs(graded[::2][4:].reshape(-1, 3).mean(0) - graded[:8:2].reshape(-1, 3).mean(0)).max() < 1
+    # Smoothing over 3 frames: each frame the mean of itself and its neighbours (the ends repeated), so less
+    # change from frame to frame than before.
+    g = graded.astype(float)
+    padded = np.concatenate([g[:1], g, g[-1:]])
+    assert np.abs(out.frames - (padded[:-2] + padded[1:-1] + padded[2:]) / 3).max() <= 0.5
+    change = lambda frames: np.abs(np.diff(frames.astype(float), axis=0)).mean()  # noqa: E731
+    assert change(out.frames) < 0.8 * change(graded)
 
 
 def test_cli_plan_and_seconds(tmp_path, wan_dir):

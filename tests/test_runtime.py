@@ -166,14 +166,34 @@ def test_compiled_and_eager_frames_agree():
 
 
 def test_the_cli_takes_the_options(tmp_path, wan_dir):
-    out = tmp_path / "v.mp4"
-    r = subprocess.run([sys.executable, "-m", "t2v", "generate", "a red ball", "--model", str(wan_dir), "-o", str(out),
-                        "--memory", "vae_slicing,vae_tiling:32", "--cache", "first_block:0.1", "--steps", "4",
-                        "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    from t2v.video import probe
+    from t2v.video import encode_video, read_video
 
-    assert probe(out.read_bytes()).num_frames == 9
+    # A GIF, not an mp4: PyAV's H.264 path does not give the same file for the same frames every time in one
+    # process (after an rgb24 decode there), while the GIF path (a palette of the clip, no conversion) does, so
+    # the CLI's file can be matched exactly with the in-process frames through the same encoder.
+    out = tmp_path / "v.gif"
+    memory, cache = "vae_slicing,vae_tiling:16", "first_block:0.1"  # 16-pixel tiles: 2x2 on the 32x32 video
+    r = subprocess.run([sys.executable, "-m", "t2v", "generate", "a red ball", "--model", str(wan_dir), "-o", str(out),
+                        "--memory", memory, "--cache", cache, "--steps", "4", "--seed", "1", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = read_video(out).astype(float)
+    assert got.shape == (9, 32, 32, 3)
+
+    def video(**options):  # the in-process pipeline's frames with these options, through the same encoder
+        pipe = t2v.TextToVideoPipeline.from_pretrained(wan_dir, **options)
+        calls = count_forwards(pipe.bundle)
+        frames = pipe("a red ball", seed=1, num_inference_steps=4).frames[0]
+        return read_video(encode_video(frames, 8.0, ".gif")).astype(float), calls[0]
+
+    want, passes = video(memory=memory, cache=cache)
+    assert passes < 4  # with this cache the blocks after the first ran on fewer than the 4 steps
+    # The CLI's video is the one with both options on, and not the one without either: each took effect. (The
+    # third, vae_slicing, decodes a batch one video at a time: a lone video's frames are the same with it or
+    # without it, so no output can tell whether it was applied.)
+    assert np.array_equal(got, want)
+    for without in (dict(memory=memory), dict(cache=cache)):
+        assert np.abs(got - video(**without)[0]).max() > 5, without
     bad = subprocess.run([sys.executable, "-m", "t2v", "generate", "x", "--model", str(wan_dir), "--cache", "nope",
                           "-o", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "cache" in bad.stderr and "first_block" in bad.stderr
@@ -216,7 +236,8 @@ def test_the_real_size_preset_runs_through_the_pipeline_and_the_serve_graph(real
     bundle = load(real_size_dir, runtime=RuntimeOptions.parse(memory="vae_tiling:32", cache="first_block:0.05"))
     assert sum(p.numel() for p in bundle.denoiser.parameters()) / 1e9 == pytest.approx(1.419, abs=0.001)
     out = t2v.TextToVideoPipeline(bundle)("a red ball", seed=1, output_type="np")
-    assert out.frames.shape == (1, 5, 64, 64, 3) and out.frames.std() > 1
+    assert out.frames.shape == (1, 5, 64, 64, 3)
+    frames = out.frames[0]
     del bundle, out
     gc.collect()
     # The Serve graph: the TextEncoder and the Decoder read only their weights; the cached Denoiser the rest.
@@ -226,10 +247,19 @@ def test_the_real_size_preset_runs_through_the_pipeline_and_the_serve_graph(real
     try:
         c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
         video = c.videos.create_and_poll(prompt="a red ball", size="64x64", seconds="0.25",
-                                         extra_body={"seed": 1, "num_inference_steps": 2}, poll_interval_ms=1000,
-                                         timeout=600)
+                                         extra_body={"seed": 1, "num_inference_steps": 2, "optimize_prompt": False},
+                                         poll_interval_ms=1000, timeout=600)
         assert video.status == "completed", video.error
         info = probe(c.videos.download_content(video.id).read())
         assert (info.width, info.height, info.num_frames) == (64, 64, 5)
+        # The graph's three stages, each with its own weights and the cache and tiles on, make the video this
+        # process made: its thumbnail (the middle frame, a lossless PNG) is that frame, to a level of rounding.
+        from io import BytesIO
+
+        from PIL import Image
+
+        middle = np.asarray(Image.open(BytesIO(c.videos.download_content(video.id, variant="thumbnail").read())))
+        assert middle.shape == (64, 64, 3) and np.abs(middle.astype(int) - frames[2]).max() <= 1
+        assert frames.std() > 1  # not one flat colour: the comparison has something to compare
     finally:
         serve.stop()
