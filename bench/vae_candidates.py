@@ -8,6 +8,12 @@ adherence gained per training minute.
 Candidates: the shipped VAE as it is; its decoder trained on plain random crops (the recipe it was made with);
 its decoder with object-weighted loss and object-centred crops (the renderer's exact masks); the whole VAE with
 the same (new latents: a denoiser must be trained on them afterwards).
+
+    python bench/vae_candidates.py --designs [--minutes 8] [--n 100] [--only NAME ...]
+
+Designs (`--designs`): per-frame `AutoencoderKL`s trained from scratch, each for the same minutes on clips of
+its own resolution (the same pixels per step), scored on held-out clips rendered at that resolution: which
+compression, latent width and frame size learn the world fastest on this CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +36,72 @@ CANDIDATES = {
 }
 
 
+# name -> (frame size, clips per step, the per-frame AutoencoderKL). Clips per step keep the pixels of a step equal:
+# 2 clips of 8 frames at 128x128, 8 clips of 8 frames at 64x64.
+DESIGNS = {
+    "f8 z16 @128": (128, 2, dict(block_out_channels=(32, 64, 128, 128), latent_channels=16)),
+    "f8 z16 @64": (64, 8, dict(block_out_channels=(32, 64, 128, 128), latent_channels=16)),
+    "f4 z8 @64": (64, 8, dict(block_out_channels=(32, 64, 128), latent_channels=8)),
+    "f4 z4 @64": (64, 8, dict(block_out_channels=(32, 64, 128), latent_channels=4)),
+}
+DESIGN_FRAMES = 8  # frames per training clip (a per-frame VAE sees them as a batch of images)
+
+
+def train_design(name: str, minutes: float, out: str, n: int, clips_rendered: int, seed: int = 11) -> tuple:
+    """One design from scratch for `minutes`, then its reconstructions of n held-out clips scored."""
+    import torch
+
+    from t2v.bundle import load
+    from t2v.data.rendered import RenderedWorld, RenderSpec
+    from t2v.pipeline import TextToVideoPipeline
+    from t2v.quality.evaluate import evaluate_vae
+    from t2v.train import FolderCheckpoints, TrainConfig, train
+
+    size, clips, vae = DESIGNS[name]
+    folder = os.path.join(out, name.replace(" ", "-").replace("@", ""))
+    cfg = TrainConfig(stage="vae", family="unet3d", preset="small", overrides={"vae": dict(vae, norm_num_groups=8)},
+                      batch_size=clips, lr=3e-4, warmup_steps=20, ema_decay=0.99, crop=None,
+                      crop_frames=DESIGN_FRAMES, kl_weight=1e-6, object_weight=5.0, object_crops=0.0,
+                      num_frames=17, size=size, steps=100_000, time_budget_s=minutes * 60, checkpoint_every=100_000,
+                      log_every=50, out=folder, checkpoint_dir=folder + "-ckpt",
+                      bundle_config=dict(num_frames=17, height=size, width=size, fps=8, max_sequence_length=64,
+                                         min_size=32, max_size=256))
+    world = RenderedWorld(clips_rendered, RenderSpec(seed=seed, size=size, masks=True), workers=1).start()
+    try:
+        counted = []
+        t0 = time.perf_counter()
+        train(cfg, lambda start: world.batches(cfg.batch_size, seed=start, min_ready=64),
+              FolderCheckpoints(cfg.checkpoint_dir), on_step=lambda s, m: counted.append(s))
+        spent = (time.perf_counter() - t0) / 60
+    finally:
+        world.close()
+    bundle = load(folder)
+    params = sum(p.numel() for p in bundle.vae.parameters())
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        bundle.family.decode(bundle, bundle.family.encode(bundle, torch.zeros(1, 3, 17, size, size)))
+    decode_s = time.perf_counter() - t0
+    torch.manual_seed(0)
+    result, errors = evaluate_vae(TextToVideoPipeline(bundle), "heldout", n)
+    inside, outside = errors.mean()
+    return (name, len(counted), spent, {a: result.accuracy("one", a) for a in ATTRIBUTES},
+            result.accuracy("two", "colors"), inside, outside, params, decode_s)
+
+
+def designs_table(rows: list, args) -> str:
+    lines = [f"VAE designs from scratch: {args.minutes:g} min each on this machine, {args.n} held-out clips each "
+             f"at the design's own resolution (object-weighted L1+MSE x5, lr 3e-4)",
+             f"{'design':<14}{'params':>7}{'steps':>6}{'min':>5}" + "".join(f"{a[:7]:>8}" for a in ATTRIBUTES)
+             + f"{'colors2':>8}{'err in':>8}{'err out':>8}{'rt 17f':>7}"]
+    for name, steps, minutes, acc, colors2, inside, outside, params, decode_s in rows:
+        lines.append(f"{name:<14}{params / 1e6:>6.1f}M{steps:>6}{minutes:>5.1f}"
+                     + "".join(f"{acc[a] * 100:>7.1f}%" for a in ATTRIBUTES)
+                     + f"{colors2 * 100:>7.1f}%{inside.mean():>8.3f}{outside.mean():>8.3f}{decode_s:>6.2f}s")
+    lines.append("err: mean |x - x'| (0..1) inside / outside the objects; rt 17f: encode + decode of one "
+                 "17-frame clip, seconds")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=6.0, help="training budget per candidate")
@@ -37,7 +109,16 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=2000, help="training clips rendered (with masks)")
     ap.add_argument("--only", nargs="*", default=None, help="candidate names to run")
     ap.add_argument("--out", default=None, help="keep the candidates' bundles here")
+    ap.add_argument("--designs", action="store_true", help="per-frame designs from scratch (DESIGNS)")
     args = ap.parse_args()
+    if args.designs:
+        out = args.out or tempfile.mkdtemp(prefix="t2v-vae-designs-")
+        rows = []
+        for name in DESIGNS:
+            if not args.only or name in args.only:
+                rows.append(train_design(name, args.minutes, out, args.n, args.clips))
+                print(designs_table(rows, args), flush=True)  # after each design, so a stopped run still reports
+        return
 
     import torch
 

@@ -132,11 +132,11 @@ class UNet3DFamily(Family):
         for part, values in overrides.items():
             cfg.setdefault(part, {}).update(values)
         n = len(cfg["vae"]["block_out_channels"])
+        z = cfg["vae"].setdefault("latent_channels", 4)  # the denoiser works on the VAE's channels
         with torch.device(device or "cpu"):
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                                **cfg["vae"])
-            unet = UNet3DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=text_dim, **cfg["unet"])
+            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                                up_block_types=["UpDecoderBlock2D"] * n, **cfg["vae"])
+            unet = UNet3DConditionModel(in_channels=z, out_channels=z, cross_attention_dim=text_dim, **cfg["unet"])
         scheduler = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                                      "clip_sample": False, "set_alpha_to_one": False, **cfg.get("scheduler", {})})
         return {"unet": unet, "vae": vae, "scheduler": scheduler}
