@@ -100,7 +100,6 @@ def is_shapes_only(module: torch.nn.Module | None) -> bool:
 def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.device | None = None):
     """Switch the options on for a loaded bundle (in place; returns it). device: where the forwards run
     (default: the bundle's); with group_offload the offloaded weights stay on the CPU."""
-
     options = options or RuntimeOptions()
     runtime = Runtime(options)
     bundle.runtime = runtime

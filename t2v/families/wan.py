@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import BundleError
 from ..sampling import FLOW_SAMPLERS, flow_shift
 from .base import DenoisingObjective, Family
 
@@ -68,8 +69,6 @@ class WanFamily(Family):
         # alone would make another video without a word, so the layout is refused until the family samples both.
         second = (index.get("transformer_2") or [None, None])[-1]  # ["diffusers", "WanTransformer3DModel"]
         if second or index.get("boundary_ratio") is not None:
-            from ..errors import BundleError
-
             raise BundleError(uri, f"a Wan2.2 mixture-of-experts layout (transformer_2: {second}, boundary_ratio: "
                                    f"{index.get('boundary_ratio')}) is not supported: the wan family samples one "
                                    "transformer (the Wan2.1 layout, or Wan2.2-TI2V-5B's for text alone)")

@@ -18,8 +18,8 @@ from ray import serve
 
 from .. import lora
 from ..errors import InputError, JobCancelled
-from ..runtime import RuntimeOptions
 from .. import parallel
+from ..runtime import RuntimeOptions
 from ..sampling import bundle_forward
 from . import stages
 from .api import create_app
