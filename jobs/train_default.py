@@ -1,119 +1,173 @@
-"""Train the embedded default model (t2v/models/default) on one machine, both stages, with t2v.train's loop.
+"""Train the embedded default model on this machine, every stage, with one command that resumes where it stopped.
 
-    python jobs/train_default.py --out out/default-run [--clips 24000] [--vae-seconds 190] [--denoiser-seconds 200]
-    python jobs/train_default.py --out out/more --continue-from t2v/models/default --denoiser-seconds 400
+    python jobs/train_default.py [--out out/default-run]
 
-1. A process pool renders `--clips` training-split clips of the synthetic world in the background
-   (t2v.data.rendered), while
-2. stage 1 trains the causal Wan VAE (jobs/configs/default-vae.yaml) on the clips rendered so far;
-3. every rendered clip is encoded once to normalized VAE latents (kept on the training device);
-4. stage 2 trains the DiT (jobs/configs/default-denoiser.yaml) on those latents with freshly phrased captions;
-5. the bundle is saved with an fp16 denoiser to <out>/model (copy it to t2v/models/default).
+Run it again after a Ctrl-C, a kill or a lost machine: each stage's output and checkpoints are in --out, so the
+same command continues from the last checkpoint of the stage it was in (a finished stage is not run again).
 
-Each stage runs within its wall-clock budget (TrainConfig.time_budget_s), so the whole job fits a fixed
-amount of machine time. `--vae key=value` / `--denoiser key=value` override either YAML config.
+1. render: `--clips` training clips of the synthetic world at the model's size, with the objects' masks, by a
+   background process into <out>/world (kept: a resumed run renders only what is missing);
+2. vae: the per-frame AutoencoderKL (jobs/configs/default-vae.yaml), trained from scratch on the clips rendered
+   so far, object pixels weighted; -> <out>/vae;
+3. gate: its reconstructions of `--gate-n` held-out clips scored by the world analyzer (as `t2v eval --stage vae`)
+   -> <out>/vae-gate.txt; the targets below are logged as passed or not (with --require-gate a failed gate stops
+   the run before the denoiser);
+4. latents: every rendered clip encoded once -> <out>/latents.pt;
+5. denoiser: the UNet3D (jobs/configs/default-denoiser.yaml) on those latents, each draw freshly captioned;
+   -> <out>/model;
+6. eval: `--eval-n` held-out prompts generated and scored (as `t2v eval`) -> <out>/eval.txt and eval.png.
+
+Each step count is fixed in its config (a resumed stage keeps its learning-rate schedule); the log gives each
+stage's pace and the whole recipe's ETA. `--vae key=value` / `--denoiser key=value` override either config.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import random
+import os
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
-from t2v.bundle import load, to_precision
-from t2v.data.rendered import RenderedWorld, RenderSpec
-from t2v.data.stream import video_tensor
+from t2v import storage
+from t2v.data.rendered import RenderedWorld, RenderSpec, encode_rendered, latent_batches
 from t2v.train.config import TrainConfig
 from t2v.train.loop import FolderCheckpoints, train
-from t2v.world import caption
 
 log = logging.getLogger("t2v.train_default")
 
-
-@torch.no_grad()
-def encode_world(bundle, world: RenderedWorld, batch: int, budget_s: float) -> tuple[torch.Tensor, list]:
-    """Normalized latents [N, C, F, h, w] (fp32, on the VAE's device) and scenes of the rendered clips; stops
-    early when `budget_s` is spent."""
-    items, latents, scenes, t0 = world.items(), [], [], time.perf_counter()
-    for i in range(0, len(items), batch):
-        clips = [world.clip(it) for it in items[i:i + batch]]
-        video = video_tensor({"video": np.stack([v for v, _ in clips])}, bundle.device)
-        latents.append(bundle.family.encode(bundle, video).float())
-        scenes += [s for _, s in clips]
-        if time.perf_counter() - t0 > budget_s:
-            log.info("encode budget spent after %d of %d clips", len(scenes), len(items))
-            break
-    return torch.cat(latents), scenes
+# The VAE gate (issue: reconstructions good enough that a denoiser on its latents can reach the targets).
+VAE_GATE = {"background": 0.98, "color": 0.98, "count": 0.98, "size": 0.98, "shape": 0.95, "motion": 0.95}
+# Seconds per step measured on 2 CPU cores, for the ETA of stages not started yet.
+PACE = {"vae": 0.48, "denoiser": 1.1, "encode_clip": 0.01, "eval_clip": 2.5}
 
 
-def latent_batches(latents: torch.Tensor, scenes: list, batch_size: int, seed: int):
-    rng = random.Random(seed)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    while True:
-        idx = torch.randint(len(scenes), (batch_size,), generator=gen)
-        yield {"latents": latents[idx.to(latents.device)],
-               "caption": np.array([caption(scenes[i], rng) for i in idx.tolist()])}
+class Eta:
+    """Logs a stage's pace and the recipe's time left (this stage at its measured pace, later ones at PACE)."""
+
+    def __init__(self, stage: str, steps: int, later_s: float, every: int):
+        self.stage, self.steps, self.later_s, self.every = stage, steps, later_s, every
+        self.t0, self.first = time.perf_counter(), None
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if self.first is None:
+            self.first, self.t0 = step, time.perf_counter()
+            return
+        if step % self.every and step != self.steps:
+            return
+        pace = (time.perf_counter() - self.t0) / (step - self.first)
+        left = (self.steps - step) * pace
+        log.info("%s: step %d/%d, loss %.4f, %.2f s/step; stage ETA %s, recipe ETA %s", self.stage, step,
+                 self.steps, metrics["loss_avg"], pace, minutes(left), minutes(left + self.later_s))
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def done(folder: str) -> bool:
+    return storage.exists(os.path.join(folder, "model_index.json"))
+
+
+def vae_gate(vae_dir: str, n: int, path: str) -> bool:
+    """Score the VAE's reconstructions of n held-out clips once (kept in `path`); True when it passes VAE_GATE."""
+    from t2v.bundle import load
+    from t2v.pipeline import TextToVideoPipeline
+    from t2v.quality.evaluate import contact_sheet, evaluate_vae
+
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        result, errors = evaluate_vae(TextToVideoPipeline(load(vae_dir)), "heldout", n)
+        verdict = [f"{a}: {result.accuracy('one', a) * 100:.1f}% (gate {g * 100:.0f}%)"
+                   + ("" if result.accuracy("one", a) >= g else " FAILED") for a, g in VAE_GATE.items()]
+        contact_sheet(result.rows, path.replace(".txt", ".png"))
+        storage.write_bytes(path, "\n".join([result.table(), errors.table(), *verdict, ""]).encode())
+    text = Path(path).read_text()
+    log.info("VAE gate (%s):\n%s", path, text)
+    return "FAILED" not in text
+
+
+def encode_world(vae_dir: str, world: RenderedWorld, path: str) -> tuple[torch.Tensor, list]:
+    """Latents of every rendered clip and their scenes, computed once (kept in `path`)."""
+    from t2v.bundle import load
+    from t2v.world import Scene
+
+    if not os.path.exists(path):
+        t0 = time.perf_counter()
+        latents, scenes = encode_rendered(load(vae_dir), world)
+        log.info("encoded %d clips in %.0f s", len(scenes), time.perf_counter() - t0)
+        tmp = path + ".tmp"
+        torch.save({"latents": latents, "scenes": [s.to_json() for s in scenes]}, tmp)
+        os.replace(tmp, path)  # a stop while saving leaves no half file
+    data = torch.load(path)
+    return data["latents"], [Scene.from_json(s) for s in data["scenes"]]
+
+
+def evaluate_model(model_dir: str, n: int, out: str) -> None:
+    from t2v.bundle import load
+    from t2v.pipeline import TextToVideoPipeline
+    from t2v.quality.evaluate import contact_sheet, evaluate
+
+    path = os.path.join(out, "eval.txt")
+    if not os.path.exists(path):
+        result = evaluate(TextToVideoPipeline(load(model_dir)), "heldout", n)
+        contact_sheet(result.rows, os.path.join(out, "eval.png"))
+        storage.write_bytes(path, (result.table() + "\n").encode())
+    log.info("held-out adherence:\n%s", Path(path).read_text())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--clips", type=int, default=24000)
-    ap.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs - 2)")
-    ap.add_argument("--vae-seconds", type=float, default=200)
-    ap.add_argument("--encode-seconds", type=float, default=45)
-    ap.add_argument("--denoiser-seconds", type=float, default=215)
+    ap.add_argument("--out", default="out/default-run")
+    ap.add_argument("--clips", type=int, default=8000, help="training clips rendered")
+    ap.add_argument("--gate-n", type=int, default=200, help="held-out clips of the VAE gate")
+    ap.add_argument("--eval-n", type=int, default=200, help="held-out prompts of the final evaluation")
+    ap.add_argument("--require-gate", action="store_true", help="stop before the denoiser if the VAE fails its gate")
     ap.add_argument("--vae", nargs="*", default=[], help="key=value overrides of default-vae.yaml")
     ap.add_argument("--denoiser", nargs="*", default=[], help="key=value overrides of default-denoiser.yaml")
-    ap.add_argument("--continue-from", default=None, metavar="BUNDLE",
-                    help="skip stage 1: BUNDLE's VAE encodes the clips and its DiT trains on (e.g. t2v/models/default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    t_start = time.perf_counter()
-    gpu = torch.cuda.is_available()
-    common = [f"use_gpu={str(gpu).lower()}"]
-
-    # 1. Render in the background (the pool forks before any CUDA call).
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = args.out
     vae_cfg = TrainConfig.from_yaml("jobs/configs/default-vae.yaml", [
-        f"out={args.out}/vae", f"checkpoint_dir={args.out}/checkpoints-vae", f"time_budget_s={args.vae_seconds}",
-        *common, *args.vae])
-    spec = RenderSpec(num_frames=vae_cfg.num_frames, size=vae_cfg.size, fps=vae_cfg.bundle_config.get("fps", 8.0),
-                      masks=bool(vae_cfg.object_weight or vae_cfg.object_crops))  # the objects' masks, for those losses
-    world = RenderedWorld(args.clips, spec, workers=args.workers).start()
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # 2. Stage 1: the VAE, on whatever is rendered so far (unless continuing a trained bundle).
-    init = args.continue_from or vae_cfg.out
-    if not args.continue_from:
-        train(vae_cfg, lambda start: world.batches(vae_cfg.batch_size, seed=start, min_ready=4 * vae_cfg.batch_size),
-              FolderCheckpoints(vae_cfg.checkpoint_dir))
-        log.info("stage 1 done at %.0f s; %d clips rendered", time.perf_counter() - t_start, world.ready)
-
-    # 3. Latents of every rendered clip, once.
-    world.wait(timeout=60)
-    vae_bundle = load(init, device="cuda" if gpu else "cpu")
-    t0 = time.perf_counter()
-    latents, scenes = encode_world(vae_bundle, world, batch=64 if gpu else 8, budget_s=args.encode_seconds)
-    log.info("encoded %d clips in %.1f s (rendering took %.1f s)", len(scenes), time.perf_counter() - t0,
-             world.render_seconds)
-    world.close()
-    del vae_bundle
-
-    # 4. Stage 2: the DiT on those latents.
+        f"out={out}/vae", f"checkpoint_dir={out}/checkpoints-vae", *args.vae])
     den_cfg = TrainConfig.from_yaml("jobs/configs/default-denoiser.yaml", [
-        f"init={init}", f"out={args.out}/model-fp32", f"checkpoint_dir={args.out}/checkpoints-denoiser",
-        f"time_budget_s={args.denoiser_seconds}", "use_latents=true", *common, *args.denoiser])
-    bundle = train(den_cfg, lambda start: latent_batches(latents, scenes, den_cfg.batch_size, seed=start),
-                   FolderCheckpoints(den_cfg.checkpoint_dir))
+        f"init={out}/vae", f"out={out}/model", f"checkpoint_dir={out}/checkpoints-denoiser", *args.denoiser])
+    later_den = den_cfg.steps * PACE["denoiser"] + args.eval_n * PACE["eval_clip"]
+    t_start = time.perf_counter()
 
-    # 5. The shipped bundle: fp16 denoiser (the VAE stays fp32), loaded back in fp32 by t2v.load.
-    to_precision(bundle, "fp16", "cpu").save(f"{args.out}/model")
-    log.info("saved %s/model after %.0f s in all", args.out, time.perf_counter() - t_start)
+    # 1. Render in the background, into a folder a resumed run reuses.
+    spec = RenderSpec(num_frames=vae_cfg.num_frames, size=vae_cfg.size, masks=True)
+    world = RenderedWorld(args.clips, spec, workers=1, folder=f"{out}/world").start()
+    try:
+        # 2. The VAE.
+        if not done(vae_cfg.out):
+            later = args.gate_n * PACE["eval_clip"] / 10 + args.clips * PACE["encode_clip"] + later_den
+            train(vae_cfg, lambda start: world.batches(vae_cfg.batch_size, seed=start, min_ready=64),
+                  FolderCheckpoints(vae_cfg.checkpoint_dir),
+                  on_step=Eta("vae", vae_cfg.steps, later, vae_cfg.log_every))
+        # 3. Its gate.
+        if not vae_gate(vae_cfg.out, args.gate_n, f"{out}/vae-gate.txt") and args.require_gate:
+            raise SystemExit(f"the VAE failed its gate ({out}/vae-gate.txt): train it longer "
+                             f"(--vae steps=...) before the denoiser")
+        # 4. Latents of every clip, once.
+        world.wait()
+        latents, scenes = encode_world(vae_cfg.out, world, f"{out}/latents.pt")
+    finally:
+        world.close()
+
+    # 5. The denoiser.
+    if not done(den_cfg.out):
+        train(den_cfg, lambda start: latent_batches(latents, scenes, den_cfg.batch_size, seed=start),
+              FolderCheckpoints(den_cfg.checkpoint_dir),
+              on_step=Eta("denoiser", den_cfg.steps, args.eval_n * PACE["eval_clip"], den_cfg.log_every))
+
+    # 6. Held-out adherence of the finished model.
+    evaluate_model(den_cfg.out, args.eval_n, out)
+    log.info("done: %s (%s this run); copy it to t2v/models/default to ship it", den_cfg.out,
+             minutes(time.perf_counter() - t_start))
 
 
 if __name__ == "__main__":

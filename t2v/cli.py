@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.mp4", help="output file: .mp4, .webm or .gif (default out.mp4)")
     gen.add_argument("--model", default=None, help="bundle folder or s3:// URI (default: the embedded model)")
     gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--no-optimize", action="store_true", help="keep the prompt as written (by default it goes "
+                     "through the prompt optimizer, as in the API: rephrased for the embedded model, tags and a "
+                     "negative prompt for others)")
     gen.add_argument("--frames", type=int, default=None)
     gen.add_argument("--seconds", type=float, default=None, help="duration (sets --frames); longer than the "
                      "model's clip: shots planned and co-denoised in overlapping windows")
@@ -44,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | int8")
     _runtime_arguments(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--timings", action="store_true", help="print where the time went (load, text, denoise, ...)")
 
     info = sub.add_parser("info", help="components, parameter counts and supported sizes of a bundle")
     info.add_argument("--model", default=None)
@@ -134,6 +138,7 @@ def generate(args) -> int:
     from .images import read_image
     from .lora import from_spec
     from .production.generate import PostOptions, generate
+    from .production.prompting import optimize_parts
     from .params import frames_for_seconds
     from .pipeline import TextToVideoPipeline
     from .video import _format, write_video
@@ -149,6 +154,7 @@ def generate(args) -> int:
     pipe = TextToVideoPipeline.from_pretrained(_resolve_model(args.model), precision=args.precision,
                                                memory=args.memory, cache=args.cache, compile=args.compile)
     load_adapter(pipe, adapter)
+    loaded = time.perf_counter()
     cfg = pipe.bundle.config
     frames = args.frames
     if args.seconds is not None:
@@ -161,10 +167,16 @@ def generate(args) -> int:
             bars.append(tqdm(total=total, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr))
         bars[0].update(step - bars[0].n)
 
+    prompt, negative = args.prompt, args.negative
+    if not args.no_optimize:  # the API's default too (optimize_prompt), so both make the same video of a prompt
+        prompt, optimized_negative, changes = optimize_parts(pipe.bundle, prompt, negative)
+        negative = negative or optimized_negative or None
+        if changes:
+            print(f"prompt: {prompt!r} ({'; '.join(changes)}; --no-optimize keeps it as written)", file=sys.stderr)
     post = PostOptions(keyframe_fps=args.keyframe_fps, interpolate=args.interpolate, motion_blur=args.motion_blur,
                        smooth=args.smooth, color_match=args.color_match)
     try:
-        out = generate(pipe, args.prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=args.negative,
+        out = generate(pipe, prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=negative,
                       seed=args.seed, progress=progress, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                       **images)
@@ -173,10 +185,17 @@ def generate(args) -> int:
             bar.close()
     if args.plan:
         print(out.plan.describe())
+    written = time.perf_counter()
     write_video(args.output, out.frames, out.fps)
     h, w = out.frames.shape[1:3]
     print(f"{os.path.abspath(args.output)}: {len(out.frames)} frames, {w}x{h} at {out.fps:g} fps, "
           f"seed {out.params['seed']}, {time.perf_counter() - start:.1f} s")
+    if args.timings:  # seconds; `start` is after the imports, so process start-up is what a caller measures besides
+        t = out.timings
+        parts = {"load": loaded - start, "text": t.get("encode_s", 0.0), "denoise": t.get("denoise_s", 0.0),
+                 "decode": t.get("decode_s", 0.0), "post": t.get("postprocess_s", 0.0),
+                 "encode": time.perf_counter() - written}
+        print("timings: " + " ".join(f"{k}={v:.3f}" for k, v in parts.items()))
     return 0
 
 

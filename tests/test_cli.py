@@ -30,9 +30,15 @@ def test_generate_writes_the_video_and_a_summary(tmp_path, wan_dir):
     assert "denoising" in r.stderr and "2/2" in r.stderr  # the progress bar
     # Same seed from the CLI -> same pixels.
     again = tmp_path / "again.mp4"
-    run("generate", "a red ball bouncing", "--model", wan_dir, "-o", again, "--frames", 13, "--fps", 12,
-        "--height", 48, "--width", 64, "--steps", 2, "--guidance", 3, "--seed", 5, "--sampler", "unipc",
-        "--negative", "blurry", "--quiet")
+    r = run("generate", "a red ball bouncing", "--model", wan_dir, "-o", again, "--frames", 13, "--fps", 12,
+            "--height", 48, "--width", 64, "--steps", 2, "--guidance", 3, "--seed", 5, "--sampler", "unipc",
+            "--negative", "blurry", "--quiet", "--timings")
+    # --timings: every part of the run in seconds, together within the total the summary gives.
+    parts = {k: float(v) for k, v in (kv.split("=") for kv in r.stdout.split("timings: ")[1].split())}
+    assert list(parts) == ["load", "text", "denoise", "decode", "post", "encode"]
+    total = float(r.stdout.split(" s\n")[0].rsplit(", ", 1)[1])
+    assert min(parts.values()) >= 0 and parts["load"] > 0 and parts["denoise"] > 0 and parts["encode"] > 0
+    assert sum(parts.values()) <= total + 0.05
     # The generated frames are identical (tests/test_pipeline.py); x264 itself does not always encode them to
     # the same bytes from one process to the next (measured: up to ~10 levels on a few pixels).
     assert np.abs(read_video(out).astype(int) - read_video(again)).mean() < 1.0
@@ -101,3 +107,18 @@ def test_the_embedded_default_model_shows_the_background_asked_for(tmp_path):
         info = probe(out)
         assert (info.num_frames, info.width, info.height, round(info.fps)) == (17, 128, 128, 8)
         assert analyze(read_video(out))["background"] == background
+
+
+def test_the_cli_treats_a_prompt_as_the_api_does(tmp_path, wan_dir):
+    from t2v.bundle import load
+    from t2v.serve.stages import validate
+
+    prompt = "a red ball bouncing"
+    api = validate(load(wan_dir), {"prompt": prompt})  # the job API's parameters for this prompt, by default
+    assert api["prompt"] != prompt and api["prompt_changes"]
+    r = run("generate", prompt, "--model", wan_dir, "-o", tmp_path / "a.mp4", "--steps", 1, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert f"prompt: {api['prompt']!r}" in r.stderr
+    kept = run("generate", prompt, "--model", wan_dir, "-o", tmp_path / "b.mp4", "--steps", 1, "--quiet",
+               "--no-optimize")
+    assert kept.returncode == 0 and "prompt:" not in kept.stderr

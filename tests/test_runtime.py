@@ -166,6 +166,7 @@ def test_compiled_and_eager_frames_agree():
 
 
 def test_the_cli_takes_the_options(tmp_path, wan_dir):
+    from t2v.production.prompting import optimize_parts
     from t2v.video import encode_video, read_video
 
     # A GIF, not an mp4: PyAV's H.264 path does not give the same file for the same frames every time in one
@@ -183,7 +184,8 @@ def test_the_cli_takes_the_options(tmp_path, wan_dir):
     def video(**options):  # the in-process pipeline's frames with these options, through the same encoder
         pipe = t2v.TextToVideoPipeline.from_pretrained(wan_dir, **options)
         calls = count_forwards(pipe.bundle)
-        frames = pipe("a red ball", seed=1, num_inference_steps=4).frames[0]
+        prompt, negative, _ = optimize_parts(pipe.bundle, "a red ball", None)  # what the CLI does by default
+        frames = pipe(prompt, negative_prompt=negative or None, seed=1, num_inference_steps=4).frames[0]
         return read_video(encode_video(frames, 8.0, ".gif")).astype(float), calls[0]
 
     want, passes = video(memory=memory, cache=cache)

@@ -114,6 +114,7 @@ def test_a_long_video_is_conditioned_on_its_image_in_every_window(i2v_pipe):
 
 
 def test_the_cli_takes_a_first_and_a_last_frame(tmp_path, flf_dir):
+    from t2v.production.prompting import optimize_parts
     from t2v.video import encode_video, read_video
     from test_cli import run
 
@@ -131,9 +132,10 @@ def test_the_cli_takes_a_first_and_a_last_frame(tmp_path, flf_dir):
     # The video is the in-process pipeline's with these two images (through the same encoder), and not the
     # one with either image swapped for another: both frames condition it.
     pipe = t2v.TextToVideoPipeline.from_pretrained(flf_dir)
+    prompt, negative, _ = optimize_parts(pipe.bundle, PROMPT, None)  # what the CLI does by default
 
     def video(image, last_image):
-        frames = pipe(PROMPT, num_frames=9, height=32, width=32, num_inference_steps=2, seed=5, image=image,
+        frames = pipe(prompt, negative_prompt=negative or None, num_frames=9, height=32, width=32, num_inference_steps=2, seed=5, image=image,
                       last_image=last_image).frames[0]
         return read_video(encode_video(frames, pipe.bundle.config.fps, ".gif")).astype(float)
 

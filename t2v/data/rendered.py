@@ -67,6 +67,7 @@ class RenderedWorld:
         self._own_folder = folder is None
         need = clips * spec.num_frames * spec.size * spec.size * 3
         self.folder = folder or tempfile.mkdtemp(prefix="t2v-world-", dir=_roomy_tmp(need))
+        os.makedirs(self.folder, exist_ok=True)
         self._chunks: dict[int, tuple[np.ndarray, list]] = {}  # chunk index -> (memmap [n, T, H, W, 3], scenes)
         self._masks: dict[int, np.ndarray] = {}  # chunk index -> packed masks [n, T, H, W / 8] (spec.masks)
         self._lock = threading.Lock()
@@ -81,6 +82,8 @@ class RenderedWorld:
 
         c = self.spec.chunk
         jobs = [(self.spec, self.folder, k, s, min(s + c, self.clips)) for k, s in enumerate(range(0, self.clips, c))]
+        for job in [j for j in jobs if self._load_rendered(*j)]:  # a folder kept from an earlier run: reuse it
+            jobs.remove(job)
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(self.workers)
 
@@ -106,6 +109,21 @@ class RenderedWorld:
         self._thread = threading.Thread(target=collect, daemon=True)
         self._thread.start()
         return self
+
+    def _load_rendered(self, spec: RenderSpec, folder: str, k: int, start: int, stop: int) -> bool:
+        """Load chunk k if an earlier run in this folder rendered it whole (scenes are deterministic by index)."""
+        path = os.path.join(folder, f"chunk-{k:05d}.npy")
+        masks_path = path[:-4] + ".masks.npy"
+        if not os.path.exists(path) or (spec.masks and not os.path.exists(masks_path)):
+            return False
+        video = np.load(path, mmap_mode="r")
+        if video.shape[:4] != (stop - start, spec.num_frames, spec.size, spec.size):
+            return False
+        with self._lock:
+            self._chunks[k] = (video, [scene_at(spec, i) for i in range(start, stop)])
+            if spec.masks:
+                self._masks[k] = np.load(masks_path, mmap_mode="r")
+        return True
 
     @property
     def ready(self) -> int:
@@ -175,3 +193,34 @@ def _roomy_tmp(needed_bytes: int) -> str | None:
     except OSError:
         pass
     return None
+
+
+def encode_rendered(bundle, world: RenderedWorld, batch: int = 16):
+    """(fp16 normalized latents [N, C, F, h, w], scenes) of every clip `world` has rendered, by `bundle`'s VAE."""
+    import torch
+
+    from .stream import video_tensor
+
+    items, latents, scenes = world.items(), [], []
+    with torch.no_grad():
+        for i in range(0, len(items), batch):
+            clips = [world.clip(it) for it in items[i:i + batch]]
+            video = video_tensor({"video": np.stack([v for v, _ in clips])}, bundle.device)
+            latents.append(bundle.family.encode(bundle, video).half().cpu())
+            scenes += [s for _, s in clips]
+    return torch.cat(latents), scenes
+
+
+def latent_batches(latents, scenes: list, batch_size: int, seed: int = 0, split: str = "train") -> Iterator[dict]:
+    """Endless random batches {"latents": [B, C, F, h, w] fp32, "caption": [B]} of encoded clips (encode_rendered),
+    each caption freshly phrased; `seed` is the data position, so a resumed run draws new batches."""
+    import torch
+
+    from ..world import caption
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randint(len(scenes), (batch_size,), generator=gen)
+        yield {"latents": latents[idx].float(),
+               "caption": np.array([caption(scenes[i], rng, heldout=split == "heldout") for i in idx.tolist()])}

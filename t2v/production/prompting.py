@@ -232,3 +232,25 @@ def optimize_prompt(prompt: str, world_model: bool = True, negative_prompt: str 
     return OptimizedPrompt(prompt=prompt, negative_prompt=negative, analysis=a, changes=changes,
                            parameters={"num_inference_steps": steps, "guidance_scale": guidance, "fps": fps,
                                        "seconds": seconds})
+
+
+def optimize_parts(bundle, prompt: str, negative: str | None) -> tuple[str, str, list[str]]:
+    """The prompt optimizer for `bundle` on each "then" part (shots stay shots): (prompt, negative prompt,
+    changes). A part the optimizer would make longer than the model reads stays as written. What the API and
+    `t2v generate` do to a prompt by default."""
+    from .planner import split_then
+
+    limit = bundle.config.max_sequence_length
+    fits = lambda text: len(bundle.tokenizer(text)["input_ids"]) <= limit  # noqa: E731
+    out, changes, negatives = [], [], []
+    for part in split_then(prompt):
+        opt = optimize_prompt(part, bundle.config.vocabulary == "world", negative)
+        if fits(opt.prompt):
+            out.append(opt.prompt)
+            changes += opt.changes
+        else:
+            out.append(part)
+            changes.append(f"kept as written: optimized it would exceed {limit} tokens")
+        negatives.append(opt.negative_prompt)
+    negative_out = negatives[0] if negatives and fits(negatives[0]) else (negative or "")
+    return ", then ".join(out), negative_out, list(dict.fromkeys(changes))

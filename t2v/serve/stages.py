@@ -26,8 +26,8 @@ from ..production.programs import CARD_SECONDS, ITEMS
 from ..errors import InputError, JobCancelled
 from ..long_video import limits
 from ..params import frames_for_seconds, resolve
-from ..production.planner import plan_video, split_then
-from ..production.prompting import optimize_prompt
+from ..production.planner import plan_video
+from ..production.prompting import optimize_parts
 from ..images import check_aspect, read_image
 from ..parallel import layout_of
 from ..pipeline import TextToVideoPipeline, check_frames, progress_callback
@@ -218,25 +218,6 @@ def job_image(params: dict, key: str = "image"):
     if params.get(key) is None:
         return None
     return read_image(base64.b64decode(params[key]))
-
-
-def optimize_parts(bundle, prompt: str, negative: str | None) -> tuple[str, str, list[str]]:
-    """The prompt optimizer on each "then" part (shots stay shots): (prompt, negative prompt, changes). A part
-    the optimizer would make longer than the model reads stays as written."""
-    limit = bundle.config.max_sequence_length
-    fits = lambda text: len(bundle.tokenizer(text)["input_ids"]) <= limit  # noqa: E731
-    out, changes, negatives = [], [], []
-    for part in split_then(prompt):
-        opt = optimize_prompt(part, bundle.config.vocabulary == "world", negative)
-        if fits(opt.prompt):
-            out.append(opt.prompt)
-            changes += opt.changes
-        else:
-            out.append(part)
-            changes.append(f"kept as written: optimized it would exceed {limit} tokens")
-        negatives.append(opt.negative_prompt)
-    negative_out = negatives[0] if negatives and fits(negatives[0]) else (negative or "")
-    return ", then ".join(out), negative_out, list(dict.fromkeys(changes))
 
 
 def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None,

@@ -86,15 +86,32 @@ class EMA:
 # --- building blocks --------------------------------------------------------------------------------
 
 def build_bundle(cfg: TrainConfig) -> Bundle:
+    """The bundle a run starts from: `init`, or the family's preset with `overrides`. With both, where `overrides`
+    names the denoiser, the denoiser is a fresh one of the preset with those overrides, on `init`'s VAE (a
+    denoiser design trained on a VAE already trained)."""
     if cfg.init:
         bundle = load(cfg.init, device="cpu")
         bundle.config = dataclasses.replace(bundle.config, **cfg.bundle_config)
+        if bundle.family.denoiser_key in cfg.overrides:
+            fresh = bundle.family.build(cfg.preset, **_overrides(cfg, bundle.family))
+            side = bundle.family.spatial_factor(bundle)
+            with torch.no_grad():
+                channels = bundle.family.encode(bundle, torch.zeros(1, 3, 1, side, side)).shape[1]
+            denoiser = fresh[bundle.family.denoiser_key].eval()
+            if denoiser.config.in_channels != channels:
+                raise ValueError(f"overrides: the new {bundle.family.denoiser_key} takes {denoiser.config.in_channels} "
+                                 f"latent channels; {cfg.init}'s VAE makes {channels}")
+            bundle.denoiser, bundle.scheduler = denoiser, fresh["scheduler"]
         return bundle
     family = FAMILIES[cfg.family]
+    return from_components(family, family.build(cfg.preset, **_overrides(cfg, family)), config=cfg.bundle_config)
+
+
+def _overrides(cfg: TrainConfig, family) -> dict:
     overrides = copy.deepcopy(cfg.overrides)
     for part, values in family.training_overrides(cfg).items():
         overrides.setdefault(part, {}).update(values)
-    return from_components(family, family.build(cfg.preset, **overrides), config=cfg.bundle_config)
+    return overrides
 
 
 def crop_window(shape, size: int | None, frames: int | None, rng: random.Random,
