@@ -43,7 +43,8 @@ def train_design(name: str, vae: str, latents, scenes, minutes: float, out: str,
                       overrides={"unet": DESIGNS[name], "vae": {"latent_channels": z}}, prediction="v_prediction",
                       batch_size=8, lr=5e-4, warmup_steps=50, ema_decay=0.99, text_dropout=0.1, steps=100_000,
                       time_budget_s=minutes * 60, checkpoint_every=100_000, log_every=50, out=folder,
-                      checkpoint_dir=folder + "-ckpt")
+                      checkpoint_dir=folder + "-ckpt",
+                      bundle_config=dict(num_inference_steps=25, guidance_scale=7.5, max_sequence_length=48))
     counted = []
     t0 = time.perf_counter()
     train(cfg, lambda start: latent_batches(latents, scenes, cfg.batch_size, seed=start),

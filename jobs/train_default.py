@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -118,6 +119,25 @@ def evaluate_model(model_dir: str, n: int, out: str) -> None:
     log.info("held-out adherence:\n%s", Path(path).read_text())
 
 
+def evaluate_checkpoint(den_cfg: TrainConfig, n: int, out: str) -> None:
+    """Held-out adherence of the denoiser's latest checkpoint (its EMA weights), while or after the stage runs."""
+    from t2v.pipeline import TextToVideoPipeline
+    from t2v.quality.evaluate import contact_sheet, evaluate
+    from t2v.train.loop import build_bundle
+
+    state = FolderCheckpoints(den_cfg.checkpoint_dir).latest()
+    if state is None:
+        raise SystemExit(f"no denoiser checkpoint in {den_cfg.checkpoint_dir} yet")
+    bundle = build_bundle(den_cfg)
+    weights = bundle.denoiser.state_dict()
+    bundle.denoiser.load_state_dict({**weights, **{k: v.to(weights[k].dtype) for k, v in state["ema"].items()}})
+    torch.manual_seed(0)
+    result = evaluate(TextToVideoPipeline(bundle), "heldout", n)
+    sheet = os.path.join(out, f"eval-step-{state['step']}.png")
+    contact_sheet(result.rows, sheet)
+    print(f"denoiser step {state['step']} (EMA weights), {sheet}:\n{result.table()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/default-run")
@@ -125,6 +145,10 @@ def main() -> None:
     ap.add_argument("--gate-n", type=int, default=200, help="held-out clips of the VAE gate")
     ap.add_argument("--eval-n", type=int, default=200, help="held-out prompts of the final evaluation")
     ap.add_argument("--require-gate", action="store_true", help="stop before the denoiser if the VAE fails its gate")
+    ap.add_argument("--from", dest="start", default=None, metavar="DIR",
+                    help="a saved run to continue (e.g. jobs/default-run): copied into --out when --out is new")
+    ap.add_argument("--eval-now", action="store_true",
+                    help="only score the denoiser's latest checkpoint on --eval-n held-out prompts (a run in progress)")
     ap.add_argument("--vae", nargs="*", default=[], help="key=value overrides of default-vae.yaml")
     ap.add_argument("--denoiser", nargs="*", default=[], help="key=value overrides of default-denoiser.yaml")
     args = ap.parse_args()
@@ -135,6 +159,11 @@ def main() -> None:
         f"out={out}/vae", f"checkpoint_dir={out}/checkpoints-vae", *args.vae])
     den_cfg = TrainConfig.from_yaml("jobs/configs/default-denoiser.yaml", [
         f"init={out}/vae", f"out={out}/model", f"checkpoint_dir={out}/checkpoints-denoiser", *args.denoiser])
+    if args.eval_now:
+        return evaluate_checkpoint(den_cfg, args.eval_n, out)
+    if args.start and not os.path.exists(out):
+        shutil.copytree(args.start, out)
+        log.info("continuing the run saved in %s, in %s", args.start, out)
     later_den = den_cfg.steps * PACE["denoiser"] + args.eval_n * PACE["eval_clip"]
     t_start = time.perf_counter()
 

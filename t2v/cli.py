@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                          "loss with true vs shuffled vs empty captions; all: the three")
     ev.add_argument("--split", default="heldout", choices=["heldout", "train"])
     ev.add_argument("--n", type=int, default=200)
-    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ev.add_argument("--optimize", action="store_true", help="each prompt through the prompt optimizer first, as "
+                    "t2v generate and the API do by default (default: the prompts as the world phrases them)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--sheet", default="eval.png", help="contact sheet PNG")
     ev.add_argument("--lora", default=None, help="a LoRA adapter folder, s3:// URI or embedded adapter's name, "
@@ -299,7 +301,7 @@ def evaluate(args) -> int:
                 result, errors = evaluate_vae(pipe, args.split, args.n, args.seed, progress=progress)
             else:
                 result = run_eval(pipe, args.split, args.n, args.steps, args.seed, progress=progress,
-                                  background=args.background)
+                                  background=args.background, optimize=args.optimize)
         print(f"[{stage}] " + result.table())
         if stage == "vae":
             print(errors.table())

@@ -30,7 +30,7 @@ class Oracle:
         self.vanish_after = vanish_after  # from this frame on, the objects are gone
         self.bundle = SimpleNamespace(config=SimpleNamespace(width=128, height=128, num_frames=17))
 
-    def __call__(self, prompt, num_inference_steps, seed):
+    def __call__(self, prompt, num_inference_steps, seed, negative_prompt=None):
         scene = copy.deepcopy(self.scenes[prompt])
         if self.wrong_color:
             names = list(COLORS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,12 @@ def test_the_recipe_killed_in_each_training_stage_continues_from_its_last_checkp
     # Killed in the VAE stage, then in the denoiser stage, then run to the end: the same command each time.
     vae_step = kill_when(start(out, logs[0]), out / "checkpoints-vae", logs[0])
     denoiser_step = kill_when(start(out, logs[1]), out / "checkpoints-denoiser", logs[1])
+    # A run in progress is scored from its latest checkpoint without training.
+    now = subprocess.run([sys.executable, "jobs/train_default.py", "--out", str(out), *TINY, "--eval-now"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert now.returncode == 0, now.stderr[-3000:]
+    scored = re.search(r"denoiser step (\d+) \(EMA weights\)", now.stdout)
+    assert scored and int(scored[1]) >= denoiser_step and "prompt adherence" in now.stdout, now.stdout
     final = start(out, logs[2])
     assert final.wait(timeout=300) == 0, logs[2].read_text()[-3000:]
 

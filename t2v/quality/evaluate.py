@@ -129,11 +129,20 @@ def _score_clips(pipe, split: str, n: int, seed: int, make_frames, sheet_rows: i
     return result
 
 
-def evaluate(pipe, split: str = "heldout", n: int = 200, num_inference_steps: int = 25, seed: int = 0,
-             sheet_rows: int = 12, progress=None, background: str | None = None) -> EvalResult:
-    """Adherence of generated videos (stage "video"); background: prompts on that background only."""
+def evaluate(pipe, split: str = "heldout", n: int = 200, num_inference_steps: int | None = None, seed: int = 0,
+             sheet_rows: int = 12, progress=None, background: str | None = None,
+             optimize: bool = False) -> EvalResult:
+    """Adherence of generated videos (stage "video"; steps: the model's default unless given); background: prompts
+    on that background only; optimize: each prompt through the prompt optimizer first, as `t2v generate` and the
+    API do by default."""
+    from ..production.prompting import optimize_parts
+
     def generate(i, prompt, scene):
-        return pipe(prompt, num_inference_steps=num_inference_steps, seed=seed + i).frames[0]
+        negative = None
+        if optimize:
+            prompt, negative, _ = optimize_parts(pipe.bundle, prompt, None)
+        return pipe(prompt, negative_prompt=negative or None, num_inference_steps=num_inference_steps,
+                    seed=seed + i).frames[0]
 
     return _score_clips(pipe, split, n, seed, generate, sheet_rows, progress, background)
 

@@ -93,7 +93,8 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
         bundle = load(cfg.init, device="cpu")
         bundle.config = dataclasses.replace(bundle.config, **cfg.bundle_config)
         if bundle.family.denoiser_key in cfg.overrides:
-            fresh = bundle.family.build(cfg.preset, **_overrides(cfg, bundle.family))
+            fresh = bundle.family.build(cfg.preset, text_dim=bundle.text_encoder.config.hidden_size,
+                                        **_overrides(cfg, bundle.family))
             side = bundle.family.spatial_factor(bundle)
             with torch.no_grad():
                 channels = bundle.family.encode(bundle, torch.zeros(1, 3, 1, side, side)).shape[1]
