@@ -24,6 +24,8 @@ stage's pace and the whole recipe's ETA. `--vae key=value` / `--denoiser key=val
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -42,7 +44,7 @@ log = logging.getLogger("t2v.train_default")
 # The VAE gate (issue: reconstructions good enough that a denoiser on its latents can reach the targets).
 VAE_GATE = {"background": 0.98, "color": 0.98, "count": 0.98, "size": 0.98, "shape": 0.95, "motion": 0.95}
 # Seconds per step measured on 2 CPU cores, for the ETA of stages not started yet.
-PACE = {"vae": 0.48, "denoiser": 1.1, "encode_clip": 0.01, "eval_clip": 2.5}
+PACE = {"vae": 0.48, "denoiser": 1.1, "gate_clip": 0.3, "encode_clip": 0.01, "eval_clip": 2.5}
 
 
 class Eta:
@@ -68,8 +70,15 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def done(folder: str) -> bool:
-    return storage.exists(os.path.join(folder, "model_index.json"))
+def trained_to(cfg: TrainConfig) -> int | None:
+    """The step a stage's saved model was trained to, or None while the stage is unfinished: its bundle is saved
+    whole (model_index.json with t2v's block, written last) and its last checkpoint reached cfg.steps (a larger
+    `steps` than the model was trained to continues it)."""
+    index = os.path.join(cfg.out, "model_index.json")
+    if not os.path.exists(index) or "_t2v" not in json.loads(Path(index).read_text()):
+        return None
+    steps = FolderCheckpoints(cfg.checkpoint_dir).steps()
+    return steps[-1] if steps and steps[-1] >= cfg.steps else None
 
 
 def vae_gate(vae_dir: str, n: int, path: str) -> bool:
@@ -90,14 +99,14 @@ def vae_gate(vae_dir: str, n: int, path: str) -> bool:
     return "FAILED" not in text
 
 
-def encode_world(vae_dir: str, world: RenderedWorld, path: str) -> tuple[torch.Tensor, list]:
-    """Latents of every rendered clip and their scenes, computed once (kept in `path`)."""
+def encode_world(vae_dir: str, world, path: str) -> tuple[torch.Tensor, list]:
+    """Latents of every clip world() renders and their scenes, computed once (kept in `path`)."""
     from t2v.bundle import load
     from t2v.world import Scene
 
     if not os.path.exists(path):
         t0 = time.perf_counter()
-        latents, scenes = encode_rendered(load(vae_dir), world)
+        latents, scenes = encode_rendered(load(vae_dir), world())
         log.info("encoded %d clips in %.0f s", len(scenes), time.perf_counter() - t0)
         tmp = path + ".tmp"
         torch.save({"latents": latents, "scenes": [s.to_json() for s in scenes]}, tmp)
@@ -106,17 +115,18 @@ def encode_world(vae_dir: str, world: RenderedWorld, path: str) -> tuple[torch.T
     return data["latents"], [Scene.from_json(s) for s in data["scenes"]]
 
 
-def evaluate_model(model_dir: str, n: int, out: str) -> None:
+def evaluate_model(model_dir: str, n: int, path: str) -> None:
+    """Held-out adherence of the finished model, once (kept in `path`, its contact sheet beside it)."""
     from t2v.bundle import load
     from t2v.pipeline import TextToVideoPipeline
     from t2v.quality.evaluate import contact_sheet, evaluate
 
-    path = os.path.join(out, "eval.txt")
     if not os.path.exists(path):
+        torch.manual_seed(0)
         result = evaluate(TextToVideoPipeline(load(model_dir)), "heldout", n)
-        contact_sheet(result.rows, os.path.join(out, "eval.png"))
+        contact_sheet(result.rows, path.replace(".txt", ".png"))
         storage.write_bytes(path, (result.table() + "\n").encode())
-    log.info("held-out adherence:\n%s", Path(path).read_text())
+    log.info("held-out adherence (%s):\n%s", path, Path(path).read_text())
 
 
 def evaluate_checkpoint(den_cfg: TrainConfig, n: int, out: str) -> None:
@@ -160,44 +170,72 @@ def main() -> None:
     den_cfg = TrainConfig.from_yaml("jobs/configs/default-denoiser.yaml", [
         f"init={out}/vae", f"out={out}/model", f"checkpoint_dir={out}/checkpoints-denoiser", *args.denoiser])
     if args.eval_now:
-        return evaluate_checkpoint(den_cfg, args.eval_n, out)
+        if trained_to(vae_cfg) is None:
+            raise SystemExit(f"the VAE of {out} is not trained yet: no denoiser checkpoint to score")
+        return evaluate_checkpoint(on_vae(den_cfg, trained_to(vae_cfg)), args.eval_n, out)
     if args.start and not os.path.exists(out):
-        shutil.copytree(args.start, out)
+        shutil.rmtree(out + ".partial", ignore_errors=True)
+        shutil.copytree(args.start, out + ".partial")
+        os.rename(out + ".partial", out)  # whole or absent: a stop while copying leaves no half run
         log.info("continuing the run saved in %s, in %s", args.start, out)
+    elif args.start:
+        log.info("%s exists: continuing it (--from %s not copied)", out, args.start)
     later_den = den_cfg.steps * PACE["denoiser"] + args.eval_n * PACE["eval_clip"]
     t_start = time.perf_counter()
-
-    # 1. Render in the background, into a folder a resumed run reuses.
+    # 1. Render in the background (only while a stage still needs clips), into a folder a resumed run reuses.
     spec = RenderSpec(num_frames=vae_cfg.num_frames, size=vae_cfg.size, masks=True)
-    world = RenderedWorld(args.clips, spec, workers=1, folder=f"{out}/world").start()
+    world = Lazy(lambda: RenderedWorld(args.clips, spec, workers=1, folder=f"{out}/world").start())
     try:
         # 2. The VAE.
-        if not done(vae_cfg.out):
-            later = args.gate_n * PACE["eval_clip"] / 10 + args.clips * PACE["encode_clip"] + later_den
-            train(vae_cfg, lambda start: world.batches(vae_cfg.batch_size, seed=start, min_ready=64),
+        if trained_to(vae_cfg) is None:
+            later = args.gate_n * PACE["gate_clip"] + args.clips * PACE["encode_clip"] + later_den
+            train(vae_cfg, lambda start: world().batches(vae_cfg.batch_size, seed=start, min_ready=64),
                   FolderCheckpoints(vae_cfg.checkpoint_dir),
                   on_step=Eta("vae", vae_cfg.steps, later, vae_cfg.log_every))
-        # 3. Its gate.
-        if not vae_gate(vae_cfg.out, args.gate_n, f"{out}/vae-gate.txt") and args.require_gate:
-            raise SystemExit(f"the VAE failed its gate ({out}/vae-gate.txt): train it longer "
-                             f"(--vae steps=...) before the denoiser")
+        vae_step = trained_to(vae_cfg)
+        # 3. Its gate. What follows is kept per VAE step: a VAE trained further gets its own gate and latents, and
+        #    its own denoiser (checkpoints-denoiser-vae<step>).
+        gate = f"{out}/vae-gate-step{vae_step}.txt"
+        if not vae_gate(vae_cfg.out, args.gate_n, gate) and args.require_gate:
+            raise SystemExit(f"the VAE failed its gate ({gate}): train it longer (--vae steps=...) before the "
+                             "denoiser")
         # 4. Latents of every clip, once.
-        world.wait()
-        latents, scenes = encode_world(vae_cfg.out, world, f"{out}/latents.pt")
+        latents_path = f"{out}/latents-vae{vae_step}-clips{args.clips}.pt"
+        if not os.path.exists(latents_path):
+            world().wait()
+        latents, scenes = encode_world(vae_cfg.out, world, latents_path)
     finally:
-        world.close()
+        if world.made:
+            world().close()
 
     # 5. The denoiser.
-    if not done(den_cfg.out):
+    den_cfg = on_vae(den_cfg, vae_step)
+    if trained_to(den_cfg) is None:
         train(den_cfg, lambda start: latent_batches(latents, scenes, den_cfg.batch_size, seed=start),
               FolderCheckpoints(den_cfg.checkpoint_dir),
               on_step=Eta("denoiser", den_cfg.steps, args.eval_n * PACE["eval_clip"], den_cfg.log_every))
 
     # 6. Held-out adherence of the finished model.
-    evaluate_model(den_cfg.out, args.eval_n, out)
+    evaluate_model(den_cfg.out, args.eval_n, f"{out}/eval-vae{vae_step}-step{trained_to(den_cfg)}.txt")
     log.info("done: %s (%s this run); copy it to t2v/models/default to ship it", den_cfg.out,
              minutes(time.perf_counter() - t_start))
 
+
+def on_vae(den_cfg: TrainConfig, vae_step: int) -> TrainConfig:
+    """The denoiser stage trained on the latents of the VAE at `vae_step` keeps its checkpoints apart."""
+    return dataclasses.replace(den_cfg, checkpoint_dir=f"{den_cfg.checkpoint_dir}-vae{vae_step}")
+
+
+class Lazy:
+    """A value made on first call (the rendered world: started only when a stage needs clips)."""
+
+    def __init__(self, make):
+        self.make, self.made = make, None
+
+    def __call__(self):
+        if self.made is None:
+            self.made = self.make()
+        return self.made
 
 if __name__ == "__main__":
     main()

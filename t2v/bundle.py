@@ -103,7 +103,8 @@ class Bundle:
                 pipe.save_pretrained(target, safe_serialization=True)
             index = json.loads((target / "model_index.json").read_text())
             index["_t2v"] = dataclasses.asdict(self.config)
-            (target / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            # Written last and atomically: a folder whose index has t2v's block was saved whole.
+            storage.write_bytes(str(target / "model_index.json"), (json.dumps(index, indent=2) + "\n").encode())
             if storage.is_s3(uri):
                 storage.upload_dir(target, uri)
 

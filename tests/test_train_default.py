@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The recipe's own configs at toy size: 32x32 clips of 9 frames, a few steps of each stage.
 TINY = [
     "--clips", "64", "--gate-n", "2", "--eval-n", "2",
-    "--vae", "steps=8", "checkpoint_every=2", "log_every=2", "size=32", "num_frames=9",
+    "--vae", "steps=20", "checkpoint_every=2", "log_every=2", "size=32", "num_frames=9",
     "bundle_config={num_frames: 9, height: 32, width: 32, fps: 8, num_inference_steps: 2, max_sequence_length: 48, "
     "max_frames: 17, min_size: 32, max_size: 64}",
-    "--denoiser", "steps=8", "checkpoint_every=2", "log_every=2", "batch_size=2", "size=32", "num_frames=9",
+    "--denoiser", "steps=20", "checkpoint_every=2", "log_every=2", "batch_size=2", "size=32", "num_frames=9",
     "overrides={unet: {block_out_channels: [16, 32], down_block_types: [CrossAttnDownBlock3D, DownBlock3D], "
     "up_block_types: [UpBlock3D, CrossAttnUpBlock3D], norm_num_groups: 4}, vae: {latent_channels: 8}}",
 ]
@@ -55,7 +55,7 @@ def test_the_recipe_killed_in_each_training_stage_continues_from_its_last_checkp
 
     # Killed in the VAE stage, then in the denoiser stage, then run to the end: the same command each time.
     vae_step = kill_when(start(out, logs[0]), out / "checkpoints-vae", logs[0])
-    denoiser_step = kill_when(start(out, logs[1]), out / "checkpoints-denoiser", logs[1])
+    denoiser_step = kill_when(start(out, logs[1]), out / "checkpoints-denoiser-vae20", logs[1])
     # A run in progress is scored from its latest checkpoint without training.
     now = subprocess.run([sys.executable, "jobs/train_default.py", "--out", str(out), *TINY, "--eval-now"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
@@ -63,27 +63,31 @@ def test_the_recipe_killed_in_each_training_stage_continues_from_its_last_checkp
     scored = re.search(r"denoiser step (\d+) \(EMA weights\)", now.stdout)
     assert scored and int(scored[1]) >= denoiser_step and "prompt adherence" in now.stdout, now.stdout
     final = start(out, logs[2])
-    assert final.wait(timeout=300) == 0, logs[2].read_text()[-3000:]
+    try:
+        assert final.wait(timeout=300) == 0, logs[2].read_text()[-3000:]
+    finally:
+        if final.poll() is None:
+            os.killpg(final.pid, signal.SIGKILL)
 
     second, third = logs[1].read_text(), logs[2].read_text()
     # The second run went on from the VAE checkpoint the kill left, and trained the VAE to its step count.
     resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in second.splitlines()
                if "resumed from step" in line]
     assert resumed and resumed[0] >= vae_step, second[-3000:]
-    assert "vae: step 8/8" in second
+    assert vae_step < 20 and "vae: step 20/20" in second
     # The third run trained no VAE step and no denoiser step before the checkpoint it found again.
     assert "vae: step" not in third
     resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in third.splitlines()
                if "resumed from step" in line]
     assert resumed and resumed[0] >= denoiser_step, third[-3000:]
-    assert "denoiser: step 8/8" in third
+    assert denoiser_step < 20 and "denoiser: step 20/20" in third
     for line in third.splitlines():  # every step logged after the resume is past the checkpoint
         if "denoiser: step" in line:
             assert int(line.split("denoiser: step ")[1].split("/")[0]) > resumed[0]
     # Each stage left what it makes: the VAE's gate scores, the latents, a model that loads, its held-out scores.
-    assert "prompt adherence" in (out / "vae-gate.txt").read_text()
-    assert (out / "latents.pt").exists()
-    assert "prompt adherence, heldout split, 2 prompts" in (out / "eval.txt").read_text()
+    assert "prompt adherence" in (out / "vae-gate-step20.txt").read_text()
+    assert (out / "latents-vae20-clips64.pt").exists()
+    assert "prompt adherence, heldout split, 2 prompts" in (out / "eval-vae20-step20.txt").read_text()
     bundle = load(out / "model")
     assert bundle.family.name == "unet3d" and bundle.config.height == 32
     assert list(bundle.denoiser.config.block_out_channels) == [16, 32]

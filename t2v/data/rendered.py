@@ -8,6 +8,8 @@ jobs/train_default.py); the shard path (`t2v data world` + `t2v.data.stream`) is
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import shutil
@@ -82,8 +84,16 @@ class RenderedWorld:
 
         c = self.spec.chunk
         jobs = [(self.spec, self.folder, k, s, min(s + c, self.clips)) for k, s in enumerate(range(0, self.clips, c))]
-        for job in [j for j in jobs if self._load_rendered(*j)]:  # a folder kept from an earlier run: reuse it
-            jobs.remove(job)
+        spec_file = os.path.join(self.folder, "spec.json")  # a kept folder is reused only for the same spec
+        same = os.path.exists(spec_file) and json.loads(open(spec_file).read()) == dataclasses.asdict(self.spec)
+        if same:
+            jobs = [j for j in jobs if not self._load_rendered(*j)]
+        else:  # another spec's chunks (or none): start the folder afresh
+            for name in os.listdir(self.folder):
+                if name.startswith("chunk-"):
+                    os.remove(os.path.join(self.folder, name))
+            with open(spec_file, "w") as f:
+                json.dump(dataclasses.asdict(self.spec), f)
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(self.workers)
 
@@ -116,13 +126,17 @@ class RenderedWorld:
         masks_path = path[:-4] + ".masks.npy"
         if not os.path.exists(path) or (spec.masks and not os.path.exists(masks_path)):
             return False
-        video = np.load(path, mmap_mode="r")
+        try:
+            video = np.load(path, mmap_mode="r")
+            masks = np.load(masks_path, mmap_mode="r") if spec.masks else None
+        except (OSError, ValueError):  # unreadable: render it again
+            return False
         if video.shape[:4] != (stop - start, spec.num_frames, spec.size, spec.size):
             return False
         with self._lock:
             self._chunks[k] = (video, [scene_at(spec, i) for i in range(start, stop)])
-            if spec.masks:
-                self._masks[k] = np.load(masks_path, mmap_mode="r")
+            if masks is not None:
+                self._masks[k] = masks
         return True
 
     @property

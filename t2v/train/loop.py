@@ -40,13 +40,14 @@ class FolderCheckpoints:
     def __init__(self, uri: str, keep: int = 2):
         self.uri, self.keep = uri, keep
 
-    def _steps(self) -> list[int]:
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints kept, oldest first."""
         if not storage.exists(self.uri):
             return []
         return sorted(int(n[5:-3]) for n in storage.list_files(self.uri) if n.startswith("step-") and n.endswith(".pt"))
 
     def latest(self) -> dict | None:
-        steps = self._steps()
+        steps = self.steps()
         if not steps:
             return None
         data = storage.read_bytes(storage.join(self.uri, f"step-{steps[-1]:06d}.pt"))
@@ -56,7 +57,7 @@ class FolderCheckpoints:
         buf = io.BytesIO()
         torch.save(state, buf)
         storage.write_bytes(storage.join(self.uri, f"step-{step:06d}.pt"), buf.getvalue())
-        for old in self._steps()[: -self.keep]:
+        for old in self.steps()[: -self.keep]:
             storage.delete(storage.join(self.uri, f"step-{old:06d}.pt"))
 
     def report(self, metrics: dict) -> None:
@@ -93,6 +94,10 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
         bundle = load(cfg.init, device="cpu")
         bundle.config = dataclasses.replace(bundle.config, **cfg.bundle_config)
         if bundle.family.denoiser_key in cfg.overrides:
+            if cfg.lora_rank:
+                raise ValueError(f"overrides.{bundle.family.denoiser_key}: a LoRA run trains an adapter on init's "
+                                 "denoiser; a denoiser design in overrides would replace it")
+            log.info("a fresh %s of the given design on %s's VAE", bundle.family.denoiser_key, cfg.init)
             fresh = bundle.family.build(cfg.preset, text_dim=bundle.text_encoder.config.hidden_size,
                                         **_overrides(cfg, bundle.family))
             side = bundle.family.spatial_factor(bundle)
