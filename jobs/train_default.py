@@ -44,26 +44,29 @@ log = logging.getLogger("t2v.train_default")
 # The VAE gate (issue: reconstructions good enough that a denoiser on its latents can reach the targets).
 VAE_GATE = {"background": 0.98, "color": 0.98, "count": 0.98, "size": 0.98, "shape": 0.95, "motion": 0.95}
 # Seconds per step measured on 2 CPU cores, for the ETA of stages not started yet.
-PACE = {"vae": 0.48, "denoiser": 1.1, "gate_clip": 0.3, "encode_clip": 0.01, "eval_clip": 2.5}
+PACE = {"vae": 0.48, "denoiser": 2.4, "gate_clip": 0.3, "encode_clip": 0.01, "eval_clip": 4.5}
 
 
 class Eta:
-    """Logs a stage's pace and the recipe's time left (this stage at its measured pace, later ones at PACE)."""
+    """Logs a stage's pace and the recipe's time left (this stage at its recent pace, later ones at PACE)."""
 
     def __init__(self, stage: str, steps: int, later_s: float, every: int):
         self.stage, self.steps, self.later_s, self.every = stage, steps, later_s, every
-        self.t0, self.first = time.perf_counter(), None
+        self.last, self.pace = None, None
 
     def __call__(self, step: int, metrics: dict) -> None:
-        if self.first is None:
-            self.first, self.t0 = step, time.perf_counter()
+        now = time.perf_counter()
+        if self.last is None:  # the first step after a (re)start: data and kernels warm up, not counted
+            self.last = (step, now)
             return
         if step % self.every and step != self.steps:
             return
-        pace = (time.perf_counter() - self.t0) / (step - self.first)
-        left = (self.steps - step) * pace
+        recent = (now - self.last[1]) / (step - self.last[0])
+        self.pace = recent if self.pace is None else 0.5 * self.pace + 0.5 * recent  # smoothed, yet follows changes
+        self.last = (step, now)
+        left = (self.steps - step) * self.pace
         log.info("%s: step %d/%d, loss %.4f, %.2f s/step; stage ETA %s, recipe ETA %s", self.stage, step,
-                 self.steps, metrics["loss_avg"], pace, minutes(left), minutes(left + self.later_s))
+                 self.steps, metrics["loss_avg"], self.pace, minutes(left), minutes(left + self.later_s))
 
 
 def minutes(seconds: float) -> str:
