@@ -44,7 +44,7 @@ log = logging.getLogger("t2v.train_default")
 # The VAE gate (issue: reconstructions good enough that a denoiser on its latents can reach the targets).
 VAE_GATE = {"background": 0.98, "color": 0.98, "count": 0.98, "size": 0.98, "shape": 0.95, "motion": 0.95}
 # Seconds per step measured on 2 CPU cores, for the ETA of stages not started yet.
-PACE = {"vae": 0.48, "denoiser": 2.4, "gate_clip": 0.3, "encode_clip": 0.01, "eval_clip": 4.5}
+PACE = {"vae": 0.48, "denoiser": 2.4, "gate_clip": 0.3, "encode_clip": 0.035, "eval_clip": 4.5}
 
 
 class Eta:
