@@ -240,5 +240,6 @@ class Lazy:
             self.made = self.make()
         return self.made
 
+
 if __name__ == "__main__":
     main()

@@ -186,7 +186,9 @@ def load(bundle, uri: str, name: str) -> None:
         return
     loader, prefix = bundle.family.lora_loader(), bundle.family.denoiser_key
     with _local_copy(weight_file(uri)) as path:
-        state, metadata = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
+        # (state, metadata); Stable Diffusion's loader also returns the network alphas between them
+        loaded_file = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
+        state, metadata = loaded_file[0], loaded_file[-1]
     with lock_of(denoiser):
         was = _active(denoiser)
         denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=name, metadata=metadata)
@@ -264,7 +266,7 @@ def lock_of(denoiser) -> threading.RLock:
 def _supporting(bundle):
     if bundle.family.lora_loader() is None:
         raise InputError("lora", f"the {bundle.family.name} family's denoiser has no LoRA support in diffusers")
-    return bundle.denoiser
+    return bundle.family.peft_denoiser(bundle)
 
 
 @contextmanager

@@ -136,6 +136,31 @@ def test_a_diffusers_lora_loads_in_t2v(tmp_path, wan_dir):
     assert (ours - expected).abs().max().item() <= 1e-5
 
 
+def test_a_unet3d_adapter_is_saved_as_texttovideosd_lora_and_loads_back_as_trained(tmp_path, unet3d_dir, desert32):
+    # diffusers' UNet3DConditionModel has no PeftAdapterMixin (TextToVideoSDPipeline cannot load a LoRA into it):
+    # t2v gives it the mixin, and writes and reads the pipeline's own LoRA format.
+    cfg = lora_config(tmp_path, unet3d_dir, desert32, family="unet3d", steps=4, checkpoint_every=2, lr=2e-2)
+    trained = run(cfg)
+    state, _, metadata = diffusers.TextToVideoSDPipeline.lora_state_dict(cfg.out, return_lora_metadata=True)
+    assert state and all(k.startswith("unet.") and ".lora_" in k for k in state)
+    assert metadata["unet.r"] == 4
+    pipe = t2v.TextToVideoPipeline.from_pretrained(unet3d_dir)
+    call = dict(num_inference_steps=2, seed=3, output_type="pt")
+    base = pipe(PROMPT, **call).frames
+    pipe.load_lora_weights(cfg.out, "desert")
+    # The loaded adapter holds the trained weights, and the video with it is the trained model's.
+    ours = lora.adapter_state(pipe.bundle, "desert")
+    want = lora.adapter_state(trained)
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k].float()) for k in want)
+    pipe.set_adapters("desert", 1.0)
+    adapted = pipe(PROMPT, **call).frames
+    lora.activate(trained, lora.Choice("default", 1.0))
+    assert torch.equal(adapted, t2v.TextToVideoPipeline(trained)(PROMPT, **call).frames)
+    assert (adapted - base).abs().max() > 1e-3  # the adapter changes the video
+    pipe.set_adapters(None)
+    assert torch.equal(pipe(PROMPT, **call).frames, base)
+
+
 def test_adapters_by_name_and_their_lru(tmp_path, wan_dir, adapter):
     root = tmp_path / "adapters"
     for name in ("desert", "desert-2"):

@@ -114,6 +114,10 @@ class Family:
         when diffusers has no LoRA support for its denoiser."""
         return None
 
+    def peft_denoiser(self, bundle):
+        """The bundle's denoiser, able to hold peft LoRA adapters (diffusers' PeftAdapterMixin); here it is already."""
+        return bundle.denoiser
+
     def after_load(self, pipe, config) -> None:
         """Adjust a pipeline diffusers just loaded to the bundle's config (default: nothing to do)."""
 

@@ -6,6 +6,7 @@ the scheduler steps frames as a batch of images, the VAE decodes frame by frame.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -83,6 +84,20 @@ class UNet3DFamily(Family):
         z = (dist.sample(generator) if sample else dist.mode()) * vae.config.scaling_factor
         return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
 
+    def lora_loader(self):
+        # TextToVideoSDPipeline's own loader: LoRA files with "unet." keys, as save_lora_weights(unet_lora_layers=...)
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
+
+    def peft_denoiser(self, bundle):
+        # diffusers' UNet3DConditionModel lacks PeftAdapterMixin (its pipeline cannot load a LoRA into it): give the
+        # loaded model that mixin, as its 2D sibling has it; the class name stays, so a saved bundle is unchanged.
+        unet = bundle.denoiser
+        if not isinstance(unet, _peft_unet3d()):
+            unet.__class__ = _peft_unet3d()
+        return unet
+
     def after_load(self, pipe, config):
         # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
         pipe.tokenizer.model_max_length = config.max_sequence_length
@@ -140,6 +155,14 @@ class UNet3DFamily(Family):
         scheduler = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                                      "clip_sample": False, "set_alpha_to_one": False, **cfg.get("scheduler", {})})
         return {"unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+@functools.cache
+def _peft_unet3d():
+    from diffusers import UNet3DConditionModel
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    return type("UNet3DConditionModel", (UNet3DConditionModel, PeftAdapterMixin), {"__module__": __name__})
 
 
 UNET3D = UNet3DFamily(
