@@ -172,10 +172,6 @@ def main() -> None:
         f"out={out}/vae", f"checkpoint_dir={out}/checkpoints-vae", *args.vae])
     den_cfg = TrainConfig.from_yaml("jobs/configs/default-denoiser.yaml", [
         f"init={out}/vae", f"out={out}/model", f"checkpoint_dir={out}/checkpoints-denoiser", *args.denoiser])
-    if args.eval_now:
-        if trained_to(vae_cfg) is None:
-            raise SystemExit(f"the VAE of {out} is not trained yet: no denoiser checkpoint to score")
-        return evaluate_checkpoint(on_vae(den_cfg, trained_to(vae_cfg)), args.eval_n, out)
     if args.start and not os.path.exists(out):
         shutil.rmtree(out + ".partial", ignore_errors=True)
         shutil.copytree(args.start, out + ".partial")
@@ -183,6 +179,10 @@ def main() -> None:
         log.info("continuing the run saved in %s, in %s", args.start, out)
     elif args.start:
         log.info("%s exists: continuing it (--from %s not copied)", out, args.start)
+    if args.eval_now:
+        if trained_to(vae_cfg) is None:
+            raise SystemExit(f"the VAE of {out} is not trained yet: no denoiser checkpoint to score")
+        return evaluate_checkpoint(on_vae(den_cfg, trained_to(vae_cfg)), args.eval_n, out)
     later_den = den_cfg.steps * PACE["denoiser"] + args.eval_n * PACE["eval_clip"]
     t_start = time.perf_counter()
     # 1. Render in the background (only while a stage still needs clips), into a folder a resumed run reuses.
