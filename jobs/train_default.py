@@ -37,7 +37,7 @@ import torch
 from t2v import storage
 from t2v.data.rendered import RenderedWorld, RenderSpec, encode_rendered, latent_batches
 from t2v.train.config import TrainConfig
-from t2v.train.loop import FolderCheckpoints, train
+from t2v.train.loop import EMA, FolderCheckpoints, train
 
 log = logging.getLogger("t2v.train_default")
 
@@ -142,8 +142,9 @@ def evaluate_checkpoint(den_cfg: TrainConfig, n: int, out: str) -> None:
     if state is None:
         raise SystemExit(f"no denoiser checkpoint in {den_cfg.checkpoint_dir} yet")
     bundle = build_bundle(den_cfg)
-    weights = bundle.denoiser.state_dict()
-    bundle.denoiser.load_state_dict({**weights, **{k: v.to(weights[k].dtype) for k, v in state["ema"].items()}})
+    ema = EMA(bundle.denoiser, decay=0.0)
+    ema.shadow = state["ema"]
+    ema.copy_to(bundle.denoiser)
     torch.manual_seed(0)
     result = evaluate(TextToVideoPipeline(bundle), "heldout", n)
     sheet = os.path.join(out, f"eval-step-{state['step']}.png")
