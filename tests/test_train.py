@@ -302,3 +302,20 @@ def test_vae_stage_with_object_weighting_trains_on_masked_rendered_clips(tmp_pat
         unmasked = [{"video": np.zeros((2, 9, 32, 32, 3), np.uint8), "caption": np.array(["", ""])}] * 2
         train(config(tmp_path / "no-masks", "", stage="vae", steps=1, object_weight=4.0),
               lambda start: iter(unmasked), FolderCheckpoints(str(tmp_path / "no-masks-ckpt")))
+
+
+def test_a_unet3d_run_trains_the_prediction_its_model_makes_unless_told_otherwise():
+    """A run from a v-prediction model (the embedded one) trains v, e.g. a LoRA on it; `prediction` overrides."""
+    from diffusers import DDIMScheduler
+
+    from conftest import build_tiny
+    from t2v.families import UNET3D
+
+    bundle = build_tiny(UNET3D)
+    bundle.scheduler = DDIMScheduler.from_config(bundle.scheduler.config, prediction_type="v_prediction")
+    x0, noise, level = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4), torch.tensor([0.3, 0.8])
+    _, t, target = UNET3D.training_objective(bundle, TrainConfig(family="unet3d")).pair(x0, noise, level)
+    assert torch.allclose(target, bundle.scheduler.get_velocity(x0, noise, t))
+    _, _, target = UNET3D.training_objective(bundle, TrainConfig(family="unet3d", prediction="epsilon")).pair(
+        x0, noise, level)
+    assert torch.equal(target, noise)

@@ -106,14 +106,14 @@ class UNet3DFamily(Family):
         return x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # a per-frame image VAE: frames as a batch of images
 
     def training_overrides(self, cfg):
-        return {"scheduler": {"prediction_type": cfg.prediction}}
+        return {"scheduler": {"prediction_type": cfg.prediction or "epsilon"}}
 
     def training_objective(self, bundle, cfg=None):
         """DDPM: the U-Net predicts the noise (epsilon) or v at an integer timestep of the training schedule."""
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler.from_config(bundle.scheduler.config)
-        prediction = cfg.prediction if cfg is not None else sched.config.prediction_type
+        prediction = (cfg.prediction if cfg is not None else None) or sched.config.prediction_type
         steps = sched.config.num_train_timesteps
 
         def alpha(t, like):

@@ -42,15 +42,27 @@ class ServeProcess:
     def tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """Ctrl-C, then wait until the port is closed: Ray's HTTP proxy is a process of its own that can still
+        answer for a moment after `serve run` exits, and a server started next on the same port would otherwise
+        pass its health check on the old proxy, then refuse connections when that proxy goes."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
             try:
-                self.proc.wait(60)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                httpx.get(self.url + "/healthz", timeout=1)
+            except httpx.ConnectError:
+                return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
 
     def __enter__(self) -> "ServeProcess":
         return self

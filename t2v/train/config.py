@@ -36,7 +36,7 @@ class TrainConfig:
     crop_frames: int | None = None  # VAE stage: random windows of this many frames (1 + 4k for wan)
 
     text_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance has an unconditional model
-    prediction: str = "epsilon"  # unet3d: "epsilon" or "v_prediction"
+    prediction: str | None = None  # unet3d: "epsilon" or "v_prediction"; None: init's own (epsilon when fresh)
     flow_shift: float = 3.0  # wan: training timesteps sampled with the same shift as inference
     temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
     smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
