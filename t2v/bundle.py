@@ -68,6 +68,15 @@ class Bundle:
     runtime: Any = None  # t2v.runtime.Runtime: the memory, cache and compile options switched on
     image_encoder: torch.nn.Module | None = None  # an image-conditioned family's (wan-i2v: CLIP's vision model)
     image_processor: Any = None  # and its preprocessing (CLIPImageProcessor)
+    # A mixture of two experts (Wan2.2 A14B): `denoiser` takes the high-noise steps, t >= boundary_ratio x the
+    # training timesteps, and `denoiser_2` the rest (`Family.expert`).
+    denoiser_2: torch.nn.Module | None = None
+    boundary_ratio: float | None = None
+
+    @property
+    def experts(self) -> tuple[torch.nn.Module, ...]:
+        """The denoisers: one, or the high- and the low-noise expert."""
+        return (self.denoiser,) if self.denoiser_2 is None else (self.denoiser, self.denoiser_2)
 
     @property
     def device(self) -> torch.device:
@@ -110,9 +119,10 @@ class Bundle:
 
     def num_parameters(self) -> dict[str, int]:
         out = {}
-        for name in ("text_encoder", "denoiser", "vae", "image_encoder"):
+        for name in ("text_encoder", "denoiser", "denoiser_2", "vae", "image_encoder"):
             module = getattr(self, name)
-            out[name] = sum(p.numel() for p in module.parameters()) if module is not None else 0
+            if module is not None or name != "denoiser_2":
+                out[name] = sum(p.numel() for p in module.parameters()) if module is not None else 0
         return out
 
 
@@ -148,7 +158,7 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
     with storage.local_copy(uri) as folder:
         bundle = _load_folder(Path(folder), index, family, uri, weights)
     bundle.source = uri
-    for module in (bundle.denoiser, bundle.vae, bundle.text_encoder, bundle.image_encoder):
+    for module in (*bundle.experts, bundle.vae, bundle.text_encoder, bundle.image_encoder):
         if module is not None:
             module.requires_grad_(False)  # inference; the training loop turns on what it trains
     return place(bundle, precision, device, runtime)
@@ -178,9 +188,10 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=CO
         config_values["text_encoder"] = DEFAULT_TEXT_ENCODER
     _check_folder(folder, index, family, uri)
     for name in COMPONENTS:
-        key = family.denoiser_key if name == "denoiser" else name
-        if name not in weights and key not in kwargs and (index.get(key) or [None])[0]:
-            kwargs[key] = _shapes_only(folder / key, index[key])
+        keys = [k for k in (family.denoiser_key, family.expert_key) if k] if name == "denoiser" else [name]
+        for key in keys:
+            if name not in weights and key not in kwargs and (index.get(key) or [None])[0]:
+                kwargs[key] = _shapes_only(folder / key, index[key])
     try:
         with _quiet_diffusers():  # (importing WanImageToVideoPipeline warns that CLIP's processor falls back to PIL)
             pipeline_cls = getattr(diffusers, family.pipeline_class)
@@ -200,11 +211,14 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=CO
     except ValueError as e:  # the family's own conventions refuse what diffusers accepted
         raise BundleError(uri, str(e)) from None
     image_encoder = getattr(pipe, "image_encoder", None)
+    expert = getattr(pipe, family.expert_key, None) if family.expert_key else None
     return Bundle(
         family=family, denoiser=getattr(pipe, family.denoiser_key).eval(), vae=pipe.vae.eval(),
         scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),
         config=config, image_encoder=None if image_encoder is None else image_encoder.eval(),
         image_processor=getattr(pipe, "image_processor", None),
+        denoiser_2=None if expert is None else expert.eval(),
+        boundary_ratio=None if expert is None else float(pipe.config.boundary_ratio),
     )
 
 
@@ -238,7 +252,8 @@ def _check_folder(folder: Path, index: dict, family: Family, uri: str) -> None:
     missing = [k for k in dict.fromkeys([*required, *named]) if not (folder / k).is_dir()]
     if missing:
         raise BundleError(uri, f"missing component folder(s): {', '.join(missing)}")
-    for name in (family.denoiser_key, "vae", *(k for k in named if k in ("text_encoder", "image_encoder"))):
+    for name in (family.denoiser_key, "vae", *(k for k in named if k in ("text_encoder", "image_encoder",
+                                                                           family.expert_key))):
         weights = sorted((folder / name).glob("*.safetensors"))
         if not weights:
             others = sorted(p.name for p in (folder / name).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -268,6 +283,7 @@ def from_components(family: str | Family, components: dict, config: dict | None 
     """A bundle from models built in memory (see each family's `build`); MiniLM unless given an encoder."""
     family = FAMILIES[family] if isinstance(family, str) else family
     values = dict(config or {})
+    expert = components.get(family.expert_key) if family.expert_key else None
     if text_encoder is None:
         tokenizer, text_encoder = load_default_text_encoder()
         values["text_encoder"] = DEFAULT_TEXT_ENCODER
@@ -275,7 +291,8 @@ def from_components(family: str | Family, components: dict, config: dict | None 
         family=family, denoiser=components[family.denoiser_key].eval(), vae=components["vae"].eval(),
         scheduler=components["scheduler"], tokenizer=tokenizer, text_encoder=text_encoder.eval(),
         config=BundleConfig.from_dict(family, values), image_encoder=components.get("image_encoder"),
-        image_processor=components.get("image_processor"),
+        image_processor=components.get("image_processor"), denoiser_2=None if expert is None else expert.eval(),
+        boundary_ratio=components.get("boundary_ratio"),
     )
 
 
@@ -290,12 +307,16 @@ def to_precision(bundle: Bundle, precision: str, device: torch.device | str = "c
     _cast(bundle.vae, device, torch.float32)
     _cast(bundle.image_encoder, device, torch.float32)  # as diffusers' Wan image-to-video examples load it
     if precision == "int8":
-        _cast(bundle.denoiser, device, torch.float32)
+        for expert in bundle.experts:
+            _cast(expert, device, torch.float32)
         _cast(bundle.text_encoder, device, torch.float32)
         bundle.denoiser = _quantize_int8(bundle.denoiser)
+        if bundle.denoiser_2 is not None:
+            bundle.denoiser_2 = _quantize_int8(bundle.denoiser_2)
     else:
         dtype = PRECISIONS[precision]
-        _cast(bundle.denoiser, device, dtype)
+        for expert in bundle.experts:
+            _cast(expert, device, dtype)
         _cast(bundle.text_encoder, device, dtype)
     bundle.precision = precision
     return bundle

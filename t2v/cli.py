@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--guidance-2", type=float, default=None,
+                     help="a mixture of experts' (Wan2.2 A14B) guidance in its low-noise steps (default: --guidance)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--image", default=None, help="the video's first frame (PNG, JPEG or WebP of its aspect)")
     gen.add_argument("--last-image", default=None,
@@ -181,7 +183,7 @@ def generate(args) -> int:
         out = generate(pipe, prompt, num_frames=frames, fps=args.fps, post=post, negative_prompt=negative,
                       seed=args.seed, progress=progress, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                      **images)
+                      guidance_scale_2=args.guidance_2, **images)
     finally:
         for bar in bars:
             bar.close()
@@ -217,6 +219,9 @@ def info_preset(name: str) -> int:
     print(f"preset: {name} (family {family.name}, {family.pipeline_class}; random weights when built)")
     total = 0
     for part, module in components.items():
+        if isinstance(module, float):  # a mixture's boundary_ratio
+            print(f"  {part:<13} {module:g} (the second expert's steps: t < {module:g} x the training timesteps)")
+            continue
         if not isinstance(module, torch.nn.Module):
             print(f"  {part:<13} {type(module).__name__}")
             continue
@@ -252,6 +257,9 @@ def info(args) -> int:
     for name, n in b.num_parameters().items():
         module = getattr(b, name)
         print(f"  {name:<13} {type(module).__name__:<28} {n / 1e6:9.2f} M parameters")
+    if b.denoiser_2 is not None:
+        print(f"  {'boundary':<13} {b.boundary_ratio:g}: denoiser_2 takes the steps at t < {b.boundary_ratio:g} x "
+              f"{b.scheduler.config.num_train_timesteps}")
     print(f"  {'scheduler':<13} {type(b.scheduler).__name__}")
     print(f"  {'tokenizer':<13} {type(b.tokenizer).__name__} (max {cfg.max_sequence_length} tokens)")
     t, m = fam.temporal_factor(b), fam.size_multiple(b)

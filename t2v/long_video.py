@@ -212,7 +212,7 @@ class LongVideoPipeline:
                  predictor: Callable | None = None,  # (window latents, t, window embeds, guidance) -> preds
                  callback_on_step_end: Callable[["LongVideoPipeline", int, Any, dict], dict] | None = None,
                  callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",), image=None,
-                 last_image=None) -> LongVideoOutput:
+                 last_image=None, guidance_scale_2: float | None = None) -> LongVideoOutput:
         """prompt: one prompt, or one per window (multi-shot). callback_on_step_end as TextToVideoPipeline's
         (its "prompt_embeds" are the per-window embeddings). image, last_image: the first (and last) frame, as
         TextToVideoPipeline's (latent frame 0 is every window's anchor, so the first frame holds across them)."""
@@ -225,7 +225,7 @@ class LongVideoPipeline:
         native = window_frames or b.config.num_frames
         p = resolve(b, prompts[0], negative_prompt=negative_prompt, num_frames=native, height=height, width=width,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, fps=fps,
-                    seed=seed)
+                    seed=seed, guidance_scale_2=guidance_scale_2)
         if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
             raise InputError("num_frames", f"{num_frames} is not supported by this model", f"1 + {tf}k")
         total = (num_frames - 1) // tf + 1
@@ -239,7 +239,7 @@ class LongVideoPipeline:
             raise InputError("prompt", f"{len(prompts)} prompts for {len(windows)} windows", f"1 or {len(windows)}")
         window_prompts = prompts * len(windows) if len(prompts) == 1 else prompts
         images = check_images(b, image, last_image, p.width, p.height)
-        cfg = p.guidance_scale > 1.0
+        cfg = p.guided
 
         # 2. Encode each distinct prompt once; with guidance the negative prompt rides first.
         distinct = list(dict.fromkeys(window_prompts))
@@ -265,7 +265,9 @@ class LongVideoPipeline:
         for i, t in enumerate(scheduler.timesteps):
             latents = condition.before_step(scheduler, latents, t)
             scaled = condition.model_input(model_input(scheduler, latents, t))
-            preds = predict([window_latents(scaled, run) for run in windows], t, embeds, p.guidance_scale)
+            # Every window at the same step: the same expert, so one switch for the whole video.
+            guidance = p.guidance(fam.expert(b, t))
+            preds = predict([window_latents(scaled, run) for run in windows], t, embeds, guidance)
             fused = fuse_windows(preds, windows, total, ramp=overlap)
             latents = fam.step(scheduler, fused, t, latents, generator=generator)
             if callback_on_step_end is not None:

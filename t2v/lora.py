@@ -266,6 +266,9 @@ def lock_of(denoiser) -> threading.RLock:
 def _supporting(bundle):
     if bundle.family.lora_loader() is None:
         raise InputError("lora", f"the {bundle.family.name} family's denoiser has no LoRA support in diffusers")
+    if bundle.denoiser_2 is not None:
+        raise InputError("lora", "adapters on a mixture of experts (Wan2.2 A14B) are not supported yet: an adapter "
+                         "would change one expert's steps only", "a model with one denoiser")
     return bundle.family.peft_denoiser(bundle)
 
 

@@ -214,15 +214,16 @@ def join_sequence_parallel(bundle, rank: int, world: int, address: str, layout: 
     transformer's sequence with diffusers' context parallelism. Every rank calls this with the same layout."""
     import torch.distributed as dist
 
-    model = bundle.denoiser
-    check_sequence_parallel(model, layout, bundle.device)
+    for model in bundle.experts:
+        check_sequence_parallel(model, layout, bundle.device)
     device = torch.device(bundle.device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://{address}",
                                 rank=rank, world_size=world)
-    if layout.attention_backend:
-        model.set_attention_backend(layout.attention_backend)
-    enable_context_parallel(model, layout, device)
+    for model in bundle.experts:  # a mixture of experts: both split the same way, one group
+        if layout.attention_backend:
+            model.set_attention_backend(layout.attention_backend)
+        enable_context_parallel(model, layout, device)
 
 
 def check_sequence_parallel(model, layout: ParallelLayout, device) -> None:

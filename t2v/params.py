@@ -29,9 +29,19 @@ class GenerationParams:
     sampler: str | None  # None: the bundle's own scheduler
     fps: float
     seed: int
+    guidance_scale_2: float | None = None  # the low-noise expert's (a mixture of experts only)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on: the negative prompts are encoded and every forward is doubled."""
+        return self.guidance_scale > 1.0
+
+    def guidance(self, expert: int) -> float:
+        """The guidance scale of a step taken by this expert (`Family.expert`)."""
+        return self.guidance_scale if expert == 0 or self.guidance_scale_2 is None else self.guidance_scale_2
 
 
 def _prompts(field: str, value, bundle, required: bool) -> list[str]:
@@ -87,7 +97,8 @@ def frames_for_seconds(seconds: float, fps: float, temporal_factor: int) -> int:
 
 
 def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=None, width=None,
-            num_inference_steps=None, guidance_scale=None, sampler=None, fps=None, seed=None) -> GenerationParams:
+            num_inference_steps=None, guidance_scale=None, sampler=None, fps=None, seed=None,
+            guidance_scale_2=None) -> GenerationParams:
     """Fill unset fields from the bundle's defaults and check every field against the model's limits."""
     cfg, fam = bundle.config, bundle.family
     prompts = _prompts("prompt", prompt, bundle, required=True)
@@ -104,6 +115,9 @@ def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=Non
     if sampler is not None and sampler not in fam.samplers:
         raise InputError("sampler", f"unknown sampler {sampler!r} for the {fam.name} family",
                          ", ".join(sorted(fam.samplers)))
+    guidance = _float("guidance_scale", cfg.guidance_scale if guidance_scale is None else guidance_scale, 0.0,
+                      MAX_GUIDANCE)
+    guidance_2 = _guidance_2(bundle, guidance, guidance_scale_2)
     if seed is None:
         seed = random.randrange(2**31)
     return GenerationParams(
@@ -115,9 +129,28 @@ def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=Non
         width=_int("width", cfg.width if width is None else width, lo_size, cfg.max_size, m),
         num_inference_steps=check_steps(cfg.num_inference_steps if num_inference_steps is None
                                         else num_inference_steps),
-        guidance_scale=_float("guidance_scale", cfg.guidance_scale if guidance_scale is None else guidance_scale,
-                              0.0, MAX_GUIDANCE),
+        guidance_scale=guidance,
         sampler=sampler,
         fps=_float("fps", cfg.fps if fps is None else fps, 0.0, MAX_FPS, lo_open=True),
         seed=_int("seed", seed, 0, MAX_SEED),
+        guidance_scale_2=guidance_2,
     )
+
+
+def _guidance_2(bundle, guidance: float, value) -> float | None:
+    """The low-noise expert's guidance scale: guidance_scale's when unset (as diffusers' WanPipeline), None for a
+    model of one expert. Guidance is on or off for the whole video (the negative prompts are encoded or not), so
+    both scales are on the same side of 1."""
+    if bundle.denoiser_2 is None:
+        if value is not None:
+            raise InputError("guidance_scale_2", "this model has one denoiser, not a mixture of experts",
+                             "unset (guidance_scale guides every step)")
+        return None
+    if value is None:
+        return guidance
+    value = _float("guidance_scale_2", value, 0.0, MAX_GUIDANCE)
+    if (value > 1.0) != (guidance > 1.0):
+        raise InputError("guidance_scale_2", f"{value:g} turns guidance {'on' if value > 1 else 'off'} for the "
+                         f"low-noise steps, but guidance_scale {guidance:g} turns it {'on' if guidance > 1 else 'off'}",
+                         "> 1 when guidance_scale > 1, else ≤ 1")
+    return value

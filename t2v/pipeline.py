@@ -115,6 +115,7 @@ class TextToVideoPipeline:
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         output_type: str = "np",
+        guidance_scale_2: float | None = None,
         fps: float | None = None,
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
@@ -127,7 +128,8 @@ class TextToVideoPipeline:
         last_image=None,
         modules_lock=None,
     ) -> VideoOutput:
-        """predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
+        """guidance_scale_2: the low-noise expert's guidance on a mixture of experts (Wan2.2 A14B; default
+        guidance_scale's), as diffusers' WanPipeline. predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
         (default: here; the Serve graph's Denoiser batches concurrent jobs' steps through it). image: the first
         frame (PIL image or [H, W, 3] uint8 array of the video's aspect): image-to-video, through the model's image
         branch where it has one (wan-i2v), else by latent replacement. last_image: the last frame, for a
@@ -142,12 +144,12 @@ class TextToVideoPipeline:
             raise InputError("output_type", f"unknown output type {output_type!r}", ", ".join(OUTPUT_TYPES))
         p = resolve(b, prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
-                    fps=fps, seed=seed if generator is None else (seed or 0))
+                    fps=fps, seed=seed if generator is None else (seed or 0), guidance_scale_2=guidance_scale_2)
         images = check_images(b, image, last_image, p.width, p.height)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(p.seed)
         batch = len(p.prompts)
-        cfg = p.guidance_scale > 1.0
+        cfg = p.guided
         modules_lock = modules_lock or contextlib.nullcontext()
 
         # 2. Encode the prompts (unless given, e.g. by a separate text-encoder stage); with guidance the negative
@@ -182,13 +184,13 @@ class TextToVideoPipeline:
             condition = self.image_condition(images, p.num_frames, p.height, p.width, noise)
         embeds = condition.embeds(embeds)
 
-        # 6. Denoising loop: one forward per step for both guidance halves.
+        # 6. Denoising loop: one forward per step for both guidance halves, by the expert of the step's noise level.
         predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
             latents = condition.before_step(scheduler, latents, t)
             x = condition.model_input(model_input(scheduler, latents, t))
-            pred = predict([x], t, [embeds], p.guidance_scale)[0]
+            pred = predict([x], t, [embeds], p.guidance(fam.expert(b, t)))[0]
             latents = fam.step(scheduler, pred, t, latents, generator=generator, eta=eta)
             if callback_on_step_end is not None:
                 local = {"latents": latents, "prompt_embeds": embeds}

@@ -121,23 +121,24 @@ def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.dev
 
         stream = device.type == "cuda"
         # Blocks of the transformer one at a time (the stream prefetches the next); the encoder leaf by leaf.
-        if not is_shapes_only(bundle.denoiser):
-            apply_group_offloading(bundle.denoiser, onload_device=device, offload_device="cpu",
-                                   offload_type="block_level", num_blocks_per_group=1, use_stream=stream)
+        for expert in bundle.experts:
+            if not is_shapes_only(expert):
+                apply_group_offloading(expert, onload_device=device, offload_device="cpu",
+                                       offload_type="block_level", num_blocks_per_group=1, use_stream=stream)
         if not is_shapes_only(bundle.text_encoder):
             apply_group_offloading(bundle.text_encoder, onload_device=device, offload_device="cpu",
                                    offload_type="leaf_level", use_stream=stream)
     if is_shapes_only(bundle.denoiser):  # a stage that never runs the transformer: nothing to cache or compile
         return bundle
-    if options.cache:
-        _require(bundle.denoiser, "enable_cache", "cache", options.cache)
-        bundle.denoiser.enable_cache(cache_config(options.cache, lambda: runtime.timestep))
-    if options.compile:
-        model = bundle.denoiser
-        if getattr(model, "_repeated_blocks", None):
-            model.compile_repeated_blocks(fullgraph=True)
-        else:
-            model.compile()
+    for model in bundle.experts:  # a mixture of experts: each keeps a cache of its own steps
+        if options.cache:
+            _require(model, "enable_cache", "cache", options.cache)
+            model.enable_cache(cache_config(options.cache, lambda: runtime.timestep))
+        if options.compile:
+            if getattr(model, "_repeated_blocks", None):
+                model.compile_repeated_blocks(fullgraph=True)
+            else:
+                model.compile()
     return bundle
 
 
@@ -156,14 +157,16 @@ def step_predictor(bundle, predict: Callable, num_steps: int) -> Callable:
     for this generation, and each latent of a call (a clip, or one window of a long video) predicted under a
     cache context of its own ("latent-<k>"), so the cache compares each with itself a step earlier."""
     runtime = getattr(bundle, "runtime", None)
-    model = bundle.denoiser
     if runtime is None or not runtime.options.cache:
         return _timed_first(bundle, predict)
-    model._reset_stateful_cache()  # diffusers' pipelines do this between calls too (maybe_free_model_hooks)
+    for model in bundle.experts:  # diffusers' pipelines do this between calls too (maybe_free_model_hooks)
+        model._reset_stateful_cache()
     step = [0]
 
     def predict_cached(xs, t, embeds, guidance):
         runtime.timestep = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
+        # At a mixture's switch the low-noise expert starts from a cache of its own, empty.
+        model = bundle.family.denoiser_at(bundle, t)
         out = []
         for k, (x, e) in enumerate(zip(xs, embeds)):
             with model.cache_context(f"latent-{k}", step_index=step[0], num_inference_steps=num_steps,

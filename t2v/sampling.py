@@ -186,11 +186,12 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
     """Predictions for several (x, t, embeds, guidance_scale) requests -- steps of different jobs, windows of a
     long video -- with one forward per group of requests whose latents and embeddings share a shape. Each
     request keeps its own timestep, prompts and guidance: the same results as `predict_guided` on each, in
-    one batch (per-step batching of concurrent jobs, where a forward is launch-bound, as on a GPU)."""
+    one batch (per-step batching of concurrent jobs, where a forward is launch-bound, as on a GPU). Requests
+    for different experts of a mixture go to separate forwards."""
     fam, out = bundle.family, [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
-    for i, (x, _, e, _) in enumerate(requests):
-        groups.setdefault((tuple(x.shape[1:]), tuple(e.shape[1:])), []).append(i)
+    for i, (x, t, e, _) in enumerate(requests):  # a mixture of experts: only steps of the same expert share one
+        groups.setdefault((tuple(x.shape[1:]), tuple(e.shape[1:]), fam.expert(bundle, t)), []).append(i)
     for members in groups.values():
         xs, ts, es, sizes = [], [], [], []
         for i in members:

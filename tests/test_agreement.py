@@ -71,12 +71,85 @@ def test_wan21_layout_with_umt5_loads_and_agrees(tmp_path):
     assert (ours - theirs).abs().max().item() <= TOL
 
 
-def test_a_wan22_a14b_layout_is_refused_naming_its_second_expert(tmp_path):
-    """Loaded as Wan2.1, its low-noise expert would be ignored and the video silently another one."""
-    path = build_wan22_a14b(tmp_path / "Wan2.2-T2V-A14B-tiny")
-    assert json.loads((path / "model_index.json").read_text())["transformer_2"][1] == "WanTransformer3DModel"
-    with pytest.raises(BundleError, match=r"transformer_2: WanTransformer3DModel, boundary_ratio: 0.875"):
+@pytest.fixture(scope="module")
+def a14b_dir(tmp_path_factory):
+    return build_wan22_a14b(tmp_path_factory.mktemp("Wan2.2-T2V-A14B-tiny"))
+
+
+def expert_calls(bundle) -> list[int]:
+    """Forward calls of each expert, counted by hooks from now on."""
+    calls = [0, 0]
+    for k, model in enumerate(bundle.experts):
+        model.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("sampler", [None, "flow-match-euler", "dpm-solver++"])
+def test_wan22_a14b_layout_hands_the_low_noise_steps_to_its_second_expert_as_diffusers(a14b_dir, sampler):
+    """Wan2.2-T2V-A14B: `transformer` above boundary_ratio x 1000, `transformer_2` below, each with its own
+    guidance scale, as diffusers' WanPipeline samples them."""
+    bundle = t2v.load(a14b_dir)
+    assert bundle.boundary_ratio == 0.875 and type(bundle.denoiser_2).__name__ == "WanTransformer3DModel"
+    call = dict(CALL_WAN, num_inference_steps=6, guidance_scale_2=2.5)
+    calls = expert_calls(bundle)
+    ours = t2v.TextToVideoPipeline(bundle)(output_type="pt", sampler=sampler, **call).frames
+    assert calls[0] > 0 and calls[1] > 0  # both experts took steps
+    _, theirs = run_both(a14b_dir, sampler=sampler, **call)
+    assert ours.std() > 0.01
+    assert (ours - theirs).abs().max().item() <= TOL
+    # The second expert's guidance scale is its own: another one, another video.
+    other = t2v.TextToVideoPipeline(bundle)(output_type="pt", sampler=sampler, **dict(call, guidance_scale_2=20.0))
+    assert (ours - other.frames).abs().max().item() > 0.01
+
+
+def test_a_wan22_a14b_bundle_saves_both_experts_and_its_boundary(a14b_dir, tmp_path):
+    t2v.load(a14b_dir).save(str(tmp_path / "copy"))
+    index = json.loads((tmp_path / "copy" / "model_index.json").read_text())
+    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"] and index["boundary_ratio"] == 0.875
+    ours, theirs = run_both(tmp_path / "copy", **dict(CALL_WAN, num_inference_steps=5))
+    assert (ours - theirs).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("edit, found", [
+    (dict(boundary_ratio=None), r"transformer_2: WanTransformer3DModel, boundary_ratio: None"),
+    (dict(transformer_2=[None, None]), r"transformer_2: None, boundary_ratio: 0.875"),
+    (dict(boundary_ratio=1.5), r"boundary_ratio: 1.5 is not between 0 and 1"),
+])
+def test_half_a_mixture_of_experts_is_refused_naming_what_it_found(a14b_dir, tmp_path, edit, found):
+    """One expert without the step where the other takes over, or a boundary without a second expert, would
+    sample another video without a word."""
+    import shutil
+
+    path = tmp_path / "edited"
+    shutil.copytree(a14b_dir, path)
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, **edit}))
+    with pytest.raises(BundleError, match=found):
         t2v.load(path)
+
+
+def test_an_adapter_on_a_mixture_of_experts_is_refused_until_each_expert_takes_its_own(a14b_dir, tmp_path):
+    """An adapter in one expert only would change some steps and not others."""
+    from t2v import lora
+    from t2v.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        lora.load(t2v.load(a14b_dir), str(tmp_path / "any"), "x")
+    assert e.value.field == "lora" and "mixture of experts" in e.value.message
+
+
+def test_guidance_scale_2_is_checked_against_the_model_and_guidance_scale(a14b_dir, wan_pipe):
+    from t2v.errors import InputError
+
+    pipe = t2v.TextToVideoPipeline(t2v.load(a14b_dir))
+    for bad in (dict(guidance_scale=4.0, guidance_scale_2=1.0), dict(guidance_scale=1.0, guidance_scale_2=3.0),
+                dict(guidance_scale_2=-1.0)):
+        with pytest.raises(InputError) as e:
+            pipe("a red ball", num_inference_steps=1, **bad)
+        assert e.value.field == "guidance_scale_2"
+    with pytest.raises(InputError) as e:  # a model of one expert has no second guidance scale
+        wan_pipe("a red ball", num_inference_steps=1, guidance_scale_2=3.0)
+    assert e.value.field == "guidance_scale_2"
 
 
 def test_modelscope_layout_with_clip_loads_and_agrees(tmp_path):

@@ -59,12 +59,36 @@ def test_real_size_presets_have_the_released_shapes(preset, layers, heads, ffn, 
     assert all(p.is_meta for p in c["transformer"].parameters())  # shapes only: nothing allocated
 
 
+def test_wan22_presets_have_the_released_shapes():
+    """T2V-A14B: two experts of Wan2.1-14B's shape switched at 0.875; TI2V-5B: one 5B transformer on the Wan2.2
+    VAE's 48 channels at 16x spatial compression."""
+    moe = WAN.build("wan2.2-t2v-a14b", device="meta")
+    assert moe["boundary_ratio"] == 0.875
+    for key in ("transformer", "transformer_2"):
+        cfg = moe[key].config
+        assert (cfg.num_layers, cfg.num_attention_heads, cfg.ffn_dim, cfg.in_channels) == (40, 40, 13824, 16)
+        assert sum(p.numel() for p in moe[key].parameters()) / 1e9 == pytest.approx(14.288, abs=0.001)
+    ti2v = WAN.build("wan2.2-ti2v-5b", device="meta")
+    cfg, vae = ti2v["transformer"].config, ti2v["vae"].config
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.ffn_dim, cfg.in_channels, cfg.out_channels) == \
+        (30, 24, 14336, 48, 48)
+    assert sum(p.numel() for p in ti2v["transformer"].parameters()) / 1e9 == pytest.approx(5.000, abs=0.001)
+    assert (vae.z_dim, vae.base_dim, vae.decoder_base_dim, vae.patch_size, vae.is_residual,
+            vae.scale_factor_spatial) == (48, 160, 256, 2, True, 16)
+    assert "transformer_2" not in ti2v
+
+
 def test_info_prints_a_presets_parameters_and_bf16_memory():
     out = subprocess.run([sys.executable, "-m", "t2v", "info", "--preset", "wan2.1-14b"], capture_output=True,
                          text=True, check=True).stdout
     line = next(l for l in out.splitlines() if "WanTransformer3DModel" in l)
     assert "14.288 B parameters" in line and "26.6" in line and "GiB in bf16" in line
     assert "UMT5EncoderModel" in out and "5.681 B" in out
+    out = subprocess.run([sys.executable, "-m", "t2v", "info", "--preset", "wan2.2-t2v-a14b"], capture_output=True,
+                         text=True, check=True).stdout
+    experts = [l for l in out.splitlines() if "WanTransformer3DModel" in l]
+    assert len(experts) == 2 and all("14.288 B parameters" in l for l in experts)
+    assert "boundary_ratio 0.875" in out
 
 
 # --- options ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from t2v.serve.api import Settings, create_app
 from t2v.serve.requests import video_fields
 from t2v.serve.stages import generation_kwargs
 from t2v.serve.store import PriorityQueue, QueueWeights, VideoJob, credit_cost, queue_score
-from t2v.video import probe, read_video
+from t2v.video import encode_video, probe, read_video
 
 
 
@@ -182,6 +182,7 @@ def test_list_pages_with_a_cursor_and_delete(server):
     ({"prompt": "x", "seconds": "-1"}, "seconds"),
     ({"prompt": "x", "priority": 11}, "priority"),
     ({"prompt": "x", "model": "sora-2"}, "model"),
+    ({"prompt": "x", "guidance_scale_2": 3.0}, "guidance_scale_2"),  # the served model has one expert
     ({"prompt": ""}, "prompt"),
     ({"size": "32x32"}, "prompt"),
 ])
@@ -191,6 +192,32 @@ def test_invalid_fields_name_the_param(server, body, param):
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     assert httpx.get(server.url + "/v1/videos").json()["data"] == []  # nothing was queued
+
+
+def test_a_mixture_of_experts_job_takes_its_low_noise_guidance_and_makes_the_pipelines_video(tmp_path):
+    """Wan2.2 A14B served: guidance_scale_2 reaches the low-noise expert's steps; a bad one is a 400 naming it."""
+    import t2v
+    from layouts import build_wan22_a14b
+    from t2v.serve.stages import LocalGenerator
+
+    bundle = t2v.load(build_wan22_a14b(tmp_path / "a14b"))
+    srv = Server(create_app(LocalGenerator(bundle), Settings(store=str(tmp_path / "store"), poll_after_ms=50)))
+    try:
+        body = {"seed": 2, "num_inference_steps": 4, "guidance_scale": 4.0, "guidance_scale_2": 2.0,
+                "optimize_prompt": False}
+        video = client(srv).videos.create_and_poll(prompt="a red ball", size="32x32", seconds="1", extra_body=body)
+        assert video.status == "completed", video.error
+        assert video.model_extra["t2v"]["params"]["guidance_scale_2"] == 2.0
+        served = read_video(client(srv).videos.download_content(video.id).read()).astype(float)
+        alone = t2v.TextToVideoPipeline(bundle)("a red ball", num_frames=17, height=32, width=32, seed=2,
+                                                num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0)
+        assert served.shape == (17, 32, 32, 3)  # 1 s at the layout's 16 fps
+        alone = read_video(encode_video(alone.frames[0], 16)).astype(float)  # through the same encoder
+        assert np.array_equal(served, alone)  # the same frames, so the same mp4
+        r = httpx.post(srv.url + "/v1/videos", json={"prompt": "x", "guidance_scale": 4.0, "guidance_scale_2": 1.0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "guidance_scale_2"
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("path", ["/v1/videos", "/v1/programs"])

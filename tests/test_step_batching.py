@@ -54,3 +54,29 @@ def test_pipeline_through_a_batching_predictor_makes_the_same_video(wan_pipe):
     assert seen == [1] * 4
     np.testing.assert_array_equal(plain, alone)  # on a CPU the default predictor runs one forward each
     assert np.abs(plain.astype(int) - through.astype(int)).max() <= 2
+
+
+def test_steps_of_a_mixtures_two_experts_batch_only_with_steps_of_the_same_expert(tmp_path):
+    """Wan2.2 A14B: jobs at steps on either side of the boundary go to their own expert's forward."""
+    import t2v
+    from layouts import build_wan22_a14b
+
+    b = t2v.load(build_wan22_a14b(tmp_path / "a14b"))
+    pipe = t2v.TextToVideoPipeline(b)
+    g = torch.Generator().manual_seed(0)
+    shape = b.family.latent_shape(b, 1, 9, 32, 32)
+    embeds = pipe.encode_prompt(["", "a red ball", "a blue square"])
+    high, low = torch.tensor(990.0), torch.tensor(400.0)  # the boundary: 0.875 x 1000
+    x = torch.randn(shape, generator=g)
+    requests = [(x, t, torch.cat([embeds[:1], embeds[k:k + 1]]), 4.0) for t, k in ((high, 1), (low, 1), (high, 2),
+                                                                                 (low, 2))]
+    calls = [0, 0]
+    for k, model in enumerate(b.experts):
+        model.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    with torch.no_grad():
+        batched = predict_batch(b, requests)
+        assert calls == [1, 1]  # one forward per expert, each with both of its jobs' steps
+        alone = [predict_guided(b, *r) for r in requests]
+    for x, y in zip(batched, alone):
+        assert torch.allclose(x, y, atol=1e-5)
+    assert (alone[0] - alone[1]).abs().max() > 1e-3  # the same job state, another expert: another prediction

@@ -32,6 +32,7 @@ class Family:
     flow: bool  # flow matching (velocity) rather than noise-prediction diffusion
     defaults: dict[str, Any] = field(default_factory=dict)  # generation defaults of real checkpoints
     presets: dict[str, dict] = field(default_factory=dict)  # sizes `build` makes: name -> component configs
+    expert_key: str | None = None  # component folder of a low-noise second expert (Wan2.2 A14B: transformer_2)
 
     # --- geometry -------------------------------------------------------------------------------
     def spatial_factor(self, bundle) -> int:
@@ -55,6 +56,17 @@ class Family:
 
     def init_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
         return noise
+
+    def expert(self, bundle, t) -> int:
+        """Which expert denoises at timestep t: 0, the bundle's `denoiser` (its only one, or the high-noise expert,
+        at t >= boundary_ratio x the training timesteps, as diffusers' WanPipeline switches), or 1, `denoiser_2`."""
+        if bundle.denoiser_2 is None:
+            return 0
+        t = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
+        return 0 if t >= bundle.boundary_ratio * bundle.scheduler.config.num_train_timesteps else 1
+
+    def denoiser_at(self, bundle, t) -> torch.nn.Module:
+        return bundle.experts[self.expert(bundle, t)]
 
     def predict(self, bundle, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """The denoiser's output for latents already passed through the scheduler's scale_model_input (the

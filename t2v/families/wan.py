@@ -59,19 +59,48 @@ REAL_PRESETS = {
         "scheduler": dict(_UNIPC_FLOW, flow_shift=5.0),  # 720p
         "text_encoder": _UMT5_XXL,
     },
+    # Wan-AI/Wan2.2-T2V-A14B: two experts of Wan2.1-14B's shape, the low-noise one from t < 0.875 x 1000 (the
+    # release's sample_shift 12).
+    "wan2.2-t2v-a14b": {
+        "transformer": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        "transformer_2": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        "pipeline": dict(boundary_ratio=0.875),
+        "vae": _WAN21_VAE,
+        "scheduler": dict(_UNIPC_FLOW, flow_shift=12.0),
+        "text_encoder": _UMT5_XXL,
+    },
+    # Wan-AI/Wan2.2-TI2V-5B: one transformer on the Wan2.2 VAE's 48 channels (16x space, 4x time, patchified
+    # 2x2 pixels; its latent statistics come with the checkpoint).
+    "wan2.2-ti2v-5b": {
+        "transformer": dict(_WAN21, num_attention_heads=24, ffn_dim=14336, num_layers=30),
+        "vae": dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                    attn_scales=[], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                    scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+        "scheduler": dict(_UNIPC_FLOW, flow_shift=5.0),
+        "text_encoder": _UMT5_XXL,
+    },
 }
 PRESETS.update(REAL_PRESETS)
 
 
 class WanFamily(Family):
     def check_index(self, index, uri):
-        # Wan2.2-T2V-A14B's WanPipeline hands the low-noise steps to a second expert: sampling with `transformer`
-        # alone would make another video without a word, so the layout is refused until the family samples both.
+        # Wan2.2-T2V-A14B: a high-noise `transformer` and a low-noise `transformer_2`, switched at boundary_ratio.
+        # Half of that pair would sample another video without a word: refused.
         second = (index.get("transformer_2") or [None, None])[-1]  # ["diffusers", "WanTransformer3DModel"]
-        if second or index.get("boundary_ratio") is not None:
-            raise BundleError(uri, f"a Wan2.2 mixture-of-experts layout (transformer_2: {second}, boundary_ratio: "
-                                   f"{index.get('boundary_ratio')}) is not supported: the wan family samples one "
-                                   "transformer (the Wan2.1 layout, or Wan2.2-TI2V-5B's for text alone)")
+        boundary = index.get("boundary_ratio")
+        if bool(second) != (boundary is not None):
+            raise BundleError(uri, f"transformer_2: {second}, boundary_ratio: {boundary}: a Wan2.2 mixture of "
+                                   "experts needs both (the low-noise expert, and the step where it takes over)")
+        if not (index.get("transformer") or [None])[0]:
+            raise BundleError(uri, "no transformer: t2v samples the high-noise expert's steps with it")
+        if boundary is not None and not 0 < boundary < 1:
+            raise BundleError(uri, f"boundary_ratio: {boundary} is not between 0 and 1")
+
+    def extra_components(self, bundle):
+        if bundle.denoiser_2 is None:
+            return {}
+        return {"transformer_2": bundle.denoiser_2, "boundary_ratio": bundle.boundary_ratio}
 
     def lora_loader(self):
         from diffusers.loaders import WanLoraLoaderMixin
@@ -105,7 +134,7 @@ class WanFamily(Family):
         return embeds * mask[..., None].to(embeds.dtype)
 
     def predict(self, bundle, latents, t, embeds):
-        model = bundle.denoiser
+        model = self.denoiser_at(bundle, t)
         return model(
             hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
             encoder_hidden_states=embeds.to(model.dtype), return_dict=False,
@@ -178,6 +207,12 @@ class WanFamily(Family):
                 "in_channels": vae.config.z_dim, "out_channels": vae.config.z_dim, "cross_attn_norm": True,
                 "qk_norm": "rms_norm_across_heads", "patch_size": (1, 2, 2), **transformer_cfg})
             components = {"transformer": transformer, "vae": vae}
+            if "transformer_2" in cfg:  # a mixture of experts: the low-noise expert, and where it takes over
+                components["transformer_2"] = WanTransformer3DModel(**{
+                    "in_channels": vae.config.z_dim, "out_channels": vae.config.z_dim, "cross_attn_norm": True,
+                    "qk_norm": "rms_norm_across_heads", "patch_size": (1, 2, 2), "text_dim": text_dim,
+                    **cfg["transformer_2"]})
+                components["boundary_ratio"] = float(cfg["pipeline"]["boundary_ratio"])
             if text_encoder and "text_encoder" in cfg:
                 from transformers import UMT5Config, UMT5EncoderModel
 
@@ -194,6 +229,7 @@ WAN = WanFamily(
     samplers=FLOW_SAMPLERS,
     flow=True,
     presets=PRESETS,
+    expert_key="transformer_2",
     # Wan2.1-T2V-1.3B's recommended settings.
     defaults=dict(num_frames=81, height=480, width=832, fps=16, num_inference_steps=50, guidance_scale=5.0,
                   max_sequence_length=512, max_frames=161, min_size=16, max_size=1280),

@@ -142,7 +142,7 @@ class WanImageToVideoFamily(WanFamily):
 
     # --- the steps of sampling -------------------------------------------------------------------
     def predict(self, bundle, latents, t, embeds):
-        model = bundle.denoiser
+        model = self.denoiser_at(bundle, t)
         cfg = model.config
         image, text = unpack_tokens(embeds, TEXT_TOKENS, cfg.text_dim, cfg.image_dim)
         if cfg.pos_embed_seq_len is not None:  # one row per image: the embedder adds positions across the pair

@@ -34,7 +34,8 @@ def start_ranks(bundle, layout: parallel.ParallelLayout, rank_options: dict, sta
     import ray
 
     if layout.sequence > 1:  # refused here, before any process group forms
-        parallel.check_sequence_parallel(bundle.denoiser, layout, bundle.device)
+        for model in bundle.experts:
+            parallel.check_sequence_parallel(model, layout, bundle.device)
     actor = ray.remote(rank_class or DenoiserRank).options(**rank_options)
     ranks = [actor.remote(*stage) for _ in range(layout.ranks - 1)]
     dtype = bundle.denoiser.dtype

@@ -179,6 +179,7 @@ class _Job(_Strict):
     seed: optional(integer(0, MAX_SEED)) = None
     num_inference_steps: optional(integer(1, MAX_STEPS)) = None
     guidance_scale: optional(number(ge=0, le=MAX_GUIDANCE)) = None
+    guidance_scale_2: optional(number(ge=0, le=MAX_GUIDANCE)) = None  # a mixture of experts' low-noise steps
 
 
 class VideoRequest(_Job):

@@ -79,7 +79,7 @@ class Sampled:
 def model_version(bundle) -> str:
     """A short fingerprint of the weights and config (the result cache's key changes with the model)."""
     h = hashlib.sha256(json.dumps(bundle.config.__dict__, sort_keys=True, default=str).encode())
-    for module in (m for m in (bundle.denoiser, bundle.vae, bundle.image_encoder) if m is not None):
+    for module in (m for m in (*bundle.experts, bundle.vae, bundle.image_encoder) if m is not None):
         params = list(module.state_dict().values())
         for p in (params[0], params[len(params) // 2], params[-1]):
             h.update(p.detach().float().cpu().numpy().tobytes())
@@ -87,7 +87,8 @@ def model_version(bundle) -> str:
 
 
 POST_FIELDS = tuple(f.name for f in dataclass_fields(PostOptions))
-GENERATION_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "fps", "sampler")
+GENERATION_FIELDS = ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "guidance_scale_2", "fps",
+                     "sampler")
 
 
 def generation_kwargs(request: dict, temporal_factor: int, default_fps: float) -> dict:
@@ -144,7 +145,8 @@ def program_job(pipe: TextToVideoPipeline, params: dict, progress, on_step=None)
         frames = frames_for_seconds(seconds, params["fps"], pipe.bundle.family.temporal_factor(pipe.bundle))
         out = generate(pipe, prompt, num_frames=frames, fps=params["fps"], seed=params["seed"] + done[0],
                       num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-                      height=params["height"], width=params["width"], progress=on_step)
+                      guidance_scale_2=params.get("guidance_scale_2"), height=params["height"],
+                      width=params["width"], progress=on_step)
         done[0] += 1
         if progress:
             progress(done[0], len(items))
@@ -228,7 +230,8 @@ def compose_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int
                   post=PostOptions(**params["post"]), negative_prompt=params["negative_prompt"] or None,
                   seed=params["seed"], progress=progress, height=params["height"], width=params["width"],
                   num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-                  sampler=params["sampler"], predictor=predictor, image=job_image(params),
+                  guidance_scale_2=params.get("guidance_scale_2"), sampler=params["sampler"], predictor=predictor,
+                  image=job_image(params),
                   last_image=job_image(params, "last_image"))
     return out.frames
 
@@ -247,8 +250,8 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
     total = num_timesteps(pipe.bundle, params["sampler"], params["num_inference_steps"])
     out = pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_frames=params["num_frames"],
                height=params["height"], width=params["width"], num_inference_steps=params["num_inference_steps"],
-               guidance_scale=params["guidance_scale"], seed=params["seed"], sampler=params["sampler"],
-               fps=params["fps"], output_type="latent", prompt_embeds=embeds,
+               guidance_scale=params["guidance_scale"], guidance_scale_2=params.get("guidance_scale_2"),
+               seed=params["seed"], sampler=params["sampler"], fps=params["fps"], output_type="latent", prompt_embeds=embeds,
                negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
                predictor=predictor, image=job_image(params), last_image=job_image(params, "last_image"),
                modules_lock=modules_lock)
