@@ -72,6 +72,8 @@ class Bundle:
     # training timesteps, and `denoiser_2` the rest (`Family.expert`).
     denoiser_2: torch.nn.Module | None = None
     boundary_ratio: float | None = None
+    # Per-token timesteps (Wan2.2 TI2V-5B): an image holds the first latent frame clean, at t = 0.
+    expand_timesteps: bool = False
 
     @property
     def experts(self) -> tuple[torch.nn.Module, ...]:
@@ -211,14 +213,11 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=CO
     except ValueError as e:  # the family's own conventions refuse what diffusers accepted
         raise BundleError(uri, str(e)) from None
     image_encoder = getattr(pipe, "image_encoder", None)
-    expert = getattr(pipe, family.expert_key, None) if family.expert_key else None
     return Bundle(
         family=family, denoiser=getattr(pipe, family.denoiser_key).eval(), vae=pipe.vae.eval(),
         scheduler=pipe.scheduler, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.eval(),
         config=config, image_encoder=None if image_encoder is None else image_encoder.eval(),
-        image_processor=getattr(pipe, "image_processor", None),
-        denoiser_2=None if expert is None else expert.eval(),
-        boundary_ratio=None if expert is None else float(pipe.config.boundary_ratio),
+        image_processor=getattr(pipe, "image_processor", None), **family.pipeline_options(pipe),
     )
 
 
@@ -283,7 +282,6 @@ def from_components(family: str | Family, components: dict, config: dict | None 
     """A bundle from models built in memory (see each family's `build`); MiniLM unless given an encoder."""
     family = FAMILIES[family] if isinstance(family, str) else family
     values = dict(config or {})
-    expert = components.get(family.expert_key) if family.expert_key else None
     if text_encoder is None:
         tokenizer, text_encoder = load_default_text_encoder()
         values["text_encoder"] = DEFAULT_TEXT_ENCODER
@@ -291,8 +289,7 @@ def from_components(family: str | Family, components: dict, config: dict | None 
         family=family, denoiser=components[family.denoiser_key].eval(), vae=components["vae"].eval(),
         scheduler=components["scheduler"], tokenizer=tokenizer, text_encoder=text_encoder.eval(),
         config=BundleConfig.from_dict(family, values), image_encoder=components.get("image_encoder"),
-        image_processor=components.get("image_processor"), denoiser_2=None if expert is None else expert.eval(),
-        boundary_ratio=components.get("boundary_ratio"),
+        image_processor=components.get("image_processor"), **family.pipeline_options(components),
     )
 
 

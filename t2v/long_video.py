@@ -257,6 +257,9 @@ class LongVideoPipeline:
         noise = freenoise(shape, window, generator)
         latents = fam.init_latents(noise.to(b.device), scheduler)
         condition = self.pipe.image_condition(images, num_frames, p.height, p.width, noise.to(b.device))
+        if condition.per_token_timesteps:  # its timesteps cover the whole video's tokens, not one window's
+            raise InputError("image", "this model's image conditioning (per-token timesteps, Wan2.2 TI2V) "
+                             "does not reach across the windows of a long video", f"≤ {native} frames with an image")
         embeds = [condition.embeds(e) for e in embeds]
 
         # 5. Denoise: per-window predictions (in parallel where the predictor fans out), fused, one step.

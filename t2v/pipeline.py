@@ -190,7 +190,7 @@ class TextToVideoPipeline:
         for i, t in enumerate(scheduler.timesteps):
             latents = condition.before_step(scheduler, latents, t)
             x = condition.model_input(model_input(scheduler, latents, t))
-            pred = predict([x], t, [embeds], p.guidance(fam.expert(b, t)))[0]
+            pred = predict([x], condition.timestep(t), [embeds], p.guidance(fam.expert(b, t)))[0]
             latents = fam.step(scheduler, pred, t, latents, generator=generator, eta=eta)
             if callback_on_step_end is not None:
                 local = {"latents": latents, "prompt_embeds": embeds}

@@ -164,7 +164,7 @@ def step_predictor(bundle, predict: Callable, num_steps: int) -> Callable:
     step = [0]
 
     def predict_cached(xs, t, embeds, guidance):
-        runtime.timestep = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
+        runtime.timestep = float(t.max()) if torch.is_tensor(t) else float(t)  # per-token: the step's is the largest
         # At a mixture's switch the low-noise expert starts from a cache of its own, empty.
         model = bundle.family.denoiser_at(bundle, t)
         out = []

@@ -104,10 +104,16 @@ class ImageCondition:
     embeds(e): the cross-attention tokens of every forward, from the prompts' embeddings;
     before_step(scheduler, latents, t): the latents before step t's forward;
     model_input(x): the denoiser's input from the scheduled latents;
+    timestep(t): the denoiser's timestep: t, or one per token ([1, tokens]) where the images hold some still;
     after_last_step(latents): the latents after the last step, before decoding."""
+
+    per_token_timesteps = False  # timestep() gives one per token
 
     def embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
     def before_step(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
         return latents
@@ -191,7 +197,8 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
     fam, out = bundle.family, [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     for i, (x, t, e, _) in enumerate(requests):  # a mixture of experts: only steps of the same expert share one
-        groups.setdefault((tuple(x.shape[1:]), tuple(e.shape[1:]), fam.expert(bundle, t)), []).append(i)
+        key = (tuple(x.shape[1:]), tuple(e.shape[1:]), fam.expert(bundle, t), t.ndim == 2 and t.shape[1])
+        groups.setdefault(key, []).append(i)
     for members in groups.values():
         xs, ts, es, sizes = [], [], [], []
         for i in members:
@@ -199,7 +206,8 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
             copies = 2 if g > 1.0 else 1  # guided: negative and positive halves ride together
             xs += [x] * copies
             es.append(e)
-            ts.append(t.reshape(-1)[:1].to(x.device).expand(copies * x.shape[0]))
+            t = t.to(x.device)  # one timestep, or one per token ([1, tokens])
+            ts.append(t.expand(copies * x.shape[0], -1) if t.ndim == 2 else t.reshape(-1)[:1].expand(copies * x.shape[0]))
             sizes.append(copies * x.shape[0])
         pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat(es))
         for i, part in zip(members, pred.split(sizes)):

@@ -149,3 +149,22 @@ def build_modelscope(path: Path, seed: int = 0) -> Path:
 
 def model_index(path: Path) -> dict:
     return json.loads((Path(path) / "model_index.json").read_text())
+
+
+def build_wan22_ti2v(path: Path, seed: int = 0) -> Path:
+    """Wan2.2-TI2V-5B's layout: one transformer on the Wan2.2 VAE's 48 channels (16x space, 2x2 pixel patches,
+    residual), per-token timesteps (expand_timesteps)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1 * (i % 5) for i in range(48)],
+                           latents_std=[1.0 + 0.1 * (i % 3) for i in range(48)])
+    _, scheduler = wan_vae_and_scheduler()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=umt5_encoder(tokenizer),
+                       transformer=wan_transformer(in_channels=48, out_channels=48), vae=vae, scheduler=scheduler,
+                       expand_timesteps=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

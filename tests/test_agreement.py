@@ -8,7 +8,7 @@ import json
 import diffusers
 import pytest
 import torch
-from layouts import build_modelscope, build_wan21, build_wan21_i2v, build_wan22_a14b, noise_image
+from layouts import build_modelscope, build_wan21, build_wan21_i2v, build_wan22_a14b, build_wan22_ti2v, noise_image
 
 import t2v
 from t2v.errors import BundleError
@@ -150,6 +150,48 @@ def test_guidance_scale_2_is_checked_against_the_model_and_guidance_scale(a14b_d
     with pytest.raises(InputError) as e:  # a model of one expert has no second guidance scale
         wan_pipe("a red ball", num_inference_steps=1, guidance_scale_2=3.0)
     assert e.value.field == "guidance_scale_2"
+
+
+@pytest.fixture(scope="module")
+def ti2v_dir(tmp_path_factory):
+    return build_wan22_ti2v(tmp_path_factory.mktemp("Wan2.2-TI2V-5B-tiny"))
+
+
+@pytest.mark.parametrize("sampler", [None, "flow-match-euler", "dpm-solver++"])
+def test_wan22_ti2v_layout_agrees_with_diffusers_from_text_and_from_an_image(ti2v_dir, sampler):
+    """Wan2.2-TI2V-5B: text alone as WanPipeline; a first frame as WanImageToVideoPipeline with
+    expand_timesteps (the image's latent frame held clean, its tokens at t = 0)."""
+    bundle = t2v.load(ti2v_dir)
+    assert bundle.expand_timesteps and bundle.vae.config.z_dim == 48 and bundle.family.name == "wan"
+    call = dict(CALL_WAN, height=64, width=64)
+    ours, theirs = run_both(ti2v_dir, sampler=sampler, **call)
+    assert ours.shape == theirs.shape == (1, 9, 3, 64, 64)
+    assert ours.std() > 0.01 and (ours - theirs).abs().max().item() <= TOL
+    image = noise_image(1, (64, 64))
+    seed = call.pop("seed")
+    from_image = t2v.TextToVideoPipeline(bundle)(output_type="pt", sampler=sampler, image=image, seed=seed, **call)
+    ref = diffusers.WanImageToVideoPipeline.from_pretrained(ti2v_dir)
+    if sampler is not None:
+        ref.scheduler = make_scheduler(dict(ref.scheduler.config), bundle.family.samplers, sampler, True)
+    theirs = ref(image=image, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                 max_sequence_length=bundle.config.max_sequence_length, **call).frames
+    assert (from_image.frames - theirs).abs().max().item() <= TOL
+    assert (from_image.frames - ours).abs().max().item() > 0.01  # the image conditions the video
+
+
+def test_a_ti2v_model_takes_no_last_frame_and_no_image_across_long_video_windows(ti2v_dir):
+    from t2v.errors import InputError
+    from t2v.long_video import LongVideoPipeline
+
+    pipe = t2v.TextToVideoPipeline(t2v.load(ti2v_dir))
+    image = noise_image(1, (64, 64))
+    with pytest.raises(InputError) as e:
+        pipe("a red ball", height=64, width=64, num_frames=9, image=image, last_image=image)
+    assert e.value.field == "last_image"
+    with pytest.raises(InputError) as e:
+        LongVideoPipeline(pipe)("a red ball", num_frames=17, window_frames=9, height=64, width=64, image=image,
+                                num_inference_steps=1)
+    assert e.value.field == "image"
 
 
 def test_modelscope_layout_with_clip_loads_and_agrees(tmp_path):

@@ -80,3 +80,26 @@ def test_steps_of_a_mixtures_two_experts_batch_only_with_steps_of_the_same_exper
     for x, y in zip(batched, alone):
         assert torch.allclose(x, y, atol=1e-5)
     assert (alone[0] - alone[1]).abs().max() > 1e-3  # the same job state, another expert: another prediction
+
+
+def test_per_token_timesteps_batch_with_their_own_kind_and_keep_their_predictions(tmp_path):
+    """Wan2.2 TI2V: an image job's step (first frame's tokens at t = 0) and a text job's step (one t)."""
+    import t2v
+    from layouts import build_wan22_ti2v
+
+    b = t2v.load(build_wan22_ti2v(tmp_path / "ti2v"))
+    pipe = t2v.TextToVideoPipeline(b)
+    g = torch.Generator().manual_seed(0)
+    shape = b.family.latent_shape(b, 1, 9, 64, 64)
+    embeds = pipe.encode_prompt(["", "a red ball", "a blue square"])
+    t = torch.tensor(700.0)
+    per_token = torch.cat([torch.zeros(4), torch.full((8,), 700.0)]).unsqueeze(0)  # 3 latent frames x 2 x 2 tokens
+    requests = [(torch.randn(shape, generator=g), tt, torch.cat([embeds[:1], embeds[k:k + 1]]), 4.0)
+                for tt, k in ((t, 1), (per_token, 1), (per_token, 2), (t, 2))]
+    with torch.no_grad():
+        batched = predict_batch(b, requests)
+        alone = [predict_guided(b, *r) for r in requests]
+        x, e = requests[0][0], requests[0][2]  # the first frame's tokens at t = 0 change the prediction
+        assert (predict_guided(b, x, per_token, e, 4.0) - predict_guided(b, x, t, e, 4.0)).abs().max() > 1e-4
+    for x, y in zip(batched, alone):
+        assert torch.allclose(x, y, atol=1e-5)

@@ -62,7 +62,7 @@ class Family:
         at t >= boundary_ratio x the training timesteps, as diffusers' WanPipeline switches), or 1, `denoiser_2`."""
         if bundle.denoiser_2 is None:
             return 0
-        t = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
+        t = float(t.max()) if torch.is_tensor(t) else float(t)  # (per-token timesteps: the step's is the largest)
         return 0 if t >= bundle.boundary_ratio * bundle.scheduler.config.num_train_timesteps else 1
 
     def denoiser_at(self, bundle, t) -> torch.nn.Module:
@@ -129,6 +129,11 @@ class Family:
     def peft_denoiser(self, bundle):
         """The bundle's denoiser, able to hold peft LoRA adapters (diffusers' PeftAdapterMixin); here it is already."""
         return bundle.denoiser
+
+    def pipeline_options(self, pipe) -> dict:
+        """Bundle fields from the family's diffusers pipeline beyond its components (a mixture's second expert
+        and boundary, per-token timesteps), read from a loaded pipeline or a dict of built components."""
+        return {}
 
     def after_load(self, pipe, config) -> None:
         """Adjust a pipeline diffusers just loaded to the bundle's config (default: nothing to do)."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BundleError
-from ..sampling import FLOW_SAMPLERS, flow_shift
+from ..errors import BundleError, InputError
+from ..sampling import FLOW_SAMPLERS, ImageCondition, flow_shift
 from .base import DenoisingObjective, Family
 
 # Sizes built from config (tests, the embedded default). The VAE keeps Wan's 4x temporal / 8x spatial
@@ -83,6 +83,29 @@ REAL_PRESETS = {
 PRESETS.update(REAL_PRESETS)
 
 
+class CleanFirstFrame(ImageCondition):
+    """Wan2.2 TI2V-5B's image-to-video (diffusers' WanImageToVideoPipeline with expand_timesteps): every forward
+    sees the image's latents as latent frame 0, clean, and its tokens' timestep is 0; the other tokens are at
+    the step's t. first: [B, C, 1, h, w]; shape: the latents'; patch: the transformer's spatial patch."""
+
+    per_token_timesteps = True
+
+    def __init__(self, first: torch.Tensor, shape: tuple, patch: int):
+        self.first = first
+        self.mask = torch.ones(1, 1, *shape[2:], device=first.device)
+        self.mask[:, :, 0] = 0
+        self.patch = patch
+
+    def model_input(self, x):
+        return (1 - self.mask) * self.first.to(x) + self.mask * x
+
+    def timestep(self, t):
+        return (self.mask[0, 0, :, ::self.patch, ::self.patch] * t).flatten().unsqueeze(0)
+
+    def after_last_step(self, latents):
+        return self.model_input(latents)
+
+
 class WanFamily(Family):
     def check_index(self, index, uri):
         # Wan2.2-T2V-A14B: a high-noise `transformer` and a low-noise `transformer_2`, switched at boundary_ratio.
@@ -97,10 +120,33 @@ class WanFamily(Family):
         if boundary is not None and not 0 < boundary < 1:
             raise BundleError(uri, f"boundary_ratio: {boundary} is not between 0 and 1")
 
+    def pipeline_options(self, pipe):
+        built = isinstance(pipe, dict)  # components built in memory, or a loaded pipeline and its config
+        options = pipe if built else dict(pipe.config)
+        expert = (pipe.get(self.expert_key) if built else getattr(pipe, self.expert_key, None)) \
+            if self.expert_key else None
+        return {"denoiser_2": None if expert is None else expert.eval(),
+                "boundary_ratio": None if expert is None else float(options["boundary_ratio"]),
+                "expand_timesteps": bool(options.get("expand_timesteps"))}
+
     def extra_components(self, bundle):
-        if bundle.denoiser_2 is None:
-            return {}
-        return {"transformer_2": bundle.denoiser_2, "boundary_ratio": bundle.boundary_ratio}
+        out = {"expand_timesteps": True} if bundle.expand_timesteps else {}
+        if bundle.denoiser_2 is not None:
+            out.update(transformer_2=bundle.denoiser_2, boundary_ratio=bundle.boundary_ratio)
+        return out
+
+    # --- image-to-video: Wan2.2 TI2V-5B holds an image's latent frame clean, at t = 0, in every forward ---------
+    def check_images(self, bundle, first, last, fields=("image", "last_image")):
+        if bundle.expand_timesteps and last:
+            raise InputError(fields[1], "a TI2V model (Wan2.2-TI2V-5B layout) starts from a first frame only",
+                             "a first frame")
+        super().check_images(bundle, first, last, fields)
+
+    def image_conditioning(self, bundle, image, last_image, num_frames, height, width, noise):
+        if not bundle.expand_timesteps:
+            return super().image_conditioning(bundle, image, last_image, num_frames, height, width, noise)
+        first = self.image_latents(bundle, image, height, width).expand(noise.shape[0], -1, -1, -1, -1)
+        return CleanFirstFrame(first, noise.shape, int(bundle.denoiser.config.patch_size[1]))
 
     def lora_loader(self):
         from diffusers.loaders import WanLoraLoaderMixin
@@ -135,8 +181,9 @@ class WanFamily(Family):
 
     def predict(self, bundle, latents, t, embeds):
         model = self.denoiser_at(bundle, t)
+        t = t.expand(latents.shape[0], -1) if t.ndim == 2 else t.expand(latents.shape[0])  # per token, or one
         return model(
-            hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
+            hidden_states=latents.to(model.dtype), timestep=t,
             encoder_hidden_states=embeds.to(model.dtype), return_dict=False,
         )[0]
 
