@@ -168,3 +168,19 @@ def build_wan22_ti2v(path: Path, seed: int = 0) -> Path:
                        expand_timesteps=True)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_wan22_i2v_a14b(path: Path, seed: int = 0) -> Path:
+    """Wan2.2-I2V-A14B's layout: WanImageToVideoPipeline with two experts (switched at 0.9) that have no image
+    branch (the image reaches them through 36 input channels alone), and no image encoder."""
+    from diffusers import WanImageToVideoPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    vae, scheduler = wan_vae_and_scheduler()
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=umt5_encoder(tokenizer),
+                                   transformer=wan_transformer(in_channels=36),
+                                   transformer_2=wan_transformer(in_channels=36), vae=vae, scheduler=scheduler,
+                                   image_encoder=None, image_processor=None, boundary_ratio=0.9)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

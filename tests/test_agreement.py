@@ -8,7 +8,8 @@ import json
 import diffusers
 import pytest
 import torch
-from layouts import build_modelscope, build_wan21, build_wan21_i2v, build_wan22_a14b, build_wan22_ti2v, noise_image
+from layouts import (build_modelscope, build_wan21, build_wan21_i2v, build_wan22_a14b, build_wan22_i2v_a14b,
+                     build_wan22_ti2v, noise_image)
 
 import t2v
 from t2v.errors import BundleError
@@ -192,6 +193,23 @@ def test_a_ti2v_model_takes_no_last_frame_and_no_image_across_long_video_windows
         LongVideoPipeline(pipe)("a red ball", num_frames=17, window_frames=9, height=64, width=64, image=image,
                                 num_inference_steps=1)
     assert e.value.field == "image"
+
+
+@pytest.mark.parametrize("sampler", [None, "flow-match-euler", "dpm-solver++"])
+def test_wan22_i2v_a14b_layout_agrees_with_diffusers_wanimagetovideopipeline(tmp_path_factory, sampler):
+    """Wan2.2-I2V-A14B: two experts switched at 0.9, no image encoder; the image in the input channels only."""
+    path = tmp_path_factory.mktemp("i2v-a14b") / "Wan2.2-I2V-A14B-tiny"
+    build_wan22_i2v_a14b(path)
+    bundle = t2v.load(path)
+    assert bundle.family.name == "wan-i2v" and bundle.boundary_ratio == 0.9 and bundle.image_encoder is None
+    calls = expert_calls(bundle)
+    call = dict(CALL_WAN, num_inference_steps=6, guidance_scale_2=3.0)
+    ours = t2v.TextToVideoPipeline(bundle)(output_type="pt", sampler=sampler, image=noise_image(1), **call).frames
+    assert calls[0] > 0 and calls[1] > 0
+    _, theirs = run_both(path, sampler=sampler, image=noise_image(1), **call)
+    assert ours.std() > 0.01 and (ours - theirs).abs().max().item() <= TOL
+    other, _ = run_both(path, sampler=sampler, image=noise_image(2), **call)
+    assert (ours - other).abs().max().item() > 0.01  # the image conditions the video
 
 
 def test_modelscope_layout_with_clip_loads_and_agrees(tmp_path):

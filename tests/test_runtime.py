@@ -76,6 +76,12 @@ def test_wan22_presets_have_the_released_shapes():
     assert (vae.z_dim, vae.base_dim, vae.decoder_base_dim, vae.patch_size, vae.is_residual,
             vae.scale_factor_spatial) == (48, 160, 256, 2, True, 16)
     assert "transformer_2" not in ti2v
+    from t2v.families.wan_i2v import WAN_I2V
+
+    i2v = WAN_I2V.build("wan2.2-i2v-a14b", device="meta")
+    assert i2v["boundary_ratio"] == 0.9 and "image_encoder" not in i2v
+    for key in ("transformer", "transformer_2"):
+        assert (i2v[key].config.in_channels, i2v[key].config.image_dim, i2v[key].config.num_layers) == (36, None, 40)
 
 
 def test_info_prints_a_presets_parameters_and_bf16_memory():

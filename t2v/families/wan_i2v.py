@@ -6,7 +6,9 @@ Conventions follow diffusers' WanImageToVideoPipeline (Wan2.1-I2V-14B-480P/720P,
   latents and a mask of the frames given ride as 4 + 16 extra input channels of every forward;
 - CLIP's penultimate hidden states of the image(s) are cross-attention tokens ahead of the prompt's 512;
 - prompts and the VAE as WanPipeline's (the `wan` family).
-Wan2.2's variants of the pipeline (expand_timesteps, a second transformer, no image encoder) are refused on load.
+Wan2.2-I2V-A14B is the same pipeline with two experts (`transformer_2`, `boundary_ratio`, as the `wan` family
+samples them) and no image encoder: its transformers have no image branch (image_dim null), so the image reaches
+them through the input channels alone. Wan2.2-TI2V-5B (expand_timesteps) is the `wan` family's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=3
                    patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
 _I2V_14B = dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280,
                 added_kv_proj_dim=5120)
+_I2V_A14B = dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36)
 PRESETS = {  # the released checkpoints' shapes, built with random weights (`t2v info --preset`)
     "wan2.1-i2v-14b-480p": {"transformer": _I2V_14B, "vae": _WAN21_VAE, "scheduler": dict(_UNIPC_FLOW, flow_shift=3.0),
                             "text_encoder": _UMT5_XXL, "image_encoder": _CLIP_VIT_H},
@@ -34,6 +37,9 @@ PRESETS = {  # the released checkpoints' shapes, built with random weights (`t2v
     "wan2.1-flf2v-14b-720p": {"transformer": dict(_I2V_14B, pos_embed_seq_len=2 * 257), "vae": _WAN21_VAE,
                               "scheduler": dict(_UNIPC_FLOW, flow_shift=5.0), "text_encoder": _UMT5_XXL,
                               "image_encoder": _CLIP_VIT_H},
+    # Wan-AI/Wan2.2-I2V-A14B: two experts without an image branch, the low-noise one from t < 0.9 x 1000.
+    "wan2.2-i2v-a14b": {"transformer": _I2V_A14B, "transformer_2": _I2V_A14B, "pipeline": dict(boundary_ratio=0.9),
+                        "vae": _WAN21_VAE, "scheduler": dict(_UNIPC_FLOW, flow_shift=5.0), "text_encoder": _UMT5_XXL},
 }
 
 
@@ -67,11 +73,11 @@ class ImageBranch(ImageCondition):
     """Image-to-video through the model's image branch: `condition` (mask + image latents) joins every forward's
     input channels, the image tokens lead its cross-attention context. The latents themselves are untouched."""
 
-    def __init__(self, condition: torch.Tensor, tokens: torch.Tensor):
+    def __init__(self, condition: torch.Tensor, tokens: torch.Tensor | None):
         self.condition, self.tokens = condition, tokens
 
     def embeds(self, embeds):
-        return pack_tokens(self.tokens, embeds)
+        return embeds if self.tokens is None else pack_tokens(self.tokens, embeds)
 
     def model_input(self, x):
         return torch.cat([x, self.condition.to(x).expand(x.shape[0], -1, -1, -1, -1)], dim=1)
@@ -82,26 +88,37 @@ class WanImageToVideoFamily(WanFamily):
         """A first-last-frame model (Wan2.1-FLF2V): its image embedder has positions for two images."""
         return bundle.denoiser.config.pos_embed_seq_len is not None
 
+    def image_branch(self, bundle) -> bool:
+        """Wan2.1's transformers read CLIP tokens of the image; Wan2.2-I2V-A14B's only its input channels."""
+        return bundle.denoiser.config.image_dim is not None
+
     def check_index(self, index, uri):
-        if index.get("expand_timesteps") or index.get("boundary_ratio") is not None \
-                or (index.get("transformer_2") or [None])[0]:
-            raise BundleError(uri, "Wan2.2's image-to-video layouts (expand_timesteps, two transformers) are not "
-                                   "supported: the wan-i2v family loads Wan2.1's (Wan2.1-I2V, Wan2.1-FLF2V)")
+        if index.get("expand_timesteps"):
+            raise BundleError(uri, "expand_timesteps: a Wan2.2-TI2V layout; load it as a WanPipeline bundle (the wan "
+                                   "family samples TI2V from text and from an image)")
+        super().check_index(index, uri)  # a mixture of experts: both experts and the boundary, or neither
+        second = (index.get("transformer_2") or [None])[0]
         for part in ("image_encoder", "image_processor"):
-            if not (index.get(part) or [None])[0]:
+            if not second and not (index.get(part) or [None])[0]:
                 raise BundleError(uri, f"no {part}: a Wan2.1 image-to-video bundle has a CLIP image encoder and "
                                        "its image processor")
 
     def after_load(self, pipe, config):
+        if pipe.transformer.config.in_channels != 2 * pipe.vae.config.z_dim + pipe.vae.config.scale_factor_temporal:
+            raise ValueError(f"the transformer takes {pipe.transformer.config.in_channels} input channels, not the "
+                             "latents, a frame mask and the image's latents: it is a text-to-video transformer; save "
+                             "it as a WanPipeline bundle")
         if pipe.transformer.config.image_dim is None:
-            raise ValueError("the transformer has no image branch (image_dim is null): it is a text-to-video "
-                             "transformer; save it as a WanPipeline bundle")
+            return  # Wan2.2-I2V-A14B: no CLIP tokens, any prompt length
+        if getattr(pipe, "image_encoder", None) is None:
+            raise ValueError("the transformer has an image branch (image_dim set) but the bundle no image_encoder")
         if config.max_sequence_length != TEXT_TOKENS:
             raise ValueError(f"max_sequence_length is {config.max_sequence_length}: an image-conditioned Wan "
                              f"transformer reads exactly {TEXT_TOKENS} prompt tokens")
 
     def extra_components(self, bundle):
-        return {"image_encoder": bundle.image_encoder, "image_processor": bundle.image_processor}
+        return {**super().extra_components(bundle), "image_encoder": bundle.image_encoder,
+                "image_processor": bundle.image_processor}
 
     # --- image-to-video --------------------------------------------------------------------------
     def check_images(self, bundle, first, last, fields=("image", "last_image")):
@@ -118,7 +135,7 @@ class WanImageToVideoFamily(WanFamily):
     def image_conditioning(self, bundle, image, last_image, num_frames, height, width, noise):
         images = [image] if last_image is None else [image, last_image]
         condition = self.video_condition(bundle, images, num_frames, height, width)
-        return ImageBranch(condition, self.image_tokens(bundle, images))
+        return ImageBranch(condition, self.image_tokens(bundle, images) if self.image_branch(bundle) else None)
 
     def image_tokens(self, bundle, images) -> torch.Tensor:
         """CLIP's penultimate hidden states of the images, one row of tokens: [1, images * tokens, D]."""
@@ -144,6 +161,8 @@ class WanImageToVideoFamily(WanFamily):
     def predict(self, bundle, latents, t, embeds):
         model = self.denoiser_at(bundle, t)
         cfg = model.config
+        if cfg.image_dim is None:  # Wan2.2-I2V-A14B: the image is in the input channels only
+            return super().predict(bundle, latents, t, embeds)
         image, text = unpack_tokens(embeds, TEXT_TOKENS, cfg.text_dim, cfg.image_dim)
         if cfg.pos_embed_seq_len is not None:  # one row per image: the embedder adds positions across the pair
             image = image.reshape(-1, image.shape[1] // 2, image.shape[2])
@@ -164,9 +183,10 @@ class WanImageToVideoFamily(WanFamily):
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         components = super().build(preset, text_dim, text_encoder, device, **overrides)
-        image_cfg = {**PRESETS[preset]["image_encoder"], **overrides.get("image_encoder", {})}
-        with torch.device(device or "cpu"):
-            components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**image_cfg))
+        if "image_encoder" in PRESETS[preset]:  # (Wan2.2-I2V-A14B has none)
+            image_cfg = {**PRESETS[preset]["image_encoder"], **overrides.get("image_encoder", {})}
+            with torch.device(device or "cpu"):
+                components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**image_cfg))
         return components
 
 
@@ -177,6 +197,7 @@ WAN_I2V = WanImageToVideoFamily(
     samplers=FLOW_SAMPLERS,
     flow=True,
     presets=PRESETS,
+    expert_key="transformer_2",
     # Wan2.1-I2V-14B-480P's recommended settings.
     defaults=dict(num_frames=81, height=480, width=832, fps=16, num_inference_steps=50, guidance_scale=5.0,
                   max_sequence_length=TEXT_TOKENS, max_frames=161, min_size=16, max_size=1280),
