@@ -7,6 +7,12 @@ t2v's adapters and t2v loads diffusers'. A folder holding one other `.safetensor
 published (a few-step distillation LoRA in the original Wan layout, a ComfyUI export): diffusers' converters read
 those. t2v trains adapters with peft (`TrainConfig.lora_rank`), and a generation chooses one by name with a
 strength.
+
+On a mixture of experts (Wan2.2 A14B) an adapter folder may hold one file per expert, as Wan2.2's few-step LoRAs
+are published: `high_noise_model.safetensors` for `transformer` and `low_noise_model.safetensors` for
+`transformer_2` (diffusers: `load_lora_weights(..., load_into_transformer_2=True)`). A folder of one file patches
+the high-noise expert only, as diffusers' `load_lora_weights` does; an expert without a file of the adapter runs
+its base weights while the adapter is chosen.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from . import storage
 from .errors import InputError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+EXPERT_WEIGHTS = ("high_noise_model.safetensors", "low_noise_model.safetensors")  # a pair, one per expert
 CARD_NAME = "adapter.json"  # t2v's note beside it: what the adapter was trained on and for which words
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection (diffusers' Wan LoRA recipe)
 # One path segment of letters, digits and ._- (no leading dot): a name can never leave the adapters' root.
@@ -120,7 +127,19 @@ def _weights_among(files: list[str]) -> str | None:
     """Which of an adapter folder's files (paths relative to it) holds its weights: diffusers' WEIGHT_NAME, else
     the only .safetensors file directly in it; None when neither is there."""
     found = [f for f in files if "/" not in f and f.endswith(".safetensors")]
-    return WEIGHT_NAME if WEIGHT_NAME in found else (found[0] if len(found) == 1 else None)
+    if WEIGHT_NAME in found:
+        return WEIGHT_NAME
+    pair = [f for f in EXPERT_WEIGHTS if f in found]
+    return pair[0] if pair and len(found) == len(pair) else (found[0] if len(found) == 1 else None)
+
+
+def expert_files(uri: str, experts: int) -> dict[int, str]:
+    """Which file of the adapter at `uri` patches which expert: {0: its weights} for a model of one denoiser or
+    an adapter of one file; a mixture's high/low pair, {0: high, 1: low} (either may be missing)."""
+    main = weight_file(uri)
+    if experts == 1 or uri.endswith(".safetensors") or main.rsplit("/", 1)[-1] not in EXPERT_WEIGHTS:
+        return {0: main}
+    return {k: storage.join(uri, f) for k, f in enumerate(EXPERT_WEIGHTS) if storage.exists(storage.join(uri, f))}
 
 
 def card(uri: str) -> dict:
@@ -141,7 +160,7 @@ def lora_config(rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS, 
 def add_trainable(bundle, config, name: str = "default") -> list:
     """Add a fresh adapter to the bundle's denoiser, which is frozen; its LoRA weights are the only trainable
     parameters (returned)."""
-    denoiser = _supporting(bundle)
+    denoiser = _trainable(bundle)
     denoiser.requires_grad_(False)
     denoiser.add_adapter(config, adapter_name=name)
     params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
@@ -160,7 +179,7 @@ def adapter_state(bundle, name: str = "default") -> dict:
 def save(bundle, uri: str, name: str = "default", info: dict | None = None) -> None:
     """Write adapter `name` of the bundle's denoiser as a diffusers LoRA folder (weights, peft config in the
     metadata) plus t2v's adapter.json (`info`: base model, trigger words, training figures)."""
-    denoiser = _supporting(bundle)
+    denoiser = _trainable(bundle)
     loader, prefix = bundle.family.lora_loader(), bundle.family.denoiser_key
     config = denoiser.peft_config[name].to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set, which JSON metadata cannot hold
@@ -179,42 +198,57 @@ def save(bundle, uri: str, name: str = "default", info: dict | None = None) -> N
 
 def load(bundle, uri: str, name: str) -> None:
     """Load the LoRA adapter at `uri` (a folder or a .safetensors file, local or s3://: `weight_file`) into the
-    bundle's denoiser as adapter `name`, inactive until a generation chooses it. Formats diffusers converts
-    (original Wan, ComfyUI) load too."""
-    denoiser = _supporting(bundle)
-    if name in getattr(denoiser, "peft_config", {}):
+    bundle's denoiser -- each file into its expert on a mixture (`expert_files`) -- as adapter `name`, inactive
+    until a generation chooses it. Formats diffusers converts (original Wan, ComfyUI) load too."""
+    experts = _supporting(bundle)
+    if name in loaded(bundle):
         return
     loader, prefix = bundle.family.lora_loader(), bundle.family.denoiser_key
-    with _local_copy(weight_file(uri)) as path:
-        # (state, metadata); Stable Diffusion's loader also returns the network alphas between them
-        loaded_file = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
-        state, metadata = loaded_file[0], loaded_file[-1]
-    with lock_of(denoiser):
-        was = _active(denoiser)
-        denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=name, metadata=metadata)
-        _set_active(denoiser, _STALE)  # loading made the new adapter active: put back what was chosen
-        _apply(denoiser, None if was is _STALE else was)
+    states = {}
+    for k, file in expert_files(uri, len(experts)).items():
+        with _local_copy(file) as path:
+            # (state, metadata); Stable Diffusion's loader also returns the network alphas between them
+            loaded_file = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
+            states[k] = loaded_file[0], loaded_file[-1]
+    with lock_of(bundle.denoiser):
+        for k, (state, metadata) in states.items():
+            denoiser = experts[k]
+            was = _active(denoiser)
+            # (each expert's keys are prefixed "transformer." as diffusers saves them for either expert)
+            denoiser.load_lora_adapter(state, prefix=prefix, adapter_name=name, metadata=metadata)
+            _set_active(denoiser, _STALE)  # loading made the new adapter active: put back what was chosen
+            _apply(denoiser, None if was is _STALE else was)
 
 
 def unload(bundle, name: str) -> None:
-    """Remove adapter `name` from the bundle's denoiser (nothing to do when it is not loaded)."""
-    denoiser = bundle.denoiser
-    with lock_of(denoiser):
-        if name in getattr(denoiser, "peft_config", {}):
-            was = _active(denoiser)
-            denoiser.delete_adapters(name)
-            _set_active(denoiser, _STALE)
-            _apply(denoiser, None if was is None or was is _STALE or was.name == name else was)
+    """Remove adapter `name` from the bundle's denoiser(s) (nothing to do where it is not loaded)."""
+    with lock_of(bundle.denoiser):
+        for denoiser in bundle.experts:
+            if name in getattr(denoiser, "peft_config", {}):
+                was = _active(denoiser)
+                denoiser.delete_adapters(name)
+                _set_active(denoiser, _STALE)
+                _apply(denoiser, None if was is None or was is _STALE or was.name == name else was)
 
 
 def loaded(bundle) -> list[str]:
-    return sorted(getattr(bundle.denoiser, "peft_config", {}) or {})
+    return sorted({n for d in bundle.experts for n in (getattr(d, "peft_config", {}) or {})})
 
 
 def activate(bundle, choice: Choice | None) -> None:
     """Make `choice` the adapter the denoiser's next forwards use (None: the base model alone)."""
     with lock_of(bundle.denoiser):
-        _apply(bundle.denoiser, choice)
+        _apply_all(bundle, choice)
+
+
+def _apply_all(bundle, choice: Choice | None) -> None:
+    """`choice` on every expert that holds it, the others (a mixture's expert without a file of it) on their
+    base weights."""
+    if choice is not None and choice.name not in loaded(bundle):
+        raise KeyError(f"adapter {choice.name!r} is not loaded (loaded: {', '.join(loaded(bundle)) or 'none'})")
+    for denoiser in bundle.experts:
+        holds = choice is not None and choice.name in getattr(denoiser, "peft_config", {})
+        _apply(denoiser, choice if holds else None)
 
 
 _STALE = object()  # the denoiser's adapter state is not known: the next choice is applied whatever it is
@@ -247,7 +281,7 @@ def with_adapter(bundle, choice: Choice | None, predict_requests: Callable) -> C
     denoiser's lock together, so loops of jobs with different adapters may share one replica."""
     def predict(requests):
         with lock_of(bundle.denoiser):
-            _apply(bundle.denoiser, choice)
+            _apply_all(bundle, choice)
             return predict_requests(requests)
 
     return predict
@@ -263,13 +297,21 @@ def lock_of(denoiser) -> threading.RLock:
         return _LOCKS.setdefault(denoiser, threading.RLock())
 
 
-def _supporting(bundle):
+def _supporting(bundle) -> tuple:
+    """The bundle's denoisers, able to hold adapters (`Family.peft_denoiser`)."""
     if bundle.family.lora_loader() is None:
         raise InputError("lora", f"the {bundle.family.name} family's denoiser has no LoRA support in diffusers")
-    if bundle.denoiser_2 is not None:
-        raise InputError("lora", "adapters on a mixture of experts (Wan2.2 A14B) are not supported yet: an adapter "
-                         "would change one expert's steps only", "a model with one denoiser")
-    return bundle.family.peft_denoiser(bundle)
+    bundle.family.peft_denoiser(bundle)
+    return bundle.experts
+
+
+def _trainable(bundle):
+    """The one denoiser an adapter is trained on."""
+    experts = _supporting(bundle)
+    if len(experts) > 1:
+        raise InputError("lora_rank", "t2v trains adapters on a model of one denoiser, not on a mixture of experts",
+                         "a model of one denoiser")
+    return experts[0]
 
 
 @contextmanager
@@ -287,12 +329,18 @@ def _local_copy(uri: str):
 def version(root: str, name: str) -> str:
     """A fingerprint of an adapter's weights file (size and mtime, or the S3 ETag): cached results of an adapter
     that was replaced under the same name are not served again."""
-    uri = weight_file(adapter_uri(root, name))
-    if storage.is_s3(uri):
-        bucket, key = storage.split_s3(uri)
-        return storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-    stat = Path(uri).stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
+    folder = adapter_uri(root, name)
+    files = expert_files(folder, 2) if weight_file(folder).rsplit("/", 1)[-1] in EXPERT_WEIGHTS else \
+        {0: weight_file(folder)}
+    marks = []
+    for uri in files.values():
+        if storage.is_s3(uri):
+            bucket, key = storage.split_s3(uri)
+            marks.append(storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"'))
+        else:
+            stat = Path(uri).stat()
+            marks.append(f"{stat.st_size}-{stat.st_mtime_ns}")
+    return "+".join(marks)
 
 
 def choice_of(params: dict) -> Choice | None:

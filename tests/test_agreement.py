@@ -129,16 +129,6 @@ def test_half_a_mixture_of_experts_is_refused_naming_what_it_found(a14b_dir, tmp
         t2v.load(path)
 
 
-def test_an_adapter_on_a_mixture_of_experts_is_refused_until_each_expert_takes_its_own(a14b_dir, tmp_path):
-    """An adapter in one expert only would change some steps and not others."""
-    from t2v import lora
-    from t2v.errors import InputError
-
-    with pytest.raises(InputError) as e:
-        lora.load(t2v.load(a14b_dir), str(tmp_path / "any"), "x")
-    assert e.value.field == "lora" and "mixture of experts" in e.value.message
-
-
 def test_guidance_scale_2_is_checked_against_the_model_and_guidance_scale(a14b_dir, wan_pipe):
     from t2v.errors import InputError
 

@@ -110,6 +110,76 @@ def test_t2v_adapter_in_diffusers_wanpipeline_gives_the_same_frames(wan_dir, ada
     assert torch.equal(pipe(output_type="pt", seed=seed, **call).frames, base)
 
 
+def test_a_high_low_pair_loads_each_file_into_its_expert_as_diffusers_load_into_transformer_2(tmp_path):
+    """Wan2.2 A14B's LoRAs come as a pair (high_noise_model / low_noise_model.safetensors): t2v loads each into its
+    expert, as diffusers' load_lora_weights(..., load_into_transformer_2=True) does, and chooses them as one."""
+    from layouts import build_wan22_a14b
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    path = build_wan22_a14b(tmp_path / "a14b")
+    folder = tmp_path / "lightning"
+    for k, (key, file) in enumerate(zip(("transformer", "transformer_2"), lora.EXPERT_WEIGHTS)):
+        torch.manual_seed(10 + k)
+        expert = diffusers.WanTransformer3DModel.from_pretrained(path, subfolder=key)
+        expert.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v", "ffn.net.2"],
+                                      init_lora_weights=False))  # random A and B: a non-zero update
+        diffusers.WanPipeline.save_lora_weights(folder, weight_name=file,
+                                                transformer_lora_layers=get_peft_model_state_dict(expert))
+    pipe = t2v.TextToVideoPipeline.from_pretrained(path)
+    call = dict(CALL_WAN, prompt=PROMPT, num_inference_steps=6)
+    seed = call.pop("seed")
+    base = pipe(output_type="pt", seed=seed, **call).frames
+    pipe.load_lora_weights(folder, "lightning")
+    assert all("lightning" in expert.peft_config for expert in pipe.bundle.experts)
+    ours = pipe(output_type="pt", seed=seed, **call).frames
+    ref = diffusers.WanPipeline.from_pretrained(path)
+    ref.load_lora_weights(folder, weight_name=lora.EXPERT_WEIGHTS[0], adapter_name="high")
+    ref.load_lora_weights(folder, weight_name=lora.EXPERT_WEIGHTS[1], adapter_name="low",
+                          load_into_transformer_2=True)
+    theirs = ref(generator=torch.Generator().manual_seed(seed), output_type="pt",
+                 max_sequence_length=pipe.bundle.config.max_sequence_length, **call).frames
+    assert (ours - base).abs().max() > 0.01  # the pair changes the video
+    assert (ours - theirs).abs().max().item() <= TOL
+    # The high file alone patches the high-noise expert only, the low-noise one keeps its base weights.
+    (tmp_path / "high-only").mkdir()
+    (tmp_path / "high-only" / lora.EXPERT_WEIGHTS[0]).write_bytes((folder / lora.EXPERT_WEIGHTS[0]).read_bytes())
+    pipe.load_lora_weights(tmp_path / "high-only", "high")
+    assert "high" in pipe.bundle.denoiser.peft_config and "high" not in pipe.bundle.denoiser_2.peft_config
+    high_only = pipe(output_type="pt", seed=seed, **call).frames
+    ref.set_adapters(["high"], [1.0])
+    ref.transformer_2.disable_lora()
+    theirs = ref(generator=torch.Generator().manual_seed(seed), output_type="pt",
+                 max_sequence_length=pipe.bundle.config.max_sequence_length, **call).frames
+    assert (high_only - theirs).abs().max().item() <= TOL
+    pipe.set_adapters(None)
+    assert torch.equal(pipe(output_type="pt", seed=seed, **call).frames, base)
+    # Served: the job API lists the pair as one adapter and a job with it makes the pipeline's video.
+    root = tmp_path / "adapters"
+    shutil.copytree(folder, root / "lightning")
+    srv = Server(create_app(LocalGenerator(t2v.load(path), adapter_root=str(root)),
+                            Settings(store=str(tmp_path / "store"), poll_after_ms=50, adapter_root=str(root))))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["t2v-default", "t2v-default+lightning"]
+        job = client.videos.create_and_poll(prompt=PROMPT, size="32x32", seconds="1", model="t2v-default+lightning",
+                                            extra_body={"seed": 3, "num_inference_steps": 4, "optimize_prompt": False})
+        assert job.status == "completed", job.error
+        pipe.set_adapters("lightning", 1.0)
+        want = pipe(PROMPT, num_frames=17, height=32, width=32, num_inference_steps=4, seed=3).frames[0]
+        from t2v.video import encode_video, read_video
+
+        served = read_video(client.videos.download_content(job.id).read()).astype(float)
+        pipe.set_adapters(None)
+        plain = pipe(PROMPT, num_frames=17, height=32, width=32, num_inference_steps=4, seed=3).frames[0]
+        def error(frames):  # through the same encoder (x264's threads may round a few pixels differently)
+            return np.abs(served - read_video(encode_video(frames, 16))).mean()
+
+        assert error(want) < 0.5 and error(plain) > 1.5
+    finally:
+        srv.stop()
+
+
 def test_a_diffusers_lora_loads_in_t2v(tmp_path, wan_dir):
     """A LoRA made on diffusers' side (peft on their WanTransformer3DModel, their save_lora_weights) predicts the
     same in t2v as in diffusers."""
