@@ -252,6 +252,41 @@ def test_weighted_vae_loss_counts_object_pixels_more():
     assert weighted > 5 * plain
 
 
+def test_area_balanced_object_weights_count_a_small_object_as_much_as_a_large_one():
+    from t2v.train.losses import object_pixel_weights
+
+    masks = torch.zeros(2, 3, 16, 16, dtype=torch.bool)
+    masks[0, :, :2, :2] = True  # a small object: 4 of 256 pixels
+    masks[1, :, :8, :8] = True  # a large one: 64
+    plain = object_pixel_weights(masks, 5.0)
+    assert plain.shape == (2, 1, 3, 16, 16) and set(plain.unique().tolist()) == {1.0, 6.0}
+    balanced = object_pixel_weights(masks, 5.0, area_ref=0.05)
+    total = [(balanced[i] - 1).sum().item() for i in range(2)]  # each clip's extra weight on its objects
+    assert total[0] == pytest.approx(total[1], rel=1e-5)  # the same, whatever the object's size
+    assert balanced[0, 0, 0, 5, 5] == 1.0  # the background keeps weight 1
+    tiny = torch.zeros(1, 3, 16, 16, dtype=torch.bool)
+    tiny[0, :, 0, 0] = True  # 1 pixel: the scale stops at 8
+    assert object_pixel_weights(tiny, 5.0, area_ref=0.5).max().item() == pytest.approx(1 + 5 * 8)
+
+
+def test_edge_loss_sees_a_rounded_corner_that_costs_little_in_pixels():
+    """A square decoded with one corner pixel missing: few pixels wrong, but its edges are off."""
+    from types import SimpleNamespace
+
+    from t2v.train.losses import vae_loss
+
+    target = torch.zeros(1, 3, 1, 16, 16)
+    target[..., 4:12, 4:12] = 1.0
+    recon = target.clone()
+    recon[..., 4, 4] = 0.0
+    posterior = SimpleNamespace(kl=lambda: torch.zeros(1))
+    plain, parts = vae_loss(recon, target, posterior, 0.0)
+    assert "edge" not in parts
+    sharp, parts = vae_loss(recon, target, posterior, 0.0, edge_weight=1.0)
+    assert parts["edge"] > 0 and sharp.item() == pytest.approx(plain.item() + parts["edge"])
+    assert vae_loss(target, target, posterior, 0.0, edge_weight=1.0)[1]["edge"] == 0.0
+
+
 def test_object_crops_hold_the_object_pixel_they_are_centred_on():
     import random
 

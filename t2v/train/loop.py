@@ -23,7 +23,7 @@ from ..bundle import Bundle, from_components, load
 from ..data.stream import video_tensor
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
-from .losses import temporal_difference_loss, vae_loss
+from .losses import object_pixel_weights, temporal_difference_loss, vae_loss
 
 log = logging.getLogger("t2v.train")
 
@@ -158,14 +158,14 @@ def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Ran
                                _object_pixel(m, rng) if rng.random() < cfg.object_crops else None) for m in masks]
         x = torch.stack([v[:, f, y, xs] for v, (f, y, xs) in zip(video, windows)])
         cropped = torch.stack([m[f, y, xs] for m, (f, y, xs) in zip(masks, windows)])
-        weight = 1 + cfg.object_weight * cropped[:, None].float()  # [B, 1, T, H, W]
+        weight = object_pixel_weights(cropped, cfg.object_weight, cfg.object_area_ref)  # [B, 1, T, H, W]
     else:
         x = random_crop(video, cfg.crop, cfg.crop_frames, rng)
     x = bundle.family.vae_batch(x)
     weight = None if weight is None else bundle.family.vae_batch(weight)
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample()).sample
-    return vae_loss(recon, x, posterior, cfg.kl_weight, weight)
+    return vae_loss(recon, x, posterior, cfg.kl_weight, weight, cfg.edge_weight)
 
 
 def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Random, device,

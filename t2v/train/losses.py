@@ -31,14 +31,41 @@ def temporal_difference_loss(pred_x0: torch.Tensor, x0: torch.Tensor, order: int
 
 
 def vae_loss(recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: float,
-             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             weight: torch.Tensor | None = None, edge_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """L1 + MSE reconstruction + kl_weight * KL per element. `weight` (broadcast over channels, e.g.
     [B, 1, T, H, W]) weighs pixels: objects that cover a few percent of a frame can count as much as its
-    background."""
+    background. edge_weight: plus that times the L1 of the images' horizontal and vertical differences (the
+    corners and edges that tell a small star from a blob), weighted the same."""
     if weight is None:
-        rec = F.l1_loss(recon, target) + F.mse_loss(recon, target)
-    else:
-        err = (recon - target).abs() + (recon - target) ** 2
-        rec = (err * weight).sum() / (weight.expand_as(err).sum())
+        weight = torch.ones_like(target[:, :1])
+    err = (recon - target).abs() + (recon - target) ** 2
+    rec = (err * weight).sum() / weight.expand_as(err).sum()
+    parts = {"recon": rec.item()}
+    if edge_weight:
+        edge = edge_error(recon, target, weight)
+        rec = rec + edge_weight * edge
+        parts["edge"] = edge.item()
     kl = posterior.kl().mean() / target[0].numel()
-    return rec + kl_weight * kl, {"recon": rec.item(), "kl": kl.item()}
+    return rec + kl_weight * kl, {**parts, "kl": kl.item()}
+
+
+def edge_error(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean L1 between the images' finite differences along width and height (last two dims)."""
+    total = recon.new_zeros(())
+    for dim in (-1, -2):
+        err = (torch.diff(recon, dim=dim) - torch.diff(target, dim=dim)).abs()
+        w = weight.narrow(dim, 0, weight.shape[dim] - 1).expand_as(err)
+        total = total + (err * w).sum() / w.sum()
+    return total / 2
+
+
+def object_pixel_weights(masks: torch.Tensor, object_weight: float, area_ref: float = 0.0) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, T, H, W] from object masks [B, T, H, W]: 1 on the background, 1 +
+    object_weight on objects; with area_ref > 0, a clip's object pixels weigh object_weight x area_ref / (its
+    objects' share of its pixels), clamped to 1/8..8 of that, so a small object counts as much as a large one."""
+    objects = masks[:, None].float()
+    scale = torch.ones(masks.shape[0], device=masks.device)
+    if area_ref > 0:
+        share = objects.flatten(1).mean(1)
+        scale = (area_ref / share.clamp_min(1e-6)).clamp(1 / 8, 8)
+    return 1 + object_weight * scale.view(-1, 1, 1, 1, 1) * objects
