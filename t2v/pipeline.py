@@ -17,7 +17,7 @@ from .errors import InputError
 from .params import GenerationParams, resolve
 from .runtime import step_predictor
 from .images import check_aspect, image_size
-from .sampling import NO_IMAGE, ImageCondition, local_predictor, model_input, scheduler_for
+from .sampling import NO_IMAGE, Handover, ImageCondition, local_predictor, model_input, scheduler_for
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 
@@ -29,6 +29,7 @@ class VideoOutput:
     frames: Any
     params: GenerationParams
     timings: dict = field(default_factory=dict)
+    handover: Handover | None = None  # a call with expert=0: where the low-noise expert goes on from
 
     @property
     def seed(self) -> int:
@@ -127,6 +128,8 @@ class TextToVideoPipeline:
         image=None,
         last_image=None,
         modules_lock=None,
+        expert: int | None = None,
+        handover: Handover | None = None,
     ) -> VideoOutput:
         """guidance_scale_2: the low-noise expert's guidance on a mixture of experts (Wan2.2 A14B; default
         guidance_scale's), as diffusers' WanPipeline. predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
@@ -134,7 +137,10 @@ class TextToVideoPipeline:
         frame (PIL image or [H, W, 3] uint8 array of the video's aspect): image-to-video, through the model's image
         branch where it has one (wan-i2v), else by latent replacement. last_image: the last frame, for a
         first-last-frame model (the Wan2.1-FLF2V layout). modules_lock: held while the call runs the bundle's
-        modules itself (encoding prompts and images), for a caller whose other threads share them."""
+        modules itself (encoding prompts and images), for a caller whose other threads share them.
+        expert, handover: a mixture of experts sampled in two calls, e.g. each expert on replicas of its own:
+        expert=0 takes the high-noise steps and returns the latents at the switch with `handover`; expert=1
+        with that handover takes the rest. Both calls with the same arguments make the one call's video."""
         b, fam = self.bundle, self.bundle.family
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -146,6 +152,7 @@ class TextToVideoPipeline:
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                     fps=fps, seed=seed if generator is None else (seed or 0), guidance_scale_2=guidance_scale_2)
         images = check_images(b, image, last_image, p.width, p.height)
+        check_expert(b, expert, handover, output_type)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(p.seed)
         batch = len(p.prompts)
@@ -165,12 +172,15 @@ class TextToVideoPipeline:
             embeds = embeds.to(b.device)
         timings["encode_s"] = time.perf_counter() - start
 
-        # 3. A fresh scheduler for this call, and its timesteps.
-        scheduler = scheduler_for(b, p.sampler, p.num_inference_steps)
+        # 3. A fresh scheduler for this call, and its timesteps (the one that took the first expert's steps).
+        scheduler = handover.scheduler if handover else scheduler_for(b, p.sampler, p.num_inference_steps)
 
         # 4. Initial noise, drawn on the CPU so a seed gives the same video on any device.
         shape = fam.latent_shape(b, batch, p.num_frames, p.height, p.width)
-        if latents is None:
+        if handover is not None:  # going on from the first expert's last step
+            latents, noise = handover.latents.to(b.device), handover.noise.to(b.device)
+            generator.set_state(handover.generator_state)
+        elif latents is None:
             noise = randn_tensor(shape, generator=generator, device=b.device, dtype=torch.float32)
             latents = fam.init_latents(noise, scheduler)
         elif tuple(latents.shape) != shape:
@@ -188,6 +198,8 @@ class TextToVideoPipeline:
         predict = step_predictor(b, predictor or local_predictor(b), len(scheduler.timesteps))
         t0 = time.perf_counter()
         for i, t in enumerate(scheduler.timesteps):
+            if expert is not None and fam.expert(b, t) != expert:
+                continue  # the other expert's step, taken in its own call
             latents = condition.before_step(scheduler, latents, t)
             x = condition.model_input(model_input(scheduler, latents, t))
             pred = predict([x], condition.timestep(t), [embeds], p.guidance(fam.expert(b, t)))[0]
@@ -196,8 +208,11 @@ class TextToVideoPipeline:
                 local = {"latents": latents, "prompt_embeds": embeds}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 latents = (outputs or {}).get("latents", latents)
-        latents = condition.after_last_step(latents)
         timings["denoise_s"] = time.perf_counter() - t0
+        if expert == 0:  # handed over at the switch: the low-noise expert's call finishes the video
+            state = Handover(latents, scheduler, generator.get_state(), noise)
+            return VideoOutput(frames=latents, params=p, timings=timings, handover=state)
+        latents = condition.after_last_step(latents)
 
         # 7. Decode to frames.
         t0 = time.perf_counter()
@@ -228,6 +243,23 @@ def check_images(bundle, image, last_image, width: int, height: int) -> tuple:
             im = (Image.fromarray(im) if isinstance(im, np.ndarray) else im).convert("RGB")
         out.append(im)
     return tuple(out)
+
+
+def check_expert(bundle, expert: int | None, handover: Handover | None, output_type: str) -> None:
+    """A call for one expert of a mixture: expert 0 hands its latents over (output_type "latent"), expert 1 goes on
+    from a handover."""
+    if expert is None and handover is None:
+        return
+    if bundle.denoiser_2 is None:
+        raise InputError("expert", "this model has one denoiser, not a mixture of experts", "unset")
+    if expert not in (0, 1):
+        raise InputError("expert", f"{expert!r} is not an expert of the mixture", "0 (high noise) or 1 (low noise)")
+    if expert == 0 and (handover is not None or output_type != "latent"):
+        raise InputError("expert", "the high-noise expert starts a video and hands its latents over",
+                         'no handover, output_type "latent"')
+    if expert == 1 and handover is None:
+        raise InputError("handover", "the low-noise expert goes on from the high-noise expert's handover",
+                         "the handover of a call with expert=0")
 
 
 def check_frames(bundle, first: bool, last: bool, fields: tuple[str, str] = ("image", "last_image")) -> None:

@@ -7,6 +7,9 @@ config's training schedule (timesteps, betas or flow shift, prediction type), as
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import diffusers
 import torch
 
@@ -95,6 +98,19 @@ def with_first_frame(latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor
     """Latents [B, C, F, h, w] whose latent frame 0 is `first` [B, C, 1, h, w] (image-to-video by latent
     replacement: the image fixes frame 0, noised to each step's level; the model denoises the rest around it)."""
     return torch.cat([first.to(latents.dtype), latents[:, :, 1:]], dim=2)
+
+
+@dataclass
+class Handover:
+    """A mixture of experts' sampling state at the switch, for the low-noise expert to go on from, possibly in
+    another process (it pickles): the latents after the high-noise expert's last step, the scheduler that took
+    those steps (a multistep solver keeps its history), the generator's state and the call's initial noise (an
+    image's conditioning is made from it again)."""
+
+    latents: torch.Tensor
+    scheduler: Any
+    generator_state: torch.Tensor
+    noise: torch.Tensor
 
 
 class ImageCondition:

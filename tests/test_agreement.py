@@ -103,6 +103,29 @@ def test_wan22_a14b_layout_hands_the_low_noise_steps_to_its_second_expert_as_dif
     assert (ours - other.frames).abs().max().item() > 0.01
 
 
+@pytest.mark.parametrize("sampler", [None, "flow-match-euler", "dpm-solver++"])
+def test_a_mixture_sampled_in_two_calls_one_per_expert_makes_the_one_calls_video(a14b_dir, sampler):
+    """The high-noise expert's call hands its state over (pickled, as Ray carries it to another replica); the
+    low-noise expert's call goes on from it: the same video, multistep solvers' history and an image included."""
+    import pickle
+
+    from t2v.errors import InputError
+
+    pipe = t2v.TextToVideoPipeline(t2v.load(a14b_dir))
+    call = dict(CALL_WAN, num_inference_steps=6, guidance_scale_2=2.5, sampler=sampler, image=noise_image(1))
+    whole = pipe(output_type="pt", **call).frames
+    calls = expert_calls(pipe.bundle)
+    first = pipe(output_type="latent", expert=0, **call)
+    assert calls[0] > 0 and calls[1] == 0
+    handover = pickle.loads(pickle.dumps(first.handover))
+    second = pipe(output_type="pt", expert=1, handover=handover, **call).frames
+    assert calls[1] > 0 and sum(calls) == 6  # every step once, by its expert (one forward for both guidance halves)
+    assert (whole - second).abs().max().item() <= 1e-5
+    with pytest.raises(InputError) as e:
+        pipe(output_type="pt", expert=1, **call)
+    assert e.value.field == "handover"
+
+
 def test_a_wan22_a14b_bundle_saves_both_experts_and_its_boundary(a14b_dir, tmp_path):
     t2v.load(a14b_dir).save(str(tmp_path / "copy"))
     index = json.loads((tmp_path / "copy" / "model_index.json").read_text())
