@@ -7,6 +7,7 @@ its Denoiser replicas (a 2- or 4-GPU gang for the parallel layouts: their placem
     rayservice.yaml            serve_configs/t2v-gpu.yaml            one GPU per Denoiser replica
     rayservice-cfg2.yaml       serve_configs/t2v-gpu-cfg2.yaml       guidance-parallel gangs of 2 GPUs
     rayservice-ulysses4.yaml   serve_configs/t2v-wan14b-ulysses4.yaml   sequence-parallel gangs of 4 GPUs
+    rayservice-wan22-experts.yaml   serve_configs/t2v-wan22-a14b-experts.yaml   a GPU per expert replica
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MANIFESTS = {
     "rayservice.yaml": ("t2v-gpu.yaml", "t2v"),
     "rayservice-cfg2.yaml": ("t2v-gpu-cfg2.yaml", "t2v-cfg2"),
     "rayservice-ulysses4.yaml": ("t2v-wan14b-ulysses4.yaml", "t2v-ulysses4"),
+    "rayservice-wan22-experts.yaml": ("t2v-wan22-a14b-experts.yaml", "t2v-wan22-experts"),
 }
 
 

@@ -128,14 +128,15 @@ class Bundle:
         return out
 
 
-COMPONENTS = ("denoiser", "vae", "text_encoder", "image_encoder")  # the components with weights
+# The components with weights ("denoiser_2": a mixture's low-noise expert, which a replica of the other may skip).
+COMPONENTS = ("denoiser", "denoiser_2", "vae", "text_encoder", "image_encoder")
 
 
 def load(uri: str | Path | None = None, precision: str = "fp32", device: str | torch.device | None = None,
          runtime: RuntimeOptions | None = None, weights: tuple[str, ...] = COMPONENTS) -> Bundle:
     """Load a bundle from a local folder or s3:// URI (default: the embedded model). runtime: memory, cache
     and compile options (`t2v.runtime`); with group_offload the offloaded weights stay on the CPU.
-    weights: the components whose weights are read (of denoiser, vae, text_encoder, image_encoder); the others
+    weights: the components whose weights are read (of denoiser, denoiser_2, vae, text_encoder, image_encoder); the others
     are built from their configs on the meta device, shapes without memory: a serving stage that only encodes
     prompts or only decodes holds no 14B transformer."""
     unknown = set(weights) - set(COMPONENTS)
@@ -190,10 +191,9 @@ def _load_folder(folder: Path, index: dict, family: Family, uri: str, weights=CO
         config_values["text_encoder"] = DEFAULT_TEXT_ENCODER
     _check_folder(folder, index, family, uri)
     for name in COMPONENTS:
-        keys = [k for k in (family.denoiser_key, family.expert_key) if k] if name == "denoiser" else [name]
-        for key in keys:
-            if name not in weights and key not in kwargs and (index.get(key) or [None])[0]:
-                kwargs[key] = _shapes_only(folder / key, index[key])
+        key = {"denoiser": family.denoiser_key, "denoiser_2": family.expert_key}.get(name, name)
+        if key and name not in weights and key not in kwargs and (index.get(key) or [None])[0]:
+            kwargs[key] = _shapes_only(folder / key, index[key])
     try:
         with _quiet_diffusers():  # (importing WanImageToVideoPipeline warns that CLIP's processor falls back to PIL)
             pipeline_cls = getattr(diffusers, family.pipeline_class)

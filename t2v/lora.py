@@ -205,7 +205,11 @@ def load(bundle, uri: str, name: str) -> None:
         return
     loader, prefix = bundle.family.lora_loader(), bundle.family.denoiser_key
     states = {}
+    from .runtime import is_shapes_only
+
     for k, file in expert_files(uri, len(experts)).items():
+        if is_shapes_only(experts[k]):
+            continue  # the other expert's replica loads it (expert-disaggregated serving)
         with _local_copy(file) as path:
             # (state, metadata); Stable Diffusion's loader also returns the network alphas between them
             loaded_file = loader.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)

@@ -128,9 +128,9 @@ def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.dev
         if not is_shapes_only(bundle.text_encoder):
             apply_group_offloading(bundle.text_encoder, onload_device=device, offload_device="cpu",
                                    offload_type="leaf_level", use_stream=stream)
-    if is_shapes_only(bundle.denoiser):  # a stage that never runs the transformer: nothing to cache or compile
-        return bundle
-    for model in bundle.experts:  # a mixture of experts: each keeps a cache of its own steps
+    # A mixture of experts: each keeps a cache of its own steps. (An expert without weights, e.g. in a stage that
+    # never runs the transformer or on another expert's replica: nothing to cache or compile.)
+    for model in (m for m in bundle.experts if not is_shapes_only(m)):
         if options.cache:
             _require(model, "enable_cache", "cache", options.cache)
             model.enable_cache(cache_config(options.cache, lambda: runtime.timestep))
@@ -159,7 +159,7 @@ def step_predictor(bundle, predict: Callable, num_steps: int) -> Callable:
     runtime = getattr(bundle, "runtime", None)
     if runtime is None or not runtime.options.cache:
         return _timed_first(bundle, predict)
-    for model in bundle.experts:  # diffusers' pipelines do this between calls too (maybe_free_model_hooks)
+    for model in (m for m in bundle.experts if not is_shapes_only(m)):  # as diffusers' pipelines between calls
         model._reset_stateful_cache()
     step = [0]
 

@@ -112,6 +112,19 @@ class Handover:
     generator_state: torch.Tensor
     noise: torch.Tensor
 
+    def to(self, device) -> "Handover":
+        """Its tensors, the scheduler's state among them, on `device` (the CPU to travel; the replica's to go on)."""
+        def move(value):
+            if torch.is_tensor(value):
+                return value.to(device)
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            return value
+
+        for name, value in vars(self.scheduler).items():
+            setattr(self.scheduler, name, move(value))
+        return Handover(self.latents.to(device), self.scheduler, self.generator_state, self.noise.to(device))
+
 
 class ImageCondition:
     """How a call's images condition its sampling loop (image-to-video), in four hooks the loops call; each is the

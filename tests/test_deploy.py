@@ -47,7 +47,8 @@ def load(name: str) -> dict:
     return yaml.safe_load((ROOT / "k8s" / name).read_text())
 
 
-RAYSERVICES = {"rayservice.yaml": 1, "rayservice-cfg2.yaml": 2, "rayservice-ulysses4.yaml": 4}  # GPUs per worker
+RAYSERVICES = {"rayservice.yaml": 1, "rayservice-cfg2.yaml": 2, "rayservice-ulysses4.yaml": 4,
+               "rayservice-wan22-experts.yaml": 1}  # GPUs per worker
 
 
 @pytest.mark.parametrize("name", [*RAYSERVICES, "rayjob-train.yaml"])

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 CONFIGS = ["t2v.yaml", "t2v-gpu.yaml", "t2v-gpu-cfg2.yaml", "t2v-wan14b-80gb.yaml", "t2v-wan14b-24gb.yaml",
-           "t2v-wan14b-ulysses4.yaml"]
+           "t2v-wan14b-ulysses4.yaml", "t2v-wan22-a14b-experts.yaml"]
 
 
 def test_every_shipped_config_is_tested():
@@ -65,7 +67,10 @@ def test_serve_configs_are_valid_and_cover_every_stage(name):
     expected = {"t2v-gpu-cfg2.yaml": "cfg2", "t2v-wan14b-ulysses4.yaml": "ulysses4"}.get(name, "single")
     assert layout.name == expected
     stages = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    assert set(stages) == {"Ingress", "TextEncoder", "Denoiser", "Decoder"}
+    split = args.get("experts") == "split"  # a mixture's low-noise expert on a deployment of its own
+    assert set(stages) == {"Ingress", "TextEncoder", "Denoiser", "Decoder"} | ({"LowNoiseDenoiser"} if split else set())
+    if split:
+        assert stages["LowNoiseDenoiser"]["ray_actor_options"] == stages["Denoiser"]["ray_actor_options"]
     for d in stages.values():
         assert d["ray_actor_options"]["num_cpus"] > 0 and d["max_ongoing_requests"] >= 1
         assert "num_replicas" in d or "autoscaling_config" in d
@@ -266,3 +271,51 @@ def test_serve_graph_runs_jobs_and_keeps_them_across_a_restart(tmp_path, wan_dir
         serve.stop()
     assert_key_not_exposed(key, ray_tmp, log)  # both runs' logs, complete now that Ray has stopped
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_mixture_served_with_each_expert_on_its_own_replicas_hands_jobs_over_and_retries_a_lost_one(tmp_path):
+    """`experts: split` on a tiny Wan2.2-T2V-A14B: the Denoiser takes the high-noise steps and hands the job's
+    state to the LowNoiseDenoiser, which holds the other expert: the in-process pipeline's video; a job whose
+    low-noise replica is killed after the switch runs again and completes."""
+    from layouts import build_wan22_a14b
+    from test_faults import replica_pids, wait_all
+
+    import t2v
+    from t2v.serve.process import serve_shipped_config
+    from t2v.video import encode_video, read_video
+
+    model = build_wan22_a14b(tmp_path / "a14b")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="t2vray-", dir="/tmp"))
+    low = {"num_replicas": 1, "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.5}}
+    serve = serve_shipped_config(tmp_path, str(model), args={"experts": "split", "adapters": None},
+                                 deployments={"Denoiser": {"num_replicas": 1}, "LowNoiseDenoiser": low},
+                                 settings={"max_attempts": 2, "poll_after_ms": 100}, env={"RAY_TMPDIR": str(ray_tmp)})
+    try:
+        replicas = replica_pids(ray_tmp)
+        assert len(replicas["Denoiser"]) == 1 and len(replicas["LowNoiseDenoiser"]) == 1  # one per expert
+        c = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        body = {"seed": 3, "num_inference_steps": 6, "guidance_scale": 4.0, "guidance_scale_2": 2.0,
+                "optimize_prompt": False}
+        video = c.videos.create_and_poll(prompt="a red ball", size="32x32", seconds="1", extra_body=body)
+        assert video.status == "completed", video.error
+        served = read_video(c.videos.download_content(video.id).read()).astype(float)
+        alone = t2v.TextToVideoPipeline.from_pretrained(model)(
+            "a red ball", num_frames=17, height=32, width=32, seed=3, num_inference_steps=6, guidance_scale=4.0,
+            guidance_scale_2=2.0).frames[0]
+        assert np.abs(served - read_video(encode_video(alone, 16))).mean() < 0.5  # up to x264's rounding
+        # A long video needs both experts on one replica: refused here, naming the field, nothing queued.
+        r = httpx.post(serve.url + "/v1/videos", json={"prompt": "a red ball", "size": "32x32", "seconds": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seconds"
+        # Killed after the switch (past the high-noise expert's share of the steps): the job runs again.
+        job = c.videos.create(prompt="a blue square", size="32x32", extra_body={"num_inference_steps": 400})
+        deadline = time.time() + 300
+        while c.videos.retrieve(job.id).progress < 50:
+            assert time.time() < deadline, "the job did not reach its low-noise steps"
+            time.sleep(0.1)
+        os.kill(replica_pids(ray_tmp)["LowNoiseDenoiser"][0], signal.SIGKILL)
+        done = wait_all(serve.url, [job.id], timeout=600)[job.id]
+        assert done["status"] == "completed" and done["t2v"]["attempts"] == 2, done
+    finally:
+        serve.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

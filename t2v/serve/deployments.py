@@ -66,11 +66,15 @@ class Denoiser:
 
     adapters ({root, max_per_replica}): LoRA adapters by name under root, loaded as jobs ask for them and kept
     in an LRU of max_per_replica per replica by Serve's model multiplexing, which also routes a job to a replica
-    that has its adapter loaded. A batch of steps never mixes two adapters."""
+    that has its adapter loaded. A batch of steps never mixes two adapters.
+
+    expert (a mixture of experts served split, `experts: split`): 0 or 1, the one expert whose weights this
+    deployment holds and whose steps it takes; expert 0 streams ("sampled", Sampled with the handover), and
+    expert 1's `denoise` goes on from it."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
                  fan_out: bool = True, step_batching: dict | None = None, runtime: dict | None = None,
-                 parallel: dict | None = None, adapters: dict | None = None):
+                 parallel: dict | None = None, adapters: dict | None = None, expert: int | None = None):
         layout, rank_options = parse_parallel(parallel)
         adapter_root, per_replica = parse_adapters(adapters)
         if adapter_root and layout.ranks > 1:
@@ -82,8 +86,11 @@ class Denoiser:
             # would wait for a rank that skipped).
             raise ValueError("runtime.cache needs step_batching: null, fan_out: false and no parallel layout (a "
                              "step cache lives in one replica, per sampling loop)")
-        # Every weight: programmes encode prompts here too.
-        self.pipe = stages.stage_pipeline(model, precision, threads, runtime)
+        # Every weight (programmes encode prompts here too), but the other expert's when the experts are split.
+        other = {0: "denoiser_2", 1: "denoiser"}.get(expert)
+        self.pipe = stages.stage_pipeline(model, precision, threads, runtime,
+                                          tuple(c for c in stages.COMPONENTS if c != other))
+        self.expert = expert
         self._version = stages.model_version(self.pipe.bundle)
         self._lock = threading.Lock()  # one sampling loop at a time, or one VAE user when steps are batched
         self.fan_out = fan_out  # long videos: each step's windows go to every Denoiser replica
@@ -182,7 +189,7 @@ class Denoiser:
 
         return predict
 
-    async def denoise(self, params: dict, embeds: torch.Tensor, negative: torch.Tensor):
+    async def denoise(self, params: dict, embeds: torch.Tensor, negative: torch.Tensor, handover=None):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         batch_sizes: list[int] = []
@@ -200,7 +207,8 @@ class Denoiser:
             windows = self._remote_predictor(choice) if self.fan_out else batched
             with adapter.in_use() if adapter else contextlib.nullcontext():
                 return stages.run_job(self.pipe, params, progress, (embeds, negative), predictor=batched,
-                                      window_predictor=windows, lock=self._lock, cancel=cancel)
+                                      window_predictor=windows, lock=self._lock, cancel=cancel,
+                                      expert=self.expert, handover=handover)
 
         def stopped(task):  # the operator's trace that a cancelled job freed the replica (tests read it too)
             if not task.cancelled() and isinstance(task.exception(), JobCancelled):
@@ -266,21 +274,32 @@ class Decoder:
 
 
 class ServeGenerator:
-    """The job service's generator over the graph's handles (the Decoder stores the content itself)."""
+    """The job service's generator over the graph's handles (the Decoder stores the content itself). low_noise:
+    a mixture's low-noise expert's Denoiser when the experts are served split (`denoiser` is the high-noise one)."""
 
-    def __init__(self, encoder, denoiser, decoder, store: str):
+    def __init__(self, encoder, denoiser, decoder, store: str, low_noise=None):
         self.encoder, self.denoiser, self.decoder, self.store = encoder, denoiser, decoder, store
+        self.low_noise = low_noise
         self.version = None
 
     async def validate(self, fields: dict) -> dict:
-        return await self._checked(self.encoder.validate, fields)
+        params = await self._checked(self.encoder.validate, fields)
+        if self.low_noise is not None and params["kind"] != "video":
+            raise InputError("seconds" if "plan" in params else "prompt", "this server runs each expert of the "
+                             "mixture on replicas of its own, which make one clip at a time: no long, multi-shot or "
+                             "post-processed videos", "a single clip (or a server with experts: single)")
+        return params
 
     async def validate_program(self, fields: dict) -> dict:
+        if self.low_noise is not None:
+            raise InputError("kind", "this server runs each expert of the mixture on replicas of its own: programmes "
+                             "need a server with experts: single")
         return await self._checked(self.encoder.validate_program, fields)
 
     async def _checked(self, method, fields: dict) -> dict:
         if self.version is None:
-            self.version = await self.denoiser.version.remote()
+            versions = [await d.version.remote() for d in (self.denoiser, self.low_noise) if d is not None]
+            self.version = "+".join(versions)
         try:
             return await method.remote(fields)
         except Exception as e:  # a replica's InputError arrives wrapped in Ray's task error: unwrap it for a 400
@@ -295,20 +314,12 @@ class ServeGenerator:
         t0 = time.perf_counter()
         embeds, negative = await self.encoder.encode.remote((params["prompt"], params["negative_prompt"]))
         t1 = time.perf_counter()
-        result = {}
         # A job with an adapter goes to a replica that has it loaded, where one does (Serve's multiplexing).
         adapter = (params.get("lora") or {}).get("name", "")
-        stream = self.denoiser.options(stream=True, multiplexed_model_id=adapter).denoise.remote(
-            params, embeds, negative)
-        try:
-            async for event in stream:
-                if event[0] == "progress":
-                    progress(event[1], event[2])
-                else:
-                    result[event[0]] = event[1]
-        except asyncio.CancelledError:  # the job was cancelled or deleted: tell the replica (CancelledError there)
-            stream.cancel()
-            raise
+        result = await self._denoise(self.denoiser, adapter, progress, params, embeds, negative)
+        if self.low_noise is not None:  # the high-noise expert handed over at the switch: the low-noise one goes on
+            result.update(await self._denoise(self.low_noise, adapter, progress, params, embeds, negative,
+                                              result["sampled"].handover))
         t2 = time.perf_counter()
         sampled = result["sampled"]
         if sampled.finished is not None:  # a programme, finished in the Denoiser replica (audio and all)
@@ -327,6 +338,22 @@ class ServeGenerator:
         return stages.GeneratedVideo(video=None, thumbnail=None, quality_later=quality(), timings=timings,
                                      served_by=result.get("served_by"))
 
+    @staticmethod
+    async def _denoise(denoiser, adapter: str, progress, *args) -> dict:
+        """A Denoiser's stream for one job: progress forwarded, the other events collected by name."""
+        result = {}
+        stream = denoiser.options(stream=True, multiplexed_model_id=adapter).denoise.remote(*args)
+        try:
+            async for event in stream:
+                if event[0] == "progress":
+                    progress(event[1], event[2])
+                else:
+                    result[event[0]] = event[1]
+        except asyncio.CancelledError:  # the job was cancelled or deleted: tell the replica (CancelledError there)
+            stream.cancel()
+            raise
+        return result
+
 
 @serve.deployment
 @serve.ingress()
@@ -334,9 +361,9 @@ class Ingress:
     """The job API (FastAPI) and the web UI; the job queue lives here, so keep one replica. Its API keys come
     from this replica's environment (T2V_API_KEYS / T2V_API_KEYS_FILE, auth.py), never from its args."""
 
-    def __init__(self, encoder, denoiser, decoder, settings: dict | None = None):
+    def __init__(self, encoder, denoiser, decoder, settings: dict | None = None, low_noise=None):
         self.settings = Settings.from_dict(settings)
-        self.generator = ServeGenerator(encoder, denoiser, decoder, self.settings.store)
+        self.generator = ServeGenerator(encoder, denoiser, decoder, self.settings.store, low_noise)
 
     def __serve_build_asgi_app__(self):
         self._asgi = create_app(self.generator, self.settings)  # ("app" is taken by serve.ingress)
@@ -352,7 +379,7 @@ def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
     allowed = {"model", "precision", "threads", "fan_out", "step_batching", "runtime", "parallel", "adapters",
-               "settings"}
+               "settings", "experts"}
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
@@ -367,7 +394,17 @@ def build_app(args: dict):
     settings = dict(args.get("settings") or {})
     if adapter_root:  # the Ingress lists and checks adapters where the Denoiser replicas load them
         settings["adapter_root"] = adapter_root
+    experts = args.get("experts", "single")
+    if experts not in ("single", "split"):
+        raise ValueError(f"experts: {experts!r} (allowed: single, both experts of a mixture on each Denoiser replica; "
+                         "split, each on a deployment of its own: Denoiser and LowNoiseDenoiser)")
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
-    denoiser = Denoiser.bind(*stage, args.get("fan_out", True), args.get("step_batching"), runtime,
-                             args.get("parallel"), adapters)
-    return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime), settings)
+    denoiser_args = (*stage, args.get("fan_out", True), args.get("step_batching"), runtime, args.get("parallel"),
+                     adapters)
+    if experts == "single":
+        denoiser, low_noise = Denoiser.bind(*denoiser_args), None
+    else:  # the high-noise expert's replicas hand each job over to the low-noise expert's
+        denoiser = Denoiser.bind(*denoiser_args, expert=0)
+        low_noise = Denoiser.options(name="LowNoiseDenoiser").bind(*denoiser_args, expert=1)
+    return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime), settings,
+                        low_noise)

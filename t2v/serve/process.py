@@ -78,7 +78,8 @@ def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_
     """`serve run` of a shipped config (serve_configs/t2v.yaml by default) on a free loopback port with a job
     store in `folder`: what benchmarks measure. Optionally another model, a fixed number of Denoiser replicas,
     application args (e.g. precision, step_batching), job-service settings, per-deployment options
-    ({name: {option: value}}, e.g. to fit the GPU layout onto one GPU) and environment variables."""
+    ({name: {option: value}}, e.g. to fit the GPU layout onto one GPU; a deployment the config does not list is
+    added) and environment variables."""
     import yaml
 
     root = Path(root or Path(__file__).resolve().parents[2])
@@ -95,9 +96,10 @@ def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_
     if denoiser_replicas:
         options.setdefault("Denoiser", {})["num_replicas"] = denoiser_replicas
     for d in app["deployments"]:
-        for key, value in options.get(d["name"], {}).items():
+        for key, value in options.pop(d["name"], {}).items():
             if key == "num_replicas":
                 d.pop("autoscaling_config", None)
             d[key] = value
+    app["deployments"] += [{"name": name, **opts} for name, opts in options.items()]  # e.g. LowNoiseDenoiser
     (folder / "t2v.yaml").write_text(yaml.safe_dump(config))
     return ServeProcess(folder / "t2v.yaml", f"http://127.0.0.1:{port}", folder / "serve.log", cwd=root, env=env)

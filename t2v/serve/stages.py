@@ -31,7 +31,7 @@ from ..production.prompting import optimize_parts
 from ..images import check_aspect, read_image
 from ..parallel import layout_of
 from ..pipeline import TextToVideoPipeline, check_frames, progress_callback
-from ..runtime import RuntimeOptions
+from ..runtime import RuntimeOptions, is_shapes_only
 from ..sampling import as_predictor, bundle_forward, num_timesteps
 from .. import lora
 from ..video import png_bytes
@@ -74,12 +74,14 @@ class Sampled:
     frames: np.ndarray | None = None
     finished: GeneratedVideo | None = None
     timings: dict = field(default_factory=dict)
+    handover: Any = None  # a mixture's high-noise expert's state at the switch (`sampling.Handover`), on the CPU
 
 
 def model_version(bundle) -> str:
     """A short fingerprint of the weights and config (the result cache's key changes with the model)."""
     h = hashlib.sha256(json.dumps(bundle.config.__dict__, sort_keys=True, default=str).encode())
-    for module in (m for m in (*bundle.experts, bundle.vae, bundle.image_encoder) if m is not None):
+    for module in (m for m in (*bundle.experts, bundle.vae, bundle.image_encoder)
+                   if m is not None and not is_shapes_only(m)):
         params = list(module.state_dict().values())
         for p in (params[0], params[len(params) // 2], params[-1]):
             h.update(p.detach().float().cpu().numpy().tobytes())
@@ -244,9 +246,10 @@ def encode(pipe: TextToVideoPipeline, params: dict) -> tuple[torch.Tensor, torch
 
 def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negative_embeds: torch.Tensor,
             progress: Callable[[int, int], None] | None = None, predictor: Callable | None = None,
-            modules_lock=None) -> torch.Tensor:
+            modules_lock=None, expert: int | None = None, handover=None):
     """The sampling loop; progress(step, total) after every step; `predictor` runs the forwards elsewhere
-    (the Denoiser's per-step batching); modules_lock: held while the call encodes its images here."""
+    (the Denoiser's per-step batching); modules_lock: held while the call encodes its images here. expert,
+    handover: one expert's steps of a mixture (`TextToVideoPipeline`): expert 0 returns its Handover."""
     total = num_timesteps(pipe.bundle, params["sampler"], params["num_inference_steps"])
     out = pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_frames=params["num_frames"],
                height=params["height"], width=params["width"], num_inference_steps=params["num_inference_steps"],
@@ -254,8 +257,8 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
                seed=params["seed"], sampler=params["sampler"], fps=params["fps"], output_type="latent", prompt_embeds=embeds,
                negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
                predictor=predictor, image=job_image(params), last_image=job_image(params, "last_image"),
-               modules_lock=modules_lock)
-    return out.frames
+               modules_lock=modules_lock, expert=expert, handover=handover)
+    return out.handover if expert == 0 else out.frames
 
 
 def finish(pipe: TextToVideoPipeline, latents: torch.Tensor | None, fps: float,
@@ -293,13 +296,15 @@ def stop_when(cancel: threading.Event | None, progress: Callable[[int, int], Non
 
 def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, int], None] | None,
             embeds: tuple[torch.Tensor, torch.Tensor] | None = None, predictor: Callable | None = None,
-            window_predictor: Callable | None = None, lock=None, cancel: threading.Event | None = None) -> Sampled:
+            window_predictor: Callable | None = None, lock=None, cancel: threading.Event | None = None,
+            expert: int | None = None, handover=None) -> Sampled:
     """Sample one job by its kind. embeds: (prompt, negative) from a text-encoder stage (else encoded here);
     predictor: where a clip's steps are predicted (the Denoiser's step batching); window_predictor: where a
     composed video's windows are; lock: held while the job uses the pipeline's own modules, which are not
     re-entrant (a clip whose forwards all go through `predictor` needs no lock); cancel: once set, the
     sampling raises JobCancelled at its next step. A job that names an adapter (`params["lora"]`, loaded by the
-    caller) has it switched on for each of its forwards here; a predictor passed in switches it itself."""
+    caller) has it switched on for each of its forwards here; a predictor passed in switches it itself. expert,
+    handover: a clip's steps of one expert of a mixture (the high-noise one's Sampled carries the handover)."""
     kind, lock = params["kind"], contextlib.nullcontext() if lock is None else lock
     here = as_predictor(lora.with_adapter(pipe.bundle, lora.choice_of(params), bundle_forward(pipe.bundle)))
     progress = stop_when(cancel, progress)
@@ -319,12 +324,15 @@ def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, in
             embeds = encode(pipe, params)
         timings["encode_prompt_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
+    split = dict(expert=expert, handover=None if handover is None else handover.to(pipe.bundle.device))
     if predictor is None:
         with lock:
-            latents = denoise(pipe, params, *embeds, progress, here)
+            latents = denoise(pipe, params, *embeds, progress, here, **split)
     else:
-        latents = denoise(pipe, params, *embeds, progress, predictor, modules_lock=lock)
+        latents = denoise(pipe, params, *embeds, progress, predictor, modules_lock=lock, **split)
     timings["denoise_s"] = time.perf_counter() - t1
+    if expert == 0:
+        return Sampled(handover=latents.to("cpu"), timings=timings)
     return Sampled(latents=latents, timings=timings)
 
 
