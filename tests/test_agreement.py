@@ -134,6 +134,14 @@ def test_a_wan22_a14b_bundle_saves_both_experts_and_its_boundary(a14b_dir, tmp_p
     assert (ours - theirs).abs().max().item() <= TOL
 
 
+def test_training_from_a_mixture_of_experts_is_refused(a14b_dir, tmp_path):
+    from t2v.train import TrainConfig
+    from t2v.train.loop import build_bundle
+
+    with pytest.raises(ValueError, match="mixture of experts"):
+        build_bundle(TrainConfig(stage="denoiser", family="wan", init=str(a14b_dir), out=str(tmp_path / "o")))
+
+
 @pytest.mark.parametrize("edit, found", [
     (dict(boundary_ratio=None), r"transformer_2: WanTransformer3DModel, boundary_ratio: None"),
     (dict(transformer_2=[None, None]), r"transformer_2: None, boundary_ratio: 0.875"),

@@ -92,6 +92,9 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
     denoiser design trained on a VAE already trained)."""
     if cfg.init:
         bundle = load(cfg.init, device="cpu")
+        if bundle.denoiser_2 is not None:  # one expert trained alone would no longer match its partner's steps
+            raise ValueError(f"init: {cfg.init} is a mixture of experts (Wan2.2 A14B); t2v trains models of one "
+                             "denoiser")
         bundle.config = dataclasses.replace(bundle.config, **cfg.bundle_config)
         if bundle.family.denoiser_key in cfg.overrides:
             if cfg.lora_rank:
