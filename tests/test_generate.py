@@ -28,6 +28,11 @@ def test_plan_single_prompt_long_clip():
     # The user's own camera motion is kept, not overridden.
     assert all(s.prompt == "a ball, zooming in" for s in plan_video("a ball, zooming in", 81, 8.0).shots)
     assert "3 shot(s)" in plan.describe()
+    # A video that fits the model's own clip is one shot (Wan's 81 frames at 16 fps), unless "then" splits it.
+    assert [s.kind for s in plan_video("a fox running", 81, 16.0).shots] == ["establishing", "closing"]
+    assert [s.kind for s in plan_video("a fox running", 81, 16.0, clip_frames=81).shots] == ["single"]
+    assert len(plan_video("a fox running", 161, 16.0, clip_frames=81).shots) == 3
+    assert len(plan_video("a fox runs, then it jumps", 81, 16.0, clip_frames=81).shots) == 2
 
 
 def test_plan_then_parts_become_consecutive_shots():

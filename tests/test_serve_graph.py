@@ -304,8 +304,9 @@ def test_a_mixture_served_with_each_expert_on_its_own_replicas_hands_jobs_over_a
             "a red ball", num_frames=17, height=32, width=32, seed=3, num_inference_steps=6, guidance_scale=4.0,
             guidance_scale_2=2.0).frames[0]
         assert np.abs(served - read_video(encode_video(alone, 16))).mean() < 0.5  # up to x264's rounding
-        # A long video needs both experts on one replica: refused here, naming the field, nothing queued.
-        r = httpx.post(serve.url + "/v1/videos", json={"prompt": "a red ball", "size": "32x32", "seconds": 4})
+        # A long video (past the layout's 81 frames) needs both experts on one replica: refused here, naming the
+        # field, before anything is queued.
+        r = httpx.post(serve.url + "/v1/videos", json={"prompt": "a red ball", "size": "32x32", "seconds": 8})
         assert r.status_code == 400 and r.json()["error"]["param"] == "seconds"
         # Killed after the switch (past the high-noise expert's share of the steps): the job runs again.
         job = c.videos.create(prompt="a blue square", size="32x32", extra_body={"num_inference_steps": 400})

@@ -68,7 +68,8 @@ def generate(pipe: TextToVideoPipeline, prompt: str, num_frames: int | None = No
     on_step = progress_callback(progress, num_timesteps(b, generation.get("sampler"), steps))
 
     # 2. Plan the shots (then-parts, or establishing / medium / closing for long single prompts).
-    plan = plan_video(prompt, key_frames, key_fps, max_shots=lim.max_shots)
+    plan = plan_video(prompt, key_frames, key_fps, max_shots=lim.max_shots,
+                      clip_frames=b.config.num_frames)
 
     # 3. Keyframes: one clip when it fits the model and the plan is one shot; else co-denoised windows.
     if key_frames <= b.config.num_frames and len(plan.shots) == 1:

@@ -67,9 +67,11 @@ def with_camera(prompt: str, camera: str | None) -> str:
 
 
 def plan_video(prompt: str, num_frames: int, fps: float, shot_seconds: float = 3.0,
-               max_shots: int | None = None) -> VideoPlan:
+               max_shots: int | None = None, clip_frames: int | None = None) -> VideoPlan:
     """max_shots: the most shots the video can show (`long_video.limits(bundle).max_shots`); None: one a frame.
-    The shot count is bounded before any shot is made: a plan is as large as a request may ask, no larger."""
+    clip_frames: the model's own clip length: a video no longer is one shot unless its prompt has "then" parts
+    (Wan's 81 frames at 16 fps are one clip, not two 2.5 s shots). The shot count is bounded before any shot is
+    made: a plan is as large as a request may ask, no larger."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt", "is empty", "a non-empty string")
     if num_frames < 1:
@@ -84,6 +86,8 @@ def plan_video(prompt: str, num_frames: int, fps: float, shot_seconds: float = 3
         kinds, prompts = ["scene"] * n, parts
     else:  # about one shot per shot_seconds, as many as the video can show
         n = max(1, min(round((num_frames - 1) / fps / shot_seconds), max_shots or num_frames))
+        if clip_frames is not None and num_frames <= clip_frames:
+            n = 1
         kinds = ["single"] if n == 1 else ["establishing"] + ["medium"] * (n - 2) + ["closing"]
         prompts = [parts[0]] * n
     if n > num_frames:

@@ -185,7 +185,8 @@ def validate(bundle, fields: dict) -> dict:
         if negative and not kw.get("negative_prompt"):
             kw["negative_prompt"] = negative
     key_frames, _ = keyframes(frames, fps, float(post.keyframe_fps or fps), tf)
-    plan = plan_video(prompt, key_frames, float(post.keyframe_fps or fps), max_shots=lim.max_shots)
+    plan = plan_video(prompt, key_frames, float(post.keyframe_fps or fps), max_shots=lim.max_shots,
+                      clip_frames=cfg.num_frames)
     composed = key_frames > cfg.num_frames or len(plan.shots) > 1 or post != PostOptions()
     # Every per-clip field goes through the model's own limits (a composed video's windows are native clips).
     # A composed video's windows each read one shot's prompt: each must fit the model, not the joined text.
