@@ -6,6 +6,12 @@ included; CPU: peak RSS above the process's after the weights are loaded, sample
 
     python bench/real_size.py                      # the shape the lent GPU runs: 832x480, 81 frames, 50 steps
     python bench/real_size.py --cpu-reduced        # this CPU in minutes: 64x64, 5 frames, 8 steps, fp32
+    python bench/real_size.py --cpu-reduced --mixture --options diffusers   # Wan2.2 A14B's two-expert layout
+
+--mixture samples the preset's transformer as Wan2.2-T2V-A14B does its experts: a second transformer of the same
+shape (other random weights) takes the steps below boundary_ratio 0.875, with its own guidance scale (3.0 against
+4.0, the release's pair); diffusers' WanPipeline gets the same two (transformer_2, boundary_ratio). Two 1.3B-shaped
+experts fit this CPU's memory where two 14B ones would not.
 
 The text encoder (UMT5-XXL, 5.7B) is not run: both pipelines get the same prompt embeddings of its shape
 (512 x 4096), so the table is the transformer's and the VAE's.
@@ -87,6 +93,7 @@ def main() -> None:
                     help="rows to run (default: all): diffusers vae_tiling vae_slicing group_offload first_block "
                          "taylorseer pab compile")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--mixture", action="store_true", help="two experts of the preset's shape, as Wan2.2 A14B")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,20 +105,24 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     components = WAN.build(args.preset)
-    print(f"{args.preset}: built in {time.perf_counter() - t0:.0f} s; {width}x{height}, {frames} frames, "
+    if args.mixture:  # Wan2.2 A14B's layout at this preset's size
+        components["transformer_2"] = WAN.build(args.preset)["transformer"]
+        components["boundary_ratio"] = 0.875
+    guidance = dict(guidance_scale=4.0, guidance_scale_2=3.0) if args.mixture else dict(guidance_scale=5.0)
+    print(f"{args.preset}{' as a mixture of two experts' if args.mixture else ''}: built in {time.perf_counter() - t0:.0f} s; {width}x{height}, {frames} frames, "
           f"{steps} steps, {precision} on {device}", flush=True)
 
     def fresh_bundle(options: RuntimeOptions):
         """A copy of the same weights for every row (options install hooks on the modules they change), placed
         and switched on the way `t2v.load` does it."""
-        parts = {k: copy.deepcopy(v) for k, v in components.items()}
+        parts = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
         bundle = t2v.from_components("wan", parts, config=dict(
             num_frames=frames, height=height, width=width, num_inference_steps=steps, fps=16,
             max_sequence_length=512))
         return t2v.bundle.place(bundle, precision, device, options)
 
     generator = torch.Generator().manual_seed(1)
-    embeds = torch.randn(1, 512, 4096, generator=generator)
+    embeds = torch.randn(1, 512, components["transformer"].config.text_dim, generator=generator)
     embeds[:, 12:] = 0  # a 12-token prompt, zero past its length as WanPipeline pads it
     negative = torch.zeros_like(embeds)
     rows, base_frames = [], None
@@ -131,8 +142,7 @@ def main() -> None:
         bundle = fresh_bundle(options)
         pipe = t2v.TextToVideoPipeline(bundle)
         call = dict(prompt="a prompt", prompt_embeds=embeds, negative_prompt_embeds=negative, num_frames=frames,
-                    height=height, width=width, num_inference_steps=steps, guidance_scale=5.0, seed=7,
-                    output_type="pt")
+                    height=height, width=width, num_inference_steps=steps, seed=7, output_type="pt", **guidance)
         extra = ""
         if options.compile:  # the warm-up run compiles; the timed run is the second
             t0 = time.perf_counter()
@@ -157,15 +167,16 @@ def main() -> None:
     if wanted is None or "diffusers" in wanted:
         bundle = fresh_bundle(RuntimeOptions())
         ref = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=bundle.denoiser, vae=bundle.vae,
-                                    scheduler=bundle.scheduler)
+                                    scheduler=bundle.scheduler, transformer_2=bundle.denoiser_2,
+                                    boundary_ratio=bundle.boundary_ratio)
         ref.set_progress_bar_config(disable=True)
         stamps = []
         gc.collect()
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             video = ref(prompt_embeds=embeds.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
-                        num_frames=frames, height=height, width=width, num_inference_steps=steps,
-                        guidance_scale=5.0, generator=torch.Generator().manual_seed(7), output_type="pt",
+                        num_frames=frames, height=height, width=width, num_inference_steps=steps, **guidance,
+                        generator=torch.Generator().manual_seed(7), output_type="pt",
                         callback_on_step_end=lambda p, i, t, k: stamps.append(time.perf_counter()) or k).frames
             seconds = time.perf_counter() - t0
         denoise = stamps[-1] - t0 if stamps else seconds
