@@ -109,6 +109,11 @@ def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.dev
         name, _, tile = option.partition(":")
         if name == "vae_tiling":
             _require(vae, "enable_tiling", "memory", "vae_tiling")
+            if tile and hasattr(vae, "tile_sample_min_size"):  # AutoencoderKL: square tiles, a quarter overlap
+                vae.enable_tiling()
+                vae.tile_sample_min_size = int(tile)
+                vae.tile_latent_min_size = int(tile) // 2 ** (len(vae.config.block_out_channels) - 1)
+                continue
             # diffusers' default tiles (256 px, stride 192 for Wan) unless given; the stride keeps a quarter overlap
             vae.enable_tiling(**({} if not tile else dict(
                 tile_sample_min_height=int(tile), tile_sample_min_width=int(tile),
