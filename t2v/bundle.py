@@ -136,9 +136,9 @@ def load(uri: str | Path | None = None, precision: str = "fp32", device: str | t
          runtime: RuntimeOptions | None = None, weights: tuple[str, ...] = COMPONENTS) -> Bundle:
     """Load a bundle from a local folder or s3:// URI (default: the embedded model). runtime: memory, cache
     and compile options (`t2v.runtime`); with group_offload the offloaded weights stay on the CPU.
-    weights: the components whose weights are read (of denoiser, denoiser_2, vae, text_encoder, image_encoder); the others
-    are built from their configs on the meta device, shapes without memory: a serving stage that only encodes
-    prompts or only decodes holds no 14B transformer."""
+    weights: the components whose weights are read (of denoiser, denoiser_2, vae, text_encoder, image_encoder);
+    the others are built from their configs on the meta device, shapes without memory: a serving stage that only
+    encodes prompts or only decodes holds no 14B transformer (nor, on a mixture, the other expert)."""
     unknown = set(weights) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(COMPONENTS)})")

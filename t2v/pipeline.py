@@ -116,7 +116,6 @@ class TextToVideoPipeline:
         generator: torch.Generator | None = None,
         sampler: str | None = None,
         output_type: str = "np",
-        guidance_scale_2: float | None = None,
         fps: float | None = None,
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
@@ -128,19 +127,21 @@ class TextToVideoPipeline:
         image=None,
         last_image=None,
         modules_lock=None,
+        guidance_scale_2: float | None = None,
         expert: int | None = None,
         handover: Handover | None = None,
     ) -> VideoOutput:
-        """guidance_scale_2: the low-noise expert's guidance on a mixture of experts (Wan2.2 A14B; default
-        guidance_scale's), as diffusers' WanPipeline. predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
+        """predictor: where each step's forward runs, (latents list, t, embeds list, guidance) -> predictions
         (default: here; the Serve graph's Denoiser batches concurrent jobs' steps through it). image: the first
         frame (PIL image or [H, W, 3] uint8 array of the video's aspect): image-to-video, through the model's image
         branch where it has one (wan-i2v), else by latent replacement. last_image: the last frame, for a
         first-last-frame model (the Wan2.1-FLF2V layout). modules_lock: held while the call runs the bundle's
         modules itself (encoding prompts and images), for a caller whose other threads share them.
-        expert, handover: a mixture of experts sampled in two calls, e.g. each expert on replicas of its own:
-        expert=0 takes the high-noise steps and returns the latents at the switch with `handover`; expert=1
-        with that handover takes the rest. Both calls with the same arguments make the one call's video."""
+        guidance_scale_2: the low-noise expert's guidance on a mixture of experts (Wan2.2 A14B; default
+        guidance_scale's), as diffusers' WanPipeline. expert, handover: a mixture of experts sampled in two
+        calls, e.g. each expert on replicas of its own: expert=0 takes the high-noise steps and returns the
+        latents at the switch with `handover`; expert=1 with that handover takes the rest. Both calls with the
+        same arguments make the one call's video."""
         b, fam = self.bundle, self.bundle.family
         timings: dict[str, float] = {}
         start = time.perf_counter()

@@ -236,7 +236,8 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
             xs += [x] * copies
             es.append(e)
             t = t.to(x.device)  # one timestep, or one per token ([1, tokens])
-            ts.append(t.expand(copies * x.shape[0], -1) if t.ndim == 2 else t.reshape(-1)[:1].expand(copies * x.shape[0]))
+            n = copies * x.shape[0]
+            ts.append(t.expand(n, -1) if t.ndim == 2 else t.reshape(-1)[:1].expand(n))
             sizes.append(copies * x.shape[0])
         pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat(es))
         for i, part in zip(members, pred.split(sizes)):

@@ -255,8 +255,8 @@ def denoise(pipe: TextToVideoPipeline, params: dict, embeds: torch.Tensor, negat
     out = pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_frames=params["num_frames"],
                height=params["height"], width=params["width"], num_inference_steps=params["num_inference_steps"],
                guidance_scale=params["guidance_scale"], guidance_scale_2=params.get("guidance_scale_2"),
-               seed=params["seed"], sampler=params["sampler"], fps=params["fps"], output_type="latent", prompt_embeds=embeds,
-               negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
+               seed=params["seed"], sampler=params["sampler"], fps=params["fps"], output_type="latent",
+               prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, callback_on_step_end=progress_callback(progress, total),
                predictor=predictor, image=job_image(params), last_image=job_image(params, "last_image"),
                modules_lock=modules_lock, expert=expert, handover=handover)
     return out.handover if expert == 0 else out.frames
