@@ -333,9 +333,7 @@ def _local_copy(uri: str):
 def version(root: str, name: str) -> str:
     """A fingerprint of an adapter's weights file (size and mtime, or the S3 ETag): cached results of an adapter
     that was replaced under the same name are not served again."""
-    folder = adapter_uri(root, name)
-    files = expert_files(folder, 2) if weight_file(folder).rsplit("/", 1)[-1] in EXPERT_WEIGHTS else \
-        {0: weight_file(folder)}
+    files = expert_files(adapter_uri(root, name), 2)  # a high/low pair's both files, else the one
     marks = []
     for uri in files.values():
         if storage.is_s3(uri):

@@ -56,20 +56,26 @@ def test_pipeline_through_a_batching_predictor_makes_the_same_video(wan_pipe):
     assert np.abs(plain.astype(int) - through.astype(int)).max() <= 2
 
 
+def wan22_requests(build, path, size: int):
+    """A tiny Wan2.2 layout's bundle, a latent shape of 9 frames at `size`, and guided requests' context for
+    prompts 1 and 2 (the negative first): (bundle, shape, {k: embeds})."""
+    import t2v
+
+    b = t2v.load(build(path))
+    embeds = t2v.TextToVideoPipeline(b).encode_prompt(["", "a red ball", "a blue square"])
+    context = {k: torch.cat([embeds[:1], embeds[k:k + 1]]) for k in (1, 2)}
+    return b, b.family.latent_shape(b, 1, 9, size, size), context
+
+
 def test_steps_of_a_mixtures_two_experts_batch_only_with_steps_of_the_same_expert(tmp_path):
     """Wan2.2 A14B: jobs at steps on either side of the boundary go to their own expert's forward."""
-    import t2v
     from layouts import build_wan22_a14b
 
-    b = t2v.load(build_wan22_a14b(tmp_path / "a14b"))
-    pipe = t2v.TextToVideoPipeline(b)
+    b, shape, context = wan22_requests(build_wan22_a14b, tmp_path / "a14b", 32)
     g = torch.Generator().manual_seed(0)
-    shape = b.family.latent_shape(b, 1, 9, 32, 32)
-    embeds = pipe.encode_prompt(["", "a red ball", "a blue square"])
     high, low = torch.tensor(990.0), torch.tensor(400.0)  # the boundary: 0.875 x 1000
     x = torch.randn(shape, generator=g)
-    requests = [(x, t, torch.cat([embeds[:1], embeds[k:k + 1]]), 4.0) for t, k in ((high, 1), (low, 1), (high, 2),
-                                                                                 (low, 2))]
+    requests = [(x, t, context[k], 4.0) for t, k in ((high, 1), (low, 1), (high, 2), (low, 2))]
     calls = [0, 0]
     for k, model in enumerate(b.experts):
         model.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
@@ -84,17 +90,13 @@ def test_steps_of_a_mixtures_two_experts_batch_only_with_steps_of_the_same_exper
 
 def test_per_token_timesteps_batch_with_their_own_kind_and_keep_their_predictions(tmp_path):
     """Wan2.2 TI2V: an image job's step (first frame's tokens at t = 0) and a text job's step (one t)."""
-    import t2v
     from layouts import build_wan22_ti2v
 
-    b = t2v.load(build_wan22_ti2v(tmp_path / "ti2v"))
-    pipe = t2v.TextToVideoPipeline(b)
+    b, shape, context = wan22_requests(build_wan22_ti2v, tmp_path / "ti2v", 64)
     g = torch.Generator().manual_seed(0)
-    shape = b.family.latent_shape(b, 1, 9, 64, 64)
-    embeds = pipe.encode_prompt(["", "a red ball", "a blue square"])
     t = torch.tensor(700.0)
     per_token = torch.cat([torch.zeros(4), torch.full((8,), 700.0)]).unsqueeze(0)  # 3 latent frames x 2 x 2 tokens
-    requests = [(torch.randn(shape, generator=g), tt, torch.cat([embeds[:1], embeds[k:k + 1]]), 4.0)
+    requests = [(torch.randn(shape, generator=g), tt, context[k], 4.0)
                 for tt, k in ((t, 1), (per_token, 1), (per_token, 2), (t, 2))]
     with torch.no_grad():
         batched = predict_batch(b, requests)
