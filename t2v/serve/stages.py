@@ -328,13 +328,13 @@ def run_job(pipe: TextToVideoPipeline, params: dict, progress: Callable[[int, in
     split = dict(expert=expert, handover=None if handover is None else handover.to(pipe.bundle.device))
     if predictor is None:
         with lock:
-            latents = denoise(pipe, params, *embeds, progress, here, **split)
+            out = denoise(pipe, params, *embeds, progress, here, **split)
     else:
-        latents = denoise(pipe, params, *embeds, progress, predictor, modules_lock=lock, **split)
+        out = denoise(pipe, params, *embeds, progress, predictor, modules_lock=lock, **split)
     timings["denoise_s"] = time.perf_counter() - t1
-    if expert == 0:
-        return Sampled(handover=latents.to("cpu"), timings=timings)
-    return Sampled(latents=latents, timings=timings)
+    if expert == 0:  # the high-noise expert's Handover, to travel to the low-noise expert's replica
+        return Sampled(handover=out.to("cpu"), timings=timings)
+    return Sampled(latents=out, timings=timings)
 
 
 def score(frames: np.ndarray, prompt: str | None) -> dict:
