@@ -172,6 +172,12 @@ def place(bundle: Bundle, precision: str, device: torch.device | str, runtime: R
     offloaded weights stay on the CPU (never the whole model on the device: the hooks bring it block by block)."""
     runtime = runtime or RuntimeOptions()
     device = torch.device(device)
+    if "expert_offload" in runtime.memory:  # the low-noise expert waits in host memory until the switch
+        to_precision(bundle, precision, "cpu")
+        for module in (bundle.denoiser, bundle.vae, bundle.text_encoder, bundle.image_encoder):
+            if module is not None and not is_shapes_only(module):
+                module.to(device)
+        return apply(bundle, runtime, device)
     if "group_offload" not in runtime.memory:
         return apply(to_precision(bundle, precision, device), runtime, device)
     to_precision(bundle, precision, "cpu")

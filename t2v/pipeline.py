@@ -44,8 +44,8 @@ class TextToVideoPipeline:
     @classmethod
     def from_pretrained(cls, uri=None, precision: str = "fp32", device=None, memory=None, cache=None,
                         compile: bool = False) -> "TextToVideoPipeline":
-        """memory: vae_tiling, vae_slicing, group_offload; cache: first_block[:threshold], taylorseer[:interval],
-        pab; compile: regional torch.compile of the transformer (t2v.runtime)."""
+        """memory: vae_tiling, vae_slicing, group_offload, expert_offload; cache: first_block[:threshold],
+        taylorseer[:interval], pab; compile: regional torch.compile of the transformer (t2v.runtime)."""
         from .runtime import RuntimeOptions
 
         runtime = RuntimeOptions.parse(memory, cache, compile)

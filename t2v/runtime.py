@@ -6,6 +6,9 @@
              group_offload   diffusers.hooks.apply_group_offloading: the transformer block by block and the
                              text encoder leaf by leaf live on the CPU and visit the GPU for their forward
                              (on CUDA with a side stream that prefetches the next group)
+             expert_offload  a mixture of experts (Wan2.2 A14B) with one expert on the device at a time: the
+                             other waits in host memory; at the switch the high-noise expert leaves and the
+                             low-noise one comes, and back at the next video's first step
     cache    first_block[:threshold]   FirstBlockCacheConfig (default 0.05)
              taylorseer[:interval]     TaylorSeerCacheConfig (default cache_interval 5)
              pab                       PyramidAttentionBroadcastConfig (spatial attention every 2nd step in
@@ -29,7 +32,7 @@ import torch
 
 from .errors import InputError
 
-MEMORY_OPTIONS = ("vae_tiling", "vae_slicing", "group_offload")
+MEMORY_OPTIONS = ("vae_tiling", "vae_slicing", "group_offload", "expert_offload")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,23 @@ class Runtime:
     compile_s: float | None = None  # the first compiled forward's time (the warm-up), once measured
     forward: Callable | None = None  # requests -> predictions through a parallel layout's ranks (t2v.parallel)
     layout: object = None  # that t2v.parallel.ParallelLayout
+    device: torch.device | None = None  # expert_offload: where the resident expert runs
+    resident: int | None = None  # expert_offload: the expert on that device
+    expert_swaps: int = 0  # expert_offload: how many times an expert came onto the device
+
+    def onload(self, experts: list, index: int) -> None:
+        """expert_offload: expert `index` on the device, the other in host memory (moved off first, so the
+        device never holds both)."""
+        if self.resident is None or self.resident == index:
+            return
+        for k, model in enumerate(experts):
+            if k != index and not is_shapes_only(model):
+                model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        experts[index].to(self.device)
+        self.resident = index
+        self.expert_swaps += 1
 
 
 def is_shapes_only(module: torch.nn.Module | None) -> bool:
@@ -118,6 +138,14 @@ def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.dev
             vae.enable_tiling(**({} if not tile else dict(
                 tile_sample_min_height=int(tile), tile_sample_min_width=int(tile),
                 tile_sample_stride_height=int(tile) * 3 // 4, tile_sample_stride_width=int(tile) * 3 // 4)))
+    if "expert_offload" in options.memory:
+        if len([m for m in bundle.experts if not is_shapes_only(m)]) < 2:
+            raise InputError("memory", "expert_offload swaps the two experts of a mixture (Wan2.2 A14B); this model "
+                             "has one denoiser here", "vae_tiling, vae_slicing, group_offload")
+        if "group_offload" in options.memory:
+            raise InputError("memory", "expert_offload and group_offload both place the experts: choose one",
+                             "expert_offload (one expert on the device) or group_offload (one block)")
+        runtime.device, runtime.resident = device, 0  # `place` put the high-noise expert on the device
     if "vae_slicing" in options.memory:
         _require(vae, "enable_slicing", "memory", "vae_slicing")
         vae.enable_slicing()

@@ -84,13 +84,19 @@ def s3_bucket(s3_server, request):
     return name
 
 
-@pytest.fixture(scope="session")
-def ray_local(s3_server):
-    """A real local Ray (2 CPUs). Started after the S3 server so workers inherit its endpoint."""
+def start_local_ray():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A real local Ray (2 CPUs). Started after the S3 server so workers inherit its endpoint. A module that
+    needs a cluster of its own (test_multinode) stops it for its tests and starts it again after them."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

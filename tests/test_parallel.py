@@ -182,7 +182,8 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
         got = torch.load(out, weights_only=False)
         layout = ParallelLayout.parse(**parallel)
         name = layout.name
-        assert got["served_by"] == {"parallel": name, "ranks": 2}
+        node = got["served_by"].pop("node")  # the Ray node id of the replica that sampled it
+        assert got["served_by"] == {"parallel": name, "ranks": 2} and len(node) == 56 and int(node, 16) >= 0
         pipe = t2v.TextToVideoPipeline.from_pretrained(wan_dir)
         alone = stages.denoise(pipe, got["params"], got["embeds"], got["negative"])
         assert (got["latents"] - alone).abs().max() <= 1e-5 and alone.std() > 0.1
@@ -197,7 +198,7 @@ def test_serve_run_layouts_sample_what_one_rank_samples(tmp_path, wan_dir, paral
         for job in jobs:
             v = c.videos.poll(job.id, poll_interval_ms=200)
             assert v.status == "completed", v.error
-            assert v.model_extra["t2v"]["served_by"] == {"parallel": name, "ranks": 2}
+            assert v.model_extra["t2v"]["served_by"] == {"parallel": name, "ranks": 2, "node": node}
         assert max(c.videos.retrieve(j.id).model_extra["t2v"]["timings"].get("step_batch_max", 1)
                    for j in jobs[:2]) >= 2  # the two clips shared forwards, split across the ranks
         assert httpx.get(serve.url + "/healthz").status_code == 200

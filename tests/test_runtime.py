@@ -114,6 +114,36 @@ def test_group_offload_and_vae_slicing_change_no_frame():
         assert torch.equal(frames({"memory": memory})[0], base), memory
 
 
+def test_expert_offload_keeps_one_expert_resident_swaps_at_the_switch_and_changes_no_frame(tmp_path):
+    """A tiny Wan2.2-T2V-A14B with memory expert_offload: every forward runs the expert the runtime holds on the
+    device (the other in host memory), which changes at the switch and back at the next video's first step, one
+    move each; the frames are those without the option. (On this CPU the device is host memory too: what moves
+    where is the runtime's record; the memory it saves is measured on a GPU.)"""
+    from layouts import build_wan22_a14b
+
+    folder = build_wan22_a14b(tmp_path / "a14b")
+    call = dict(prompt="a red ball", num_frames=9, height=32, width=32, seed=2, num_inference_steps=6)
+    plain = t2v.TextToVideoPipeline(load(folder))(**call).frames
+    bundle = load(folder, runtime=RuntimeOptions.parse(memory="expert_offload"))
+    runtime = bundle.runtime
+    seen = []
+    for k, expert in enumerate(bundle.experts):
+        expert.register_forward_pre_hook(lambda module, args, k=k: seen.append((k, runtime.resident)))
+    pipe = t2v.TextToVideoPipeline(bundle)
+    for n in range(2):
+        assert np.array_equal(pipe(**call).frames, plain)
+        assert seen[0] == (0, 0) and seen[-1] == (1, 1) and all(k == resident for k, resident in seen)
+        switches = sum(a[0] != b[0] for a, b in zip(seen, seen[1:]))
+        assert switches == 1 and runtime.expert_swaps == 2 * n + 1  # in at the switch; out at the next start
+        seen.clear()
+    with pytest.raises(InputError) as e:
+        load(folder, runtime=RuntimeOptions.parse(memory="expert_offload,group_offload"))
+    assert e.value.field == "memory"
+    with pytest.raises(InputError) as e:
+        apply(build_tiny(WAN), RuntimeOptions.parse(memory="expert_offload"))
+    assert "mixture" in str(e.value)
+
+
 def test_tiled_decode_matches_untiled_within_the_stated_tolerance():
     """The embedded model (a trained per-frame AutoencoderKL) at 128x128 decoded in 64-pixel tiles with a quarter
     overlap: PSNR >= 35 dB against the untiled decode (measured 38.3), mean difference below 1/100."""

@@ -1,4 +1,5 @@
-"""The package's module structure: no import cycles, and the world's text side never loads OpenCV."""
+"""The package's module structure: no import cycles, no long modules, the world's text side never loads OpenCV,
+and no file written to a local disk where another node would have to read it."""
 
 from __future__ import annotations
 
@@ -134,3 +135,65 @@ def test_nothing_outside_families_branches_on_a_family(tmp_path):
     assert family_branches() == []
     (tmp_path / "loop.py").write_text('def f(bundle):\n    if bundle.family.name == "unet3d":\n        return 1\n')
     assert family_branches(tmp_path) == [f"{tmp_path.name}/loop.py:2"]
+
+
+# Every place t2v writes a file to a local path outside a temporary folder of its own, and why no other node
+# reads it. What a stage hands to a stage on another node goes through t2v.storage (s3:// on a cluster) or Ray's
+# object store; tests/test_multinode.py checks the same at run time with an audit of every file opened.
+LOCAL_WRITES = {
+    "storage.py:download_dir": "the storage layer: a downloaded model's folder, read by the process that made it",
+    "data/rendered.py:start": "the one-machine recipe of the embedded model (jobs/train_default.py)",
+    "data/shards.py:write_shard": "into a BytesIO; the shard goes out through storage.write_bytes",
+    "train/loop.py:save": "into a BytesIO; the checkpoint goes out through storage.write_bytes",
+    "train/ray.py:fit": "the user's own local storage_path (one machine); a cluster gives s3://",
+    "train/ray.py:metrics_log": "a callback of the Ray Train controller, which runs on the driver's node",
+    "train/ray.py:after_report": "(metrics_log's callback method)",
+    "video.py:_encode_to_file": "the caller's path: encode_video gives a temporary folder; the CLI the user's file",
+    "serve/process.py:__init__": "`serve run`'s log, on the machine that runs it",
+    "serve/process.py:serve_shipped_config": "the config `serve run` reads, on the same machine",
+    "production/programs.py:write_program": "`t2v program`'s output folder, on the user's machine",
+}
+WRITE_CALLS = {"write_text", "write_bytes", "save_pretrained", "save_file", "write_table", "to_parquet", "mkdtemp",
+               "makedirs", "mkdir"}
+
+
+def local_writes(tree: ast.Module) -> set[str]:
+    """Functions that write a local file (open for writing, Path.write_*, torch.save, save_pretrained, ...)
+    without making a temporary folder of their own (a `tempfile.` call in the same function)."""
+    found = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        calls = [c for c in ast.walk(fn) if isinstance(c, ast.Call)]
+        if any(isinstance(c.func, ast.Attribute) and getattr(c.func.value, "id", "") == "tempfile" for c in calls):
+            continue
+        for c in calls:
+            name = c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "")
+            owner = getattr(getattr(c.func, "value", None), "id", "")
+            if name == "open" and owner in ("", "av", "io"):
+                mode = c.args[1] if len(c.args) > 1 else next((k.value for k in c.keywords if k.arg == "mode"), None)
+                writes = isinstance(mode, ast.Constant) and bool(set(str(mode.value)) & set("wax+"))
+            else:
+                writes = (name in WRITE_CALLS and owner != "storage") or (name, owner) == ("save", "torch")
+            if writes:
+                found.add(fn.name)
+    return found
+
+
+def test_a_new_local_file_write_is_a_decision_about_other_nodes():
+    """The local writes of t2v are exactly those listed, each with why no other node reads the file."""
+    found = {f"{p.relative_to(ROOT)}:{fn}" for p in sorted(ROOT.rglob("*.py"))
+             for fn in local_writes(ast.parse(p.read_text()))}
+    listed = set(LOCAL_WRITES)
+    assert found == listed, {"new (write through t2v.storage, or list it)": sorted(found - listed),
+                             "gone (drop from the list)": sorted(listed - found)}
+
+
+def test_the_local_write_check_sees_a_write_outside_a_temporary_folder():
+    tree = ast.parse("import tempfile\n"
+                     "def a(p):\n    open(p, 'wb').write(b'')\n"
+                     "def b(p):\n    p.write_text('x')\n"
+                     "def c(p, s):\n    torch.save(s, p)\n"
+                     "def d(p):\n    with tempfile.TemporaryDirectory() as t:\n        open(t + '/x', 'w')\n"
+                     "def e(p):\n    open(p).read()\n    storage.write_bytes(p, b'')\n")
+    assert local_writes(tree) == {"a", "b", "c"}

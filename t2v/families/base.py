@@ -66,7 +66,11 @@ class Family:
         return 0 if t >= bundle.boundary_ratio * bundle.scheduler.config.num_train_timesteps else 1
 
     def denoiser_at(self, bundle, t) -> torch.nn.Module:
-        return bundle.experts[self.expert(bundle, t)]
+        index = self.expert(bundle, t)
+        runtime = getattr(bundle, "runtime", None)
+        if runtime is not None:
+            runtime.onload(bundle.experts, index)  # memory expert_offload: this expert onto the device
+        return bundle.experts[index]
 
     def predict(self, bundle, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """The denoiser's output for latents already passed through the scheduler's scale_model_input (the

@@ -129,8 +129,9 @@ class UNet3DFamily(Family):
 
         def clean(x_t, pred, t):
             a = alpha(t, x_t)
-            eps = pred if prediction == "epsilon" else a.sqrt() * pred + (1 - a).sqrt() * x_t
-            return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+            if prediction == "epsilon":
+                return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+            return a.sqrt() * x_t - (1 - a).sqrt() * pred  # exact at zero terminal SNR too (no division by alpha)
 
         return DenoisingObjective(levels, pair, clean)
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 
+import ray
 import torch
 from ray import serve
 
@@ -234,7 +235,9 @@ class Denoiser:
             yield ("step_batch_max", max(batch_sizes))
         if sampled.latents is not None:
             sampled.latents = sampled.latents.cpu()
-        yield ("served_by", parallel.layout_of(self.pipe.bundle).describe())
+        # The node too: on a cluster, which machine made a video (and whether a retried job moved).
+        yield ("served_by", {**parallel.layout_of(self.pipe.bundle).describe(),
+                             "node": ray.get_runtime_context().get_node_id()})
         yield ("sampled", sampled)
 
 

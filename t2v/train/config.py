@@ -66,7 +66,9 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # on small machines leave one whole CPU free: Ray Data lists files with one
     data_cpus: float = 1.0  # per Ray Data decode task
-    max_failures: int = 2
+    max_failures: int = 2  # Ray Train: worker-group restarts (a lost node, a killed worker) before the run fails
+    worker_resources: dict = field(default_factory=dict)  # Ray Train: custom resources per worker, e.g. {"trainer": 1}
+    placement_strategy: str = "PACK"  # Ray Train: "SPREAD" puts workers on different nodes where they fit
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -96,6 +96,8 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
             raise ValueError(f"init: {cfg.init} is a mixture of experts (Wan2.2 A14B); t2v trains models of one "
                              "denoiser")
         bundle.config = dataclasses.replace(bundle.config, **cfg.bundle_config)
+        if "scheduler" in cfg.overrides:  # e.g. a zero-terminal-SNR schedule: the model is fine-tuned to it
+            bundle.scheduler = type(bundle.scheduler).from_config(bundle.scheduler.config, **cfg.overrides["scheduler"])
         if bundle.family.denoiser_key in cfg.overrides:
             if cfg.lora_rank:
                 raise ValueError(f"overrides.{bundle.family.denoiser_key}: a LoRA run trains an adapter on init's "

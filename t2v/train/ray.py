@@ -113,8 +113,9 @@ def fit(cfg: TrainConfig, storage_path: str, name: str = "t2v-train", callbacks:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.worker_resources}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
