@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--precision", default=None, help="default: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--options", nargs="*", default=None,
                     help="rows to run (default: all): diffusers vae_tiling vae_slicing group_offload first_block "
-                         "taylorseer pab compile")
+                         "taylorseer pab compile expert_offload (--mixture)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--mixture", action="store_true", help="two experts of the preset's shape, as Wan2.2 A14B")
     args = ap.parse_args()
@@ -197,6 +197,8 @@ def main() -> None:
                "first_block:0.2": RuntimeOptions.parse(cache="first_block:0.2"),
                "taylorseer": RuntimeOptions.parse(cache="taylorseer:3" if reduced else "taylorseer"),
                "pab": RuntimeOptions.parse(cache="pab"), "compile": RuntimeOptions(compile=True)}
+    if args.mixture:  # one expert on the device at a time; on a CPU both stay in host memory (nothing saved)
+        options["expert_offload"] = RuntimeOptions.parse(memory="expert_offload")
     for name, opts in options.items():
         if wanted is None or name in wanted:
             run_t2v(name if name != "vae_tiling" else tile, opts)  # (first_block: threshold 0.05)
