@@ -354,3 +354,21 @@ def test_a_unet3d_run_trains_the_prediction_its_model_makes_unless_told_otherwis
     _, _, target = UNET3D.training_objective(bundle, TrainConfig(family="unet3d", prediction="epsilon")).pair(
         x0, noise, level)
     assert torch.equal(target, noise)
+
+
+def test_a_scheduler_override_on_an_init_bundle_fine_tunes_it_to_a_zero_terminal_snr_schedule(unet3d_dir):
+    """`overrides.scheduler` on an `init` bundle: the run trains (and saves) that schedule, e.g. zero terminal SNR,
+    where the last timestep is pure noise: its v target is the clean clip (negated) and x0 recovered from v there
+    is exact, with no division by alpha."""
+    from t2v.families import UNET3D
+
+    cfg = TrainConfig(family="unet3d", init=str(unet3d_dir), prediction="v_prediction",
+                      overrides={"scheduler": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}})
+    bundle = build_bundle(cfg)
+    assert bundle.scheduler.config.rescale_betas_zero_snr and bundle.scheduler.config.timestep_spacing == "trailing"
+    assert not t2v.load(unet3d_dir).scheduler.config.rescale_betas_zero_snr  # the init's own was not
+    objective = UNET3D.training_objective(bundle, cfg)
+    x0, noise = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4)
+    x_t, t, target = objective.pair(x0, noise, torch.tensor([0.9999, 0.5]))
+    assert t[0] == 999 and torch.allclose(x_t[0], noise[0]) and torch.allclose(target[0], -x0[0], atol=1e-6)
+    assert torch.allclose(objective.clean(x_t, target, t), x0, atol=1e-4)  # finite at SNR 0 too
