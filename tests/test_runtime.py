@@ -202,6 +202,14 @@ def test_the_serve_denoiser_refuses_a_cache_with_step_batching_or_fan_out(wan_di
             Denoiser.func_or_class(str(wan_dir), runtime={"cache": "first_block"}, **extra)
 
 
+def test_the_serve_denoiser_refuses_expert_offload_with_step_batching(wan_dir):
+    from t2v.serve.deployments import Denoiser
+
+    with pytest.raises(ValueError, match="expert_offload needs step_batching: null"):
+        Denoiser.func_or_class(str(wan_dir), runtime={"memory": ["expert_offload"]}, fan_out=False,
+                               step_batching={"max_batch_size": 4})
+
+
 def test_a_stage_reads_only_the_weights_it_runs(wan_dir):
     from t2v.serve.stages import validate
 

@@ -87,6 +87,11 @@ class Denoiser:
             # would wait for a rank that skipped).
             raise ValueError("runtime.cache needs step_batching: null, fan_out: false and no parallel layout (a "
                              "step cache lives in one replica, per sampling loop)")
+        if step_batching and "expert_offload" in RuntimeOptions.parse(**(runtime or {})).memory:
+            # Batched jobs straddling the switch would need both experts every step: each a move on and off the GPU.
+            raise ValueError("runtime.memory expert_offload needs step_batching: null (jobs batched on both sides of "
+                             "the switch would move an expert on and off the device at every step); or serve the "
+                             "experts split (experts: split)")
         # Every weight (programmes encode prompts here too), but the other expert's when the experts are split.
         other = {0: "denoiser_2", 1: "denoiser"}.get(expert)
         self.pipe = stages.stage_pipeline(model, precision, threads, runtime,
