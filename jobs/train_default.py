@@ -15,12 +15,10 @@ same command continues from the last checkpoint of the stage it was in (a finish
 4. latents: every rendered clip encoded once -> <out>/latents.pt;
 5. denoiser: the UNet3D (jobs/configs/default-denoiser.yaml) on those latents, each draw freshly captioned;
    -> <out>/model;
-6. finetune: that denoiser fine-tuned to a zero-terminal-SNR schedule (jobs/configs/default-finetune.yaml), so
-   that sampling from pure noise draws dark and bright backgrounds; -> <out>/model-zsnr;
-7. eval: `--eval-n` held-out prompts generated and scored (as `t2v eval`) -> <out>/eval.txt and eval.png.
+6. eval: `--eval-n` held-out prompts generated and scored (as `t2v eval`) -> <out>/eval.txt and eval.png.
 
 Each step count is fixed in its config (a resumed stage keeps its learning-rate schedule); the log gives each
-stage's pace and the whole recipe's ETA. `--vae`, `--denoiser` and `--finetune key=value` override each config.
+stage's pace and the whole recipe's ETA. `--vae key=value` / `--denoiser key=value` override either config.
 """
 
 from __future__ import annotations
@@ -167,7 +165,6 @@ def main() -> None:
                     help="only score the denoiser's latest checkpoint on --eval-n held-out prompts (a run in progress)")
     ap.add_argument("--vae", nargs="*", default=[], help="key=value overrides of default-vae.yaml")
     ap.add_argument("--denoiser", nargs="*", default=[], help="key=value overrides of default-denoiser.yaml")
-    ap.add_argument("--finetune", nargs="*", default=[], help="key=value overrides of default-finetune.yaml")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -187,10 +184,7 @@ def main() -> None:
         if trained_to(vae_cfg) is None:
             raise SystemExit(f"the VAE of {out} is not trained yet: no denoiser checkpoint to score")
         return evaluate_checkpoint(on_vae(den_cfg, trained_to(vae_cfg)), args.eval_n, out)
-    ft_cfg = TrainConfig.from_yaml("jobs/configs/default-finetune.yaml", [
-        f"init={out}/model", f"out={out}/model-zsnr", f"checkpoint_dir={out}/checkpoints-finetune", *args.finetune])
-    later_ft = ft_cfg.steps * PACE["denoiser"] + args.eval_n * PACE["eval_clip"]
-    later_den = den_cfg.steps * PACE["denoiser"] + later_ft
+    later_den = den_cfg.steps * PACE["denoiser"] + args.eval_n * PACE["eval_clip"]
     t_start = time.perf_counter()
     # 1. Render in the background (only while a stage still needs clips), into a folder a resumed run reuses.
     spec = RenderSpec(num_frames=vae_cfg.num_frames, size=vae_cfg.size, masks=True)
@@ -223,18 +217,11 @@ def main() -> None:
     if trained_to(den_cfg) is None:
         train(den_cfg, lambda start: latent_batches(latents, scenes, den_cfg.batch_size, seed=start),
               FolderCheckpoints(den_cfg.checkpoint_dir),
-              on_step=Eta("denoiser", den_cfg.steps, later_ft, den_cfg.log_every))
+              on_step=Eta("denoiser", den_cfg.steps, args.eval_n * PACE["eval_clip"], den_cfg.log_every))
 
-    # 6. The zero-terminal-SNR fine-tune of that denoiser.
-    ft_cfg = dataclasses.replace(ft_cfg, init=den_cfg.out, checkpoint_dir=f"{ft_cfg.checkpoint_dir}-vae{vae_step}")
-    if trained_to(ft_cfg) is None:
-        train(ft_cfg, lambda start: latent_batches(latents, scenes, ft_cfg.batch_size, seed=den_cfg.steps + start),
-              FolderCheckpoints(ft_cfg.checkpoint_dir),
-              on_step=Eta("finetune", ft_cfg.steps, args.eval_n * PACE["eval_clip"], ft_cfg.log_every))
-
-    # 7. Held-out adherence of the finished model.
-    evaluate_model(ft_cfg.out, args.eval_n, f"{out}/eval-vae{vae_step}-finetune{trained_to(ft_cfg)}.txt")
-    log.info("done: %s (%s this run); ship it with jobs/ship_default.py", ft_cfg.out,
+    # 6. Held-out adherence of the finished model.
+    evaluate_model(den_cfg.out, args.eval_n, f"{out}/eval-vae{vae_step}-step{trained_to(den_cfg)}.txt")
+    log.info("done: %s (%s this run); copy it to t2v/models/default to ship it", den_cfg.out,
              minutes(time.perf_counter() - t_start))
 
 
