@@ -1,8 +1,9 @@
 """Loaded at start-up by every Python process of a test cluster's nodes (this folder is on their PYTHONPATH),
 when T2V_FILE_AUDIT is set: an audit hook (PEP 578) logs each file the process opens, for writing (W) or reading
 (R), to $T2V_FILE_AUDIT/<node>-<pid>.log, so that a test can see whether a file one node wrote was read on
-another: a shared-disk assumption that a real cluster would break. Python's, Ray's and the system's own folders
-are left out."""
+another: a shared-disk assumption that a real cluster would break. A rename counts as a write of its new name
+(atomic writes). Python's, Ray's and the system's own folders are left out; files opened by native code alone
+(safetensors' weights) are not seen, but a bundle's JSON configs beside them are."""
 
 import os
 import sys
@@ -18,9 +19,12 @@ def _install() -> None:
     seen = set()
 
     def hook(event, args):
-        if event != "open":
+        if event in ("os.rename", "os.replace"):  # an atomic write: a temporary name renamed to the real one
+            event, (path, mode, flags) = "open", (args[1], "w", 0)
+        elif event == "open":
+            path, mode, flags = args
+        else:
             return
-        path, mode, flags = args
         if path is None or isinstance(path, int):
             return
         try:
