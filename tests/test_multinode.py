@@ -394,3 +394,29 @@ def test_training_loses_a_worker_node_and_resumes_from_its_last_checkpoint(clust
           f"{lost_after[3]:.0f} s later, from step {steps[restart]}")
     assert t2v.load(out).family.name == "wan"
     assert cross_node_reads(cluster.audit, workers=2) == []
+
+
+def test_the_file_audit_sees_a_file_written_on_one_node_and_read_on_another(cluster, tmp_path):
+    """The run-level check itself, on purpose: a task on one worker node writes a local file that a task on the
+    other reads (what a stage must never do); the audit names it. (Last in the module: the file stays logged.)"""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = str(tmp_path / "handed-over-by-disk.bin")
+    a, b = (w.node_id for w in cluster.workers)
+
+    @ray.remote(num_cpus=0)
+    def write(p):
+        with open(p, "wb") as f:
+            f.write(b"latents")
+
+    @ray.remote(num_cpus=0)
+    def read(p):
+        with open(p, "rb") as f:
+            return f.read()
+
+    ray.get(write.options(scheduling_strategy=NodeAffinitySchedulingStrategy(a, soft=False)).remote(path))
+    assert ray.get(read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(b, soft=False)).remote(path)) \
+        == b"latents"
+    flagged = [line for line in cross_node_reads(cluster.audit, workers=2) if line.startswith(path + ":")]
+    assert len(flagged) == 1, cross_node_reads(cluster.audit, workers=2)
