@@ -113,9 +113,12 @@ def main() -> None:
           f"{steps} steps, {precision} on {device}", flush=True)
 
     def fresh_bundle(options: RuntimeOptions):
-        """A copy of the same weights for every row (options install hooks on the modules they change), placed
-        and switched on the way `t2v.load` does it."""
-        parts = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
+        """The same weights for every row, placed and switched on the way `t2v.load` does it: a copy where options
+        install hooks on the modules they change or move them; shared without options (on the CPU in fp32 a
+        second copy of two 1.3B experts would not fit a 24 GiB machine)."""
+        share = options == RuntimeOptions() and device == "cpu" and precision == "fp32"
+        parts = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) and not share else v
+                 for k, v in components.items()}
         bundle = t2v.from_components("wan", parts, config=dict(
             num_frames=frames, height=height, width=width, num_inference_steps=steps, fps=16,
             max_sequence_length=512))

@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """The runtime options (t2v.runtime) of a command that generates."""
-    parser.add_argument("--memory", default=None, help="comma-separated: vae_tiling[:px], vae_slicing, group_offload, expert_offload")
+    parser.add_argument("--memory", default=None,
+                        help="comma-separated: vae_tiling[:px], vae_slicing, group_offload, expert_offload")
     parser.add_argument("--cache", default=None, help="step cache: first_block[:threshold], taylorseer[:interval], pab")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated block")
 

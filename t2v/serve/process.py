@@ -91,7 +91,7 @@ def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_
     config["http_options"].update(host="127.0.0.1", port=port)
     app = config["applications"][0]
     app["args"].update(model=model, **(args or {}))
-    app["args"]["settings"].update({"store": str(folder / "store"), **(settings or {})})  # settings may name an s3:// store
+    app["args"]["settings"].update({"store": str(folder / "store"), **(settings or {})})  # or settings' s3:// store
     options = {name: dict(opts) for name, opts in (deployments or {}).items()}
     if denoiser_replicas:
         options.setdefault("Denoiser", {})["num_replicas"] = denoiser_replicas

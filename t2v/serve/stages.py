@@ -62,7 +62,7 @@ class GeneratedVideo:
     # Quality scores (t2v.quality.assess) come after the video is stored, off the job's critical path: an awaitable.
     quality_later: Any = None
     frames: np.ndarray | None = field(default=None, repr=False)  # what `score` reads
-    served_by: dict | None = None  # the Denoiser's parallel layout (`ParallelLayout.describe`); under Serve, its node too
+    served_by: dict | None = None  # the Denoiser's parallel layout (`ParallelLayout.describe`) and Ray node
 
 
 @dataclass
