@@ -146,17 +146,28 @@ def wait_for(check, timeout: float, what: str, every: float = 0.5):
 
 def serve_on(cluster: LocalCluster, folder: Path, model: str, denoiser: dict, args: dict | None = None):
     """`serve run` of the shipped t2v.yaml against the cluster (RAY_ADDRESS), its job store on S3."""
+    from ray import serve
     from ray.serve import context
 
     from t2v.serve.process import serve_shipped_config
 
-    # This driver's serve.status() caches the controller of the graph a test before ran (gone with it): forget it.
+    # This driver's serve.status() caches the controller of the graph a test before ran: forget it, and stop that
+    # graph if it is still there (`serve run` against a running cluster would join it, keeping its HTTP port).
     context._set_global_client(None)
+    serve.shutdown()
     return serve_shipped_config(
         folder, model, args=args, deployments={**ON_HEAD, "Denoiser": {**DENOISER_ON_WORKERS, **denoiser}},
         settings={"store": f"s3://{BUCKET}/store/{folder.name}", "max_attempts": 3, "poll_after_ms": 100,
                   "concurrency": 2},
         env={"RAY_ADDRESS": cluster.address})
+
+
+def stop(served) -> None:
+    """Ctrl-C to `serve run`, then Serve shut down from this driver too: the next test's graph starts clean."""
+    from ray import serve
+
+    served.stop()
+    serve.shutdown()
 
 
 def body(seed: int, **extra) -> dict:
@@ -267,7 +278,7 @@ def test_serving_loses_a_worker_node_mid_job_and_every_job_completes_once(cluste
                                          extra_body={"seed": 9, "num_inference_steps": 4})
         assert again.status == "completed", again.error
     finally:
-        serve.stop()
+        stop(serve)
         cluster.keep_two_workers()
     print("serving, a worker node lost:", figures)
     assert cross_node_reads(cluster.audit, workers=3) == []  # the lost node, the survivor, the one added
@@ -320,7 +331,7 @@ def test_the_denoiser_autoscales_from_one_replica_onto_both_worker_nodes_and_bac
         watcher.join()
     finally:
         stop.set()
-        serve.stop()
+        stop(serve)
     changes = [timeline[0]] + [p for q, p in zip(timeline, timeline[1:]) if p[1:] != q[1:]]
     print("Denoiser replicas over time (s, running, nodes):",
           [(t, n, [x[:8] for x in nodes]) for t, n, nodes in changes])
