@@ -162,7 +162,7 @@ def serve_on(cluster: LocalCluster, folder: Path, model: str, denoiser: dict, ar
         env={"RAY_ADDRESS": cluster.address})
 
 
-def stop(served) -> None:
+def stop_graph(served) -> None:
     """Ctrl-C to `serve run`, then Serve shut down from this driver too: the next test's graph starts clean."""
     from ray import serve
 
@@ -278,7 +278,7 @@ def test_serving_loses_a_worker_node_mid_job_and_every_job_completes_once(cluste
                                          extra_body={"seed": 9, "num_inference_steps": 4})
         assert again.status == "completed", again.error
     finally:
-        stop(serve)
+        stop_graph(serve)
         cluster.keep_two_workers()
     print("serving, a worker node lost:", figures)
     assert cross_node_reads(cluster.audit, workers=3) == []  # the lost node, the survivor, the one added
@@ -331,7 +331,7 @@ def test_the_denoiser_autoscales_from_one_replica_onto_both_worker_nodes_and_bac
         watcher.join()
     finally:
         stop.set()
-        stop(serve)
+        stop_graph(serve)
     changes = [timeline[0]] + [p for q, p in zip(timeline, timeline[1:]) if p[1:] != q[1:]]
     print("Denoiser replicas over time (s, running, nodes):",
           [(t, n, [x[:8] for x in nodes]) for t, n, nodes in changes])
