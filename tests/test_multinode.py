@@ -120,13 +120,17 @@ def model_on_s3(s3, wan_dir):
     return uri
 
 
-def replica_nodes(deployment: str) -> list[str]:
-    """Node ids of the deployment's live replicas, from the GCS actor table (ray.util.state would need the
+def actor_nodes(class_name: str) -> list[str]:
+    """Node ids of the live actors of a class, from the GCS actor table (ray.util.state would need the
     dashboard, which this cluster does not start)."""
     from ray._private import state
 
     return sorted(a["Address"]["NodeID"] for a in state.actors().values()
-                  if a["State"] == "ALIVE" and a["ActorClassName"] == f"ServeReplica:t2v:{deployment}")
+                  if a["State"] == "ALIVE" and a["ActorClassName"] == class_name)
+
+
+def replica_nodes(deployment: str) -> list[str]:
+    return actor_nodes(f"ServeReplica:t2v:{deployment}")
 
 
 def running_replicas(deployment: str) -> int:
@@ -346,12 +350,9 @@ def test_training_loses_a_worker_node_and_resumes_from_its_last_checkpoint(clust
     worker node is lost after a checkpoint, mid-way to the next. The run restarts its workers from that
     checkpoint (the step count continues right after it and every sample is counted once), the loss keeps
     falling, and the final bundle, written to S3, loads."""
-    from ray._private import state
-
     from t2v.data.shards import WorldSpec, write_world
     from t2v.train import TrainConfig
-    from t2v.train.ray import fit, metrics_log
-    from test_train_ray import reports
+    from test_train_ray import fit_in_background, reports
 
     data, out = f"s3://{BUCKET}/world", f"s3://{BUCKET}/trained/tiny"
     write_world(data, WorldSpec(clips=48, shards=2, width=32, height=32, num_frames=9), parallel=False)
@@ -362,14 +363,7 @@ def test_training_loses_a_worker_node_and_resumes_from_its_last_checkpoint(clust
                       bundle_config=dict(num_frames=9, height=32, width=32, num_inference_steps=4,
                                          max_sequence_length=64))
     log = tmp_path / "reports.jsonl"
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(
-        result=fit(cfg, f"s3://{BUCKET}/runs", name="tiny", callbacks=[metrics_log(str(log))])))
-    runner.start()
-
-    def train_worker_nodes() -> list[str]:
-        return sorted(a["Address"]["NodeID"] for a in state.actors().values()
-                      if a["State"] == "ALIVE" and a["ActorClassName"] == "RayTrainWorker")
+    runner, outcome = fit_in_background(cfg, f"s3://{BUCKET}/runs", log)
 
     lost_after = None
     try:
@@ -378,7 +372,7 @@ def test_training_loses_a_worker_node_and_resumes_from_its_last_checkpoint(clust
             seen = reports(log)
             ckpts = [r["step"] for r in seen if r["checkpoint"]]
             if ckpts and seen[-1]["step"] > ckpts[-1]:
-                nodes = train_worker_nodes()
+                nodes = actor_nodes("RayTrainWorker")
                 assert nodes == sorted(w.node_id for w in cluster.workers)  # one worker on each node
                 lost_after = (ckpts[-1], seen[-1]["step"], time.time())
                 cluster.lose(next(w for w in cluster.workers if w.node_id == nodes[0]))

@@ -25,6 +25,15 @@ def reports(path) -> list[dict]:
         return []
 
 
+def fit_in_background(cfg: TrainConfig, storage_path: str, log) -> tuple[threading.Thread, dict]:
+    """`fit` in a thread (its result lands in the dict), every report appended to `log`."""
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(
+        result=fit(cfg, storage_path, name="tiny", callbacks=[metrics_log(str(log))])))
+    runner.start()
+    return runner, outcome
+
+
 def train_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"])
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
@@ -40,10 +49,7 @@ def test_two_workers_checkpoint_to_s3_and_survive_a_killed_worker(tmp_path, ray_
                       bundle_config=dict(num_frames=9, height=32, width=32, num_inference_steps=4,
                                          max_sequence_length=64))
     log = tmp_path / "reports.jsonl"
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(
-        result=fit(cfg, f"s3://{s3_bucket}/runs", name="tiny", callbacks=[metrics_log(str(log))])))
-    runner.start()
+    runner, outcome = fit_in_background(cfg, f"s3://{s3_bucket}/runs", log)
 
     # Kill one worker process once a checkpoint exists and training has gone past it.
     deadline = time.time() + 240
