@@ -1,5 +1,6 @@
 """The recipe's model as the embedded default: its scheduler swapped for the sampler chosen by `t2v eval` at equal
-steps (the denoiser is unchanged), and that sampler's step count as the default.
+steps (the denoiser is unchanged), and that sampler's step count as the default. `jobs/train_default.py` does the
+same as its "ship" stage; this script re-ships a trained model with other sampling.
 
     python jobs/ship_default.py out/default-run/model t2v/models/default --sampler unipc --spacing trailing --steps 10
 
@@ -10,10 +11,9 @@ the default "leading" spacing starts at t = 900 from pure noise, and dark or bri
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from t2v.bundle import load
-from t2v.sampling import make_scheduler
+from t2v.sampling import with_sampler
 
 
 def main() -> None:
@@ -24,16 +24,10 @@ def main() -> None:
     ap.add_argument("--spacing", default=None, help="timestep_spacing: leading, trailing or linspace")
     ap.add_argument("--steps", type=int, required=True)
     args = ap.parse_args()
-    bundle = load(args.model, device="cpu")
-    fam = bundle.family
-    config = {**bundle.scheduler.config, "_class_name": type(bundle.scheduler).__name__}
-    scheduler = make_scheduler(config, fam.samplers, args.sampler, fam.flow)
-    if args.spacing:
-        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=args.spacing)
-    bundle.scheduler = scheduler
-    bundle.config = dataclasses.replace(bundle.config, num_inference_steps=args.steps)
+    bundle = with_sampler(load(args.model, device="cpu"), args.sampler, args.spacing, args.steps)
     bundle.save(args.out)
-    print(f"{args.out}: {type(scheduler).__name__} ({scheduler.config.timestep_spacing}), {args.steps} steps")
+    print(f"{args.out}: {type(bundle.scheduler).__name__} ({bundle.scheduler.config.timestep_spacing}), "
+          f"{args.steps} steps")
 
 
 if __name__ == "__main__":

@@ -418,5 +418,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `t2v` console script: main(), then exit without the interpreter's last garbage collection, which walks
+    the object graphs of torch, diffusers and transformers for 0.6 s on a 2-core CPU after the work is done (files
+    are closed and atexit handlers run as usual; the memory goes back to the system with the process)."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

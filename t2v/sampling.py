@@ -61,6 +61,21 @@ def make_scheduler(base_config: dict, samplers: dict[str, tuple[str, dict]], nam
     return getattr(diffusers, cls_name).from_config(base_config, **overrides)
 
 
+def with_sampler(bundle, sampler: str | None = None, spacing: str | None = None, steps: int | None = None):
+    """The bundle with a new default sampling: the named sampler's scheduler on the bundle's training schedule
+    (None: its own), timestep spacing ("leading", "trailing", "linspace") and step count; the weights unchanged."""
+    import dataclasses
+
+    config = {**bundle.scheduler.config, "_class_name": type(bundle.scheduler).__name__}
+    scheduler = make_scheduler(config, bundle.family.samplers, sampler, bundle.family.flow)
+    if spacing:
+        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=spacing)
+    bundle.scheduler = scheduler
+    if steps is not None:
+        bundle.config = dataclasses.replace(bundle.config, num_inference_steps=steps)
+    return bundle
+
+
 def scheduler_for(bundle, sampler: str | None, num_inference_steps: int):
     """The scheduler of one generation, its timesteps set: the bundle's own, or the named sampler's class with
     the bundle's training schedule."""

@@ -47,6 +47,23 @@ def test_world_prompts_are_rewritten_into_training_phrasing():
     assert world_caption(parse_prompt("a red ball")) == "a red circle"
 
 
+def test_optimizing_for_the_world_model_loads_no_text_encoder():
+    """Style and emotion are read by MiniLM embeddings, which a world model's rewrite has no use for: it costs no
+    encoder load (a tenth of a `t2v generate` at the embedded model's size)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from t2v.production.prompting import _encoder, optimize_prompt\n"
+            "opt = optimize_prompt('a crimson sphere hopping over a dark backdrop', world_model=True)\n"
+            "assert opt.prompt == 'a red circle bouncing on a black background', opt.prompt\n"
+            "assert _encoder.cache_info().misses == 0 and 'transformers' not in sys.modules\n"
+            "open_model = optimize_prompt('a watercolor painting of a sad clown', world_model=False)\n"
+            "assert _encoder.cache_info().misses == 1 and open_model.analysis.emotion == 'sad'\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_open_models_get_tags_a_negative_prompt_and_parameters():
     opt = optimize_prompt("a dog running on the beach", world_model=False)
     assert opt.prompt.startswith("a dog running on the beach, ") and "high quality" in opt.prompt

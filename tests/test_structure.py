@@ -106,8 +106,8 @@ def test_text_parsing_does_not_load_opencv():
     """Prompt parsing is all words: it must work (and stay cheap) where OpenCV is absent or slow to load."""
     code = ("import sys, t2v.world.parse\n"
             "import t2v.production.prompting as prompting\n"
-            "prompting.zero_shot = lambda *args, **kwargs: None  # the MiniLM encoder is not under test\n"
-            "analysis = prompting.analyze_text('a small red ball moving left above a blue star at sunset')\n"
+            "analysis = prompting.analyze_text('a small red ball moving left above a blue star at sunset',\n"
+            "                                  zero_shot=False)  # the MiniLM encoder is not under test\n"
             "assert analysis.world['objects'][0]['color'] == 'red', analysis.world\n"
             "prompting.world_caption(analysis.world)\n"
             "assert 'cv2' not in sys.modules, 'cv2 was imported'\n")

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The recipe's own configs at toy size: 32x32 clips of 9 frames, a few steps of each stage.
 TINY = [
-    "--clips", "64", "--gate-n", "2", "--eval-n", "2",
+    "--clips", "64", "--gate-n", "2", "--eval-n", "2", "--steps", "2",
     "--vae", "steps=20", "checkpoint_every=2", "log_every=2", "size=32", "num_frames=9",
     "bundle_config={num_frames: 9, height: 32, width: 32, fps: 8, num_inference_steps: 2, max_sequence_length: 48, "
     "max_frames: 17, min_size: 32, max_size: 64}",
@@ -84,11 +85,19 @@ def test_the_recipe_killed_in_each_training_stage_continues_from_its_last_checkp
     for line in third.splitlines():  # every step logged after the resume is past the checkpoint
         if "denoiser: step" in line:
             assert int(line.split("denoiser: step ")[1].split("/")[0]) > resumed[0]
-    # Each stage left what it makes: the VAE's gate scores, the latents, a model that loads, its held-out scores.
+    # Each stage left what it makes: the VAE's gate scores, the latents, a model that loads, the same weights with
+    # the shipped sampling, its held-out scores.
     assert "prompt adherence" in (out / "vae-gate-step20.txt").read_text()
     assert (out / "latents-vae20-clips64.pt").exists()
-    assert "prompt adherence, heldout split, 2 prompts" in (out / "eval-vae20-step20.txt").read_text()
     bundle = load(out / "model")
     assert bundle.family.name == "unet3d" and bundle.config.height == 32
     assert list(bundle.denoiser.config.block_out_channels) == [16, 32]
+    shipped = load(out / "shipped")
+    assert type(shipped.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert shipped.scheduler.config.timestep_spacing == "trailing" and shipped.config.num_inference_steps == 2
+    assert shipped.scheduler.config.beta_schedule == bundle.scheduler.config.beta_schedule  # the training schedule
+    for name, weight in bundle.denoiser.state_dict().items():
+        assert torch.equal(weight, shipped.denoiser.state_dict()[name]), name
+    text = (out / "eval-vae20-step20-unipc-trailing-2.txt").read_text()
+    assert "prompt adherence, heldout split, 2 prompts" in text
     assert "ETA" in second and "recipe ETA" in third

@@ -84,7 +84,7 @@ def embed(texts: list[str]) -> np.ndarray:
         return torch.nn.functional.normalize(e, dim=-1).numpy()
 
 
-def zero_shot(text: str, labels: dict[str, str], threshold: float) -> str | None:
+def similar_label(text: str, labels: dict[str, str], threshold: float) -> str | None:
     """The label whose description is most similar to the text, if similar enough."""
     e = embed([text, *labels.values()])
     sims = e[1:] @ e[0]
@@ -99,7 +99,9 @@ def _words(prompt: str) -> list[str]:
     return [w[:-1] if w.endswith("s") and w[:-1] in known else w for w in words]
 
 
-def analyze_text(prompt: str) -> TextAnalysis:
+def analyze_text(prompt: str, zero_shot: bool = True) -> TextAnalysis:
+    """zero_shot: read style and emotion with MiniLM sentence embeddings (otherwise only from the words: a world
+    model's optimizer has no use for them, and they cost a text-encoder load)."""
     from ..world.parse import parse_prompt
 
     if not isinstance(prompt, str) or not prompt.strip():
@@ -115,8 +117,9 @@ def analyze_text(prompt: str) -> TextAnalysis:
                else [w for w in words if w in ACTIONS])
     setting = "indoor" if wordset & INDOOR else "outdoor" if wordset & OUTDOOR else "unknown"
     time = next((TIMES[w] for w in words if w in TIMES), "unspecified")
-    style = next((s for s in STYLES if s in prompt.lower()), None) or zero_shot(prompt, STYLES, 0.45) or "unspecified"
-    emotion = zero_shot(prompt, EMOTIONS, 0.35) or "neutral"
+    style = next((s for s in STYLES if s in prompt.lower()), None)
+    style = style or (zero_shot and similar_label(prompt, STYLES, 0.45)) or "unspecified"
+    emotion = (zero_shot and similar_label(prompt, EMOTIONS, 0.35)) or "neutral"
     if wordset & HIGH_MOTION:
         intensity = "high"
     elif wordset & LOW_MOTION or not actions:
@@ -196,7 +199,7 @@ def optimize_prompt(prompt: str, world_model: bool = True, negative_prompt: str 
     """world_model: the model knows the synthetic world's captions only (the embedded default): rewrite into
     its phrasing and add nothing it cannot read. Otherwise add quality, style and motion tags and a negative
     prompt built from the analysis."""
-    a = analyze_text(prompt)
+    a = analyze_text(prompt, zero_shot=not world_model)
     changes: list[str] = []
     steps, guidance = 25, 5.0
     fps = {"low": 8, "medium": 8, "high": 12}[a.motion_intensity]
