@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +24,12 @@ def needs_program(name: str):
     suite uses, so there a missing one fails the test instead of hiding behind a skip."""
     return pytest.mark.skipif(shutil.which(name) is None and not os.environ.get("CI"),
                               reason=f"needs {name} (.ci/run installs it from Debian)")
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter of this environment (what a process imports, or does at exit, unaffected by
+    the test session's own imports); its exit status and text output."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def build_tiny(family, seed: int = 0) -> t2v.Bundle:

@@ -7,7 +7,7 @@ import json
 import boto3
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, fresh_python
 from layouts import build_modelscope, model_index
 
 import t2v
@@ -82,13 +82,10 @@ def test_weights_that_do_not_fit_the_config_name_diffusers_and_the_component(tmp
 
 def test_a_missing_accelerate_is_named_with_the_fix(wan_dir):
     """diffusers itself would refuse Wan's transformer with a message about low_cpu_mem_usage."""
-    import subprocess
-    import sys
-
     code = ("import sys; sys.modules['accelerate'] = None  # as if it were not installed\n"
             "import t2v\n"
             f"t2v.load({str(wan_dir)!r})\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = fresh_python(code)
     assert r.returncode != 0
     assert "loading needs the accelerate package, which is not installed" in r.stderr
     assert "pip install accelerate" in r.stderr

@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from conftest import fresh_python
 from t2v.video import probe, read_video
 
 T2V = shutil.which("t2v")
@@ -82,7 +83,6 @@ def test_missing_model_exits_2(tmp_path):
 def test_the_console_script_skips_the_last_garbage_collection_yet_runs_exit_handlers():
     """`t2v` (t2v.cli:run) exits with main()'s code after freezing the heap (the interpreter's final collection of
     torch's and diffusers' objects is 0.6 s of every command); what a process does at exit still runs."""
-    import sys
     from importlib.metadata import entry_points
 
     assert [e.value for e in entry_points(group="console_scripts", name="t2v")] == ["t2v.cli:run"]
@@ -91,11 +91,10 @@ def test_the_console_script_skips_the_last_garbage_collection_yet_runs_exit_hand
             "sys.argv = ['t2v', 'info', '--preset', 'unet3d:tiny']\n"
             "from t2v.cli import run\n"
             "run()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = fresh_python(code)
     assert done.returncode == 0, done.stderr
     assert "UNet3DConditionModel" in done.stdout and "frozen at exit: True" in done.stdout
-    bad = subprocess.run([sys.executable, "-c", code.replace("unet3d:tiny", "no-such-preset")], capture_output=True,
-                         text=True, timeout=120)
+    bad = fresh_python(code.replace("unet3d:tiny", "no-such-preset"))
     assert bad.returncode != 0 and "unknown preset" in bad.stderr
 
 

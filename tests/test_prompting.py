@@ -9,6 +9,7 @@ from t2v.errors import InputError
 from t2v.production.prompting import analyze_text, fill_template, optimize_prompt, world_caption
 from t2v.world.parse import parse_prompt
 
+from conftest import fresh_python
 from test_serve_api import Server
 
 CASES = [  # prompt, entities, actions, setting, time of day, style, emotion, motion intensity
@@ -50,9 +51,6 @@ def test_world_prompts_are_rewritten_into_training_phrasing():
 def test_optimizing_for_the_world_model_loads_no_text_encoder():
     """Style and emotion are read by MiniLM embeddings, which a world model's rewrite has no use for: it costs no
     encoder load (a tenth of a `t2v generate` at the embedded model's size)."""
-    import subprocess
-    import sys
-
     code = ("import sys\n"
             "from t2v.production.prompting import _encoder, optimize_prompt\n"
             "opt = optimize_prompt('a crimson sphere hopping over a dark backdrop', world_model=True)\n"
@@ -60,7 +58,7 @@ def test_optimizing_for_the_world_model_loads_no_text_encoder():
             "assert _encoder.cache_info().misses == 0 and 'transformers' not in sys.modules\n"
             "open_model = optimize_prompt('a watercolor painting of a sad clown', world_model=False)\n"
             "assert _encoder.cache_info().misses == 1 and open_model.analysis.emotion == 'sad'\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    run = fresh_python(code)
     assert run.returncode == 0, run.stderr
 
 

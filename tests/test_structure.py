@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import subprocess
-import sys
 
 import t2v
+from conftest import fresh_python
 
 ROOT = pathlib.Path(t2v.__file__).parent
 
@@ -111,7 +110,7 @@ def test_text_parsing_does_not_load_opencv():
             "assert analysis.world['objects'][0]['color'] == 'red', analysis.world\n"
             "prompting.world_caption(analysis.world)\n"
             "assert 'cv2' not in sys.modules, 'cv2 was imported'\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    run = fresh_python(code)
     assert run.returncode == 0, run.stderr
 
 

@@ -96,8 +96,9 @@ def test_the_recipe_killed_in_each_training_stage_continues_from_its_last_checkp
     assert type(shipped.scheduler).__name__ == "UniPCMultistepScheduler"
     assert shipped.scheduler.config.timestep_spacing == "trailing" and shipped.config.num_inference_steps == 2
     assert shipped.scheduler.config.beta_schedule == bundle.scheduler.config.beta_schedule  # the training schedule
+    shipped_weights = shipped.denoiser.state_dict()
     for name, weight in bundle.denoiser.state_dict().items():
-        assert torch.equal(weight, shipped.denoiser.state_dict()[name]), name
+        assert torch.equal(weight, shipped_weights[name]), name
     text = (out / "eval-vae20-step20-unipc-trailing-2.txt").read_text()
     assert "prompt adherence, heldout split, 2 prompts" in text
     assert "ETA" in second and "recipe ETA" in third
