@@ -13,7 +13,8 @@ same command continues from the last checkpoint of the stage it was in (a finish
    -> <out>/vae-gate.txt; the targets below are logged as passed or not (with --require-gate a failed gate stops
    the run before the denoiser);
 4. latents: every rendered clip encoded once -> <out>/latents.pt;
-5. denoiser: the UNet3D (jobs/configs/default-denoiser.yaml) on those latents, each draw freshly captioned;
+5. denoiser: the UNet3D (jobs/configs/default-denoiser.yaml, or another design's config: --denoiser-config) on
+   those latents, each draw freshly captioned;
    -> <out>/model;
 6. ship: the model with the sampling it ships with (`--sampler`, `--spacing`, `--steps`, as jobs/ship_default.py)
    -> <out>/shipped, the folder to copy to t2v/models/default;
@@ -168,19 +169,25 @@ def main() -> None:
                     help="a saved run to continue (e.g. jobs/default-run): copied into --out when --out is new")
     ap.add_argument("--eval-now", action="store_true",
                     help="only score the denoiser's latest checkpoint on --eval-n held-out prompts (a run in progress)")
-    ap.add_argument("--sampler", default="unipc", help="the shipped model's sampler (a unet3d family sampler)")
+    ap.add_argument("--sampler", default="unipc", help="the shipped model's sampler (one of its family's)")
     ap.add_argument("--spacing", default="trailing", help="its timestep spacing")
     ap.add_argument("--steps", type=int, default=SHIPPED_STEPS, help="its default number of steps")
     ap.add_argument("--vae", nargs="*", default=[], help="key=value overrides of default-vae.yaml")
-    ap.add_argument("--denoiser", nargs="*", default=[], help="key=value overrides of default-denoiser.yaml")
+    ap.add_argument("--denoiser-config", default="jobs/configs/default-denoiser.yaml",
+                    help="the denoiser stage's config (e.g. jobs/configs/latte-denoiser.yaml)")
+    ap.add_argument("--denoiser", nargs="*", default=[], help="key=value overrides of the denoiser config")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
     out = args.out
     vae_cfg = TrainConfig.from_yaml("jobs/configs/default-vae.yaml", [
         f"out={out}/vae", f"checkpoint_dir={out}/checkpoints-vae", *args.vae])
-    den_cfg = TrainConfig.from_yaml("jobs/configs/default-denoiser.yaml", [
-        f"init={out}/vae", f"out={out}/model", f"checkpoint_dir={out}/checkpoints-denoiser", *args.denoiser])
+    # Each denoiser config keeps its checkpoints in its own folder under --out (checkpoints-denoiser for the
+    # default's, checkpoints-latte for latte-denoiser.yaml's), so designs never resume from each other's.
+    den_cfg = TrainConfig.from_yaml(args.denoiser_config, args.denoiser)
+    den_cfg = TrainConfig.from_yaml(args.denoiser_config, [
+        f"init={out}/vae", f"out={out}/model", f"checkpoint_dir={out}/{os.path.basename(den_cfg.checkpoint_dir)}",
+        *args.denoiser])
     if args.start and not os.path.exists(out):
         shutil.rmtree(out + ".partial", ignore_errors=True)
         shutil.copytree(args.start, out + ".partial")

@@ -264,7 +264,8 @@ def info(args) -> int:
     print(f"  {'scheduler':<13} {type(b.scheduler).__name__}")
     print(f"  {'tokenizer':<13} {type(b.tokenizer).__name__} (max {cfg.max_sequence_length} tokens)")
     t, m = fam.temporal_factor(b), fam.size_multiple(b)
-    frames = f"1 + {t}k, up to {cfg.max_frames}" if t > 1 else f"1..{cfg.max_frames}"
+    lo, hi = fam.frame_range(b)
+    frames = f"1 + {t}k, up to {hi}" if t > 1 else (f"{lo}..{hi}" if lo < hi else f"{hi}")
     print(f"sizes: height/width {max(m, cfg.min_size)}..{cfg.max_size} in multiples of {m}; frames {frames}")
     print(f"defaults: {cfg.num_frames} frames, {cfg.width}x{cfg.height} at {cfg.fps:g} fps, "
           f"{cfg.num_inference_steps} steps, guidance {cfg.guidance_scale:g}")

@@ -123,8 +123,8 @@ def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=Non
     return GenerationParams(
         prompts=prompts,
         negative_prompts=negatives,
-        num_frames=_int("num_frames", cfg.num_frames if num_frames is None else num_frames, 1, cfg.max_frames,
-                        t, 1 if t > 1 else 0),
+        num_frames=_int("num_frames", cfg.num_frames if num_frames is None else num_frames,
+                        *fam.frame_range(bundle), t, 1 if t > 1 else 0),
         height=_int("height", cfg.height if height is None else height, lo_size, cfg.max_size, m),
         width=_int("width", cfg.width if width is None else width, lo_size, cfg.max_size, m),
         num_inference_steps=check_steps(cfg.num_inference_steps if num_inference_steps is None

@@ -166,6 +166,7 @@ def apply(bundle, options: RuntimeOptions | None = None, device: str | torch.dev
     for model in (m for m in bundle.experts if not is_shapes_only(m)):
         if options.cache:
             _require(model, "enable_cache", "cache", options.cache)
+            bundle.family.check_cache(bundle, options.cache.partition(":")[0])
             model.enable_cache(cache_config(options.cache, lambda: runtime.timestep))
         if options.compile:
             if getattr(model, "_repeated_blocks", None):

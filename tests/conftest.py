@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import t2v
-from t2v.families import UNET3D, WAN
+from t2v.families import LATTE, UNET3D, WAN
 
 # Small enough that a whole generation takes well under a second on 2 cores.
 WAN_TINY = dict(max_sequence_length=32, num_frames=9, height=32, width=32, num_inference_steps=3, fps=8)
 UNET3D_TINY = dict(max_sequence_length=32, num_frames=4, height=32, width=32, num_inference_steps=3, fps=8)
+LATTE_TINY = dict(UNET3D_TINY, num_frames=5, max_frames=5)  # the tiny preset's video_length
 
 
 def needs_program(name: str):
@@ -34,7 +35,7 @@ def fresh_python(code: str) -> subprocess.CompletedProcess:
 
 def build_tiny(family, seed: int = 0) -> t2v.Bundle:
     torch.manual_seed(seed)
-    config = WAN_TINY if family is WAN else UNET3D_TINY
+    config = {WAN.name: WAN_TINY, UNET3D.name: UNET3D_TINY, LATTE.name: LATTE_TINY}[family.name]
     return t2v.from_components(family, family.build("tiny"), config=config)
 
 
@@ -53,6 +54,13 @@ def unet3d_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def latte_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundles") / "latte-tiny"
+    build_tiny(LATTE).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def wan_pipe(wan_dir):
     return t2v.TextToVideoPipeline.from_pretrained(wan_dir)
 
@@ -60,6 +68,11 @@ def wan_pipe(wan_dir):
 @pytest.fixture(scope="session")
 def unet3d_pipe(unet3d_dir):
     return t2v.TextToVideoPipeline.from_pretrained(unet3d_dir)
+
+
+@pytest.fixture(scope="session")
+def latte_pipe(latte_dir):
+    return t2v.TextToVideoPipeline.from_pretrained(latte_dir)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,27 @@ def test_unet3d_agrees_with_diffusers_texttovideosdpipeline(unet3d_dir, sampler)
     assert (ours - theirs).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("sampler", [None, "ddpm", "unipc"])
+def test_latte_agrees_with_diffusers_lattepipeline(latte_dir, sampler):
+    """LattePipeline zeroes a batch of prompts' embeddings past each prompt's length (its mask_feature); t2v does
+    that for every batch (LattePipeline trims a lone prompt instead), so both get t2v's embeddings here."""
+    bundle = t2v.load(latte_dir)
+    call = dict(CALL_UNET, num_frames=bundle.denoiser.config.video_length)
+    seed = call.pop("seed")
+    ours = t2v.TextToVideoPipeline(bundle)(output_type="pt", sampler=sampler, seed=seed, **call).frames
+    ref = reference(latte_dir, bundle)
+    if sampler is not None:
+        ref.scheduler = make_scheduler(dict(ref.scheduler.config), bundle.family.samplers, sampler, False)
+    embeds = bundle.family.encode_prompt(bundle, [call.pop("prompt"), call.pop("negative_prompt")],
+                                         bundle.config.max_sequence_length)
+    theirs = ref(prompt_embeds=embeds[:1], negative_prompt=None, negative_prompt_embeds=embeds[1:],
+                 video_length=call.pop("num_frames"),
+                 generator=torch.Generator().manual_seed(seed), output_type="pt", **call).frames
+    assert ours.shape == theirs.shape == (1, 5, 3, 32, 32)
+    assert ours.std() > 0.01
+    assert (ours - theirs).abs().max().item() <= TOL
+
+
 def test_wan21_layout_with_umt5_loads_and_agrees(tmp_path):
     path = build_wan21(tmp_path / "Wan2.1-T2V-tiny")
     bundle = t2v.load(path)

@@ -12,7 +12,7 @@ from layouts import build_modelscope, model_index
 
 import t2v
 from t2v.errors import BundleError, InputError
-from t2v.families import UNET3D, WAN
+from t2v.families import LATTE, UNET3D, WAN
 
 
 def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -20,7 +20,7 @@ def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("family", [WAN, UNET3D], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", [WAN, UNET3D, LATTE], ids=lambda f: f.name)
 def test_save_writes_the_reference_layout_and_load_restores_it(tmp_path, family):
     bundle = build_tiny(family, seed=1)
     bundle.save(str(tmp_path / "b"))

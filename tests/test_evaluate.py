@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from t2v.errors import InputError
 from t2v.quality.evaluate import FrameErrors, conditioning_losses, contact_sheet, eval_prompts, evaluate, evaluate_vae
 from t2v.world import Scene, WorldObject, render
 from t2v.world.analyze import objects_per_frame
@@ -133,13 +132,14 @@ def test_vae_stage_scores_reconstructions_against_the_rendered_scenes():
     assert (errors.mean()[0] == 0).all() and (errors.inside_px > 0).all()
 
 
-def test_conditioning_losses_use_one_noise_for_every_caption(wan_pipe, unet3d_pipe):
-    losses = conditioning_losses(wan_pipe, "heldout", n=4, batch_size=2, sigmas=(0.5, 0.9))
+@pytest.mark.parametrize("pipe_name", ["wan_pipe", "latte_pipe"])
+def test_conditioning_losses_use_one_noise_for_every_caption(request, pipe_name):
+    """The family's own training loss (flow matching, or DDPM at t = level x 1000), the same noise per caption."""
+    pipe = request.getfixturevalue(pipe_name)
+    losses = conditioning_losses(pipe, "heldout", n=4, batch_size=2, sigmas=(0.5, 0.9))
     assert set(losses) == {"true", "shuffled", "empty"} and set(losses["true"]) == {0.5, 0.9}
-    assert losses == conditioning_losses(wan_pipe, "heldout", n=4, batch_size=2, sigmas=(0.5, 0.9))
+    assert losses == conditioning_losses(pipe, "heldout", n=4, batch_size=2, sigmas=(0.5, 0.9))
     assert losses["true"][0.9] != losses["empty"][0.9]  # the captions reach the denoiser
-    with pytest.raises(InputError, match="stage: the dit stage measures flow-matching loss; unet3d"):
-        conditioning_losses(unet3d_pipe, "heldout", n=2)
 
 
 def test_cli_eval_all_stages(tmp_path, wan_dir):

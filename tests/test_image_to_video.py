@@ -50,7 +50,7 @@ def test_noised_is_the_schedulers_forward_process_at_the_current_step(wan_pipe):
         latents = scheduler.step(torch.zeros_like(latents), t, latents, return_dict=False)[0]
 
 
-@pytest.mark.parametrize("pipe_name", ["wan_pipe", "unet3d_pipe"])
+@pytest.mark.parametrize("pipe_name", ["wan_pipe", "unet3d_pipe", "latte_pipe"])
 def test_the_video_starts_from_the_image_and_moves_on_from_it(request, pipe_name):
     pipe = request.getfixturevalue(pipe_name)
     img = picture()

@@ -49,6 +49,20 @@ def test_unet3d_limits_follow_its_architecture(unet3d_pipe):
         unet3d_pipe("a red ball", sampler="flow-match-euler")
 
 
+def test_latte_makes_clips_of_its_temporal_position_table_only(latte_dir):
+    """LatteTransformer3DModel adds a fixed table of video_length temporal positions: any other frame count is
+    refused by name, before any work, instead of failing inside the model."""
+    pipe = t2v.TextToVideoPipeline.from_pretrained(latte_dir)
+    n = pipe.bundle.denoiser.config.video_length
+    assert pipe("a red ball", num_inference_steps=1).frames.shape[1] == n
+    for frames in (n - 1, n + 4):
+        with pytest.raises(InputError) as err:
+            pipe("a red ball", num_frames=frames, num_inference_steps=1)
+        assert err.value.field == "num_frames" and f"{n}..{n}" in str(err.value)
+    with pytest.raises(InputError, match="multiple of 4"):  # 2x VAE x 2x2 patches
+        pipe("a red ball", height=34)
+
+
 def test_unknown_precision(wan_dir):
     with pytest.raises(InputError, match="precision.*fp32, bf16, fp16, int8"):
         t2v.load(wan_dir, precision="fp8")

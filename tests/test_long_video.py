@@ -88,6 +88,16 @@ def test_one_window_is_exactly_the_plain_pipeline(wan_pipe):
     assert long.windows == [(1, 3)]
 
 
+def test_a_fixed_length_transformer_makes_long_videos_of_its_clip_length_windows(latte_pipe):
+    """Latte's clips have exactly video_length frames: every window of a long video is one such clip."""
+    n = latte_pipe.bundle.denoiser.config.video_length
+    long = LongVideoPipeline(latte_pipe)(["a red ball"], num_frames=n, seed=3)
+    assert np.array_equal(long.frames[0], latte_pipe("a red ball", seed=3).frames[0])
+    out = LongVideoPipeline(latte_pipe)("a red ball", num_frames=2 * n + 1, overlap=1, seed=0)
+    assert out.frames.shape[1] == 2 * n + 1 and len(out.windows) > 1
+    assert {1 + e - s for s, e in out.windows} == {n}
+
+
 def test_long_clip_shapes_prompts_and_errors(wan_pipe):
     lp = LongVideoPipeline(wan_pipe)  # the tiny model's clips are 9 frames = 3 latent frames
     out = lp("a red ball", num_frames=25, overlap=1, seed=0)

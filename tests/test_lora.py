@@ -472,3 +472,27 @@ def test_serve_graph_serves_adapters_per_request(tmp_path, wan_dir):
                               extra_body={"num_inference_steps": 4})
         done, _ = finish(i2v)
         assert done.model == "t2v-default+sand" and done.model_extra["t2v"]["params"]["image_sha256"]
+
+
+def test_a_latte_adapter_is_a_transformer_lora_in_diffusers_format_and_loads_back_as_trained(tmp_path, latte_dir):
+    # LattePipeline has no LoRA loader: t2v gives LatteTransformer3DModel peft's mixin and writes diffusers'
+    # transformer-only LoRA format ("transformer." keys, peft metadata), which diffusers' loaders read.
+    data = str(tmp_path / "desert")
+    write_world(data, WorldSpec(clips=8, shards=1, width=32, height=32, num_frames=5, background="desert",
+                                background_share=0.75), parallel=False)
+    cfg = lora_config(tmp_path, latte_dir, data, family="latte", steps=4, checkpoint_every=2, lr=2e-2, num_frames=5)
+    trained = run(cfg)
+    state, metadata = diffusers.loaders.CogVideoXLoraLoaderMixin.lora_state_dict(cfg.out, return_lora_metadata=True)
+    assert state and all(k.startswith("transformer.") and ".lora_" in k for k in state)
+    assert metadata["transformer.r"] == 4
+    pipe = t2v.TextToVideoPipeline.from_pretrained(latte_dir)
+    call = dict(num_inference_steps=2, seed=3, output_type="pt")
+    base = pipe(PROMPT, **call).frames
+    pipe.load_lora_weights(cfg.out, "desert")
+    ours, want = lora.adapter_state(pipe.bundle, "desert"), lora.adapter_state(trained)
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k].float()) for k in want)
+    pipe.set_adapters("desert", 1.0)
+    adapted = pipe(PROMPT, **call).frames
+    lora.activate(trained, lora.Choice("default", 1.0))
+    assert torch.equal(adapted, t2v.TextToVideoPipeline(trained)(PROMPT, **call).frames)
+    assert (adapted - base).abs().max() > 1e-3

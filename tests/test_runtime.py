@@ -177,6 +177,18 @@ def test_other_caches_approximate_the_uncached_video(cache):
     assert not torch.equal(cached, base) and psnr(cached, base) > 30
 
 
+def test_latte_runs_under_the_caches_its_layout_allows_and_refuses_first_block(latte_dir):
+    """Latte reshapes its tokens between frame and time blocks, which the first-block cache cannot follow: refused
+    by name before any work; the caches that wrap each block approximate the uncached video."""
+    call = dict(seed=3, num_inference_steps=8, output_type="pt")
+    base = t2v.TextToVideoPipeline.from_pretrained(latte_dir)("a red ball", **call).frames.float()
+    with pytest.raises(InputError, match="cache: first_block.*taylorseer, pab"):
+        t2v.TextToVideoPipeline.from_pretrained(latte_dir, cache="first_block:0.1")
+    for cache in ("taylorseer:2", "pab"):
+        cached = t2v.TextToVideoPipeline.from_pretrained(latte_dir, cache=cache)("a red ball", **call).frames.float()
+        assert not torch.equal(cached, base) and psnr(cached, base) > 20  # cached steps, close to the video
+
+
 def test_a_cache_composes_with_long_video_windows():
     """Each window of a long video is cached under its own context: at threshold 0 the long video is the
     uncached one exactly, and above it, a repeat of the same call gives the same video."""

@@ -9,7 +9,7 @@ import torch
 from t2v.sampling import predict_batch, predict_guided
 
 
-@pytest.mark.parametrize("pipe_name", ["wan_pipe", "unet3d_pipe"])
+@pytest.mark.parametrize("pipe_name", ["wan_pipe", "unet3d_pipe", "latte_pipe"])
 def test_batched_requests_match_their_own_forwards(pipe_name, request):
     pipe = request.getfixturevalue(pipe_name)
     b = pipe.bundle

@@ -64,13 +64,15 @@ def test_ema_tracks_weights():
     assert torch.allclose(target.weight, m.weight, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["wan", "unet3d"])
+@pytest.mark.parametrize("family", ["wan", "unet3d", "latte"])
 def test_denoiser_loss_falls_and_bundle_loads(tmp_path, world32, family):
     losses = []
     cfg = config(tmp_path, world32, family=family, steps=40, checkpoint_every=40,
                  **({"bundle_config": {**TINY_BUNDLE, "num_frames": 8}} if family == "unet3d" else {}))
     if family == "unet3d":
         cfg.num_frames = 8
+    if family == "latte":  # its temporal positions: the clips' 9 frames
+        cfg.overrides = {"transformer": {"video_length": 9}}
     run(cfg, losses)
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4])
     pipe = t2v.TextToVideoPipeline.from_pretrained(cfg.out)
@@ -372,3 +374,22 @@ def test_a_scheduler_override_on_an_init_bundle_fine_tunes_it_to_a_zero_terminal
     x_t, t, target = objective.pair(x0, noise, torch.tensor([0.9999, 0.5]))
     assert t[0] == 999 and torch.allclose(x_t[0], noise[0]) and torch.allclose(target[0], -x0[0], atol=1e-6)
     assert torch.allclose(objective.clean(x_t, target, t), x0, atol=1e-4)  # finite at SNR 0 too
+
+
+def test_a_transformer_design_trains_on_a_unet_models_vae(unet3d_dir, wan_dir):
+    """family latte with a transformer design in overrides, init a unet3d bundle: a fresh Latte transformer on
+    that bundle's own (trained) per-frame VAE, saved as a LattePipeline bundle; a VAE the family cannot take is
+    refused, naming both."""
+    from t2v.families import LATTE
+
+    cfg = TrainConfig(family="latte", preset="tiny", init=str(unet3d_dir), prediction="v_prediction",
+                      overrides={"transformer": {"video_length": 4}, "vae": {"latent_channels": 4}})
+    bundle = build_bundle(cfg)
+    init = t2v.load(unet3d_dir)
+    assert bundle.family is LATTE and type(bundle.denoiser).__name__ == "LatteTransformer3DModel"
+    assert all(torch.equal(a, b) for a, b in zip(bundle.vae.state_dict().values(), init.vae.state_dict().values()))
+    assert bundle.scheduler.config.prediction_type == "v_prediction"
+    video = torch.rand(1, 3, 4, 32, 32) * 2 - 1
+    assert torch.equal(LATTE.encode(bundle, video), init.family.encode(init, video))  # the same latents
+    with pytest.raises(ValueError, match="family: latte.*AutoencoderKL.*AutoencoderKLWan"):
+        build_bundle(dataclasses.replace(cfg, init=str(wan_dir)))

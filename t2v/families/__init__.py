@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from ..errors import BundleError
 from .base import DenoisingObjective, Family
+from .latte import LATTE
 from .unet3d import UNET3D
 from .wan import WAN
 from .wan_i2v import WAN_I2V
 
-FAMILIES: dict[str, Family] = {WAN.name: WAN, WAN_I2V.name: WAN_I2V, UNET3D.name: UNET3D}
+FAMILIES: dict[str, Family] = {WAN.name: WAN, WAN_I2V.name: WAN_I2V, UNET3D.name: UNET3D, LATTE.name: LATTE}
 
 
 def family_of(model_index: dict, uri: str = "") -> Family:
@@ -30,4 +31,4 @@ def family_of(model_index: dict, uri: str = "") -> Family:
     )
 
 
-__all__ = ["FAMILIES", "DenoisingObjective", "Family", "WAN", "WAN_I2V", "UNET3D", "family_of"]
+__all__ = ["FAMILIES", "DenoisingObjective", "Family", "WAN", "WAN_I2V", "UNET3D", "LATTE", "family_of"]

@@ -47,6 +47,11 @@ class Family:
         """Frames per latent frame (1 for per-frame VAEs); num_frames must be 1 + k * this."""
         raise NotImplementedError
 
+    def frame_range(self, bundle) -> tuple[int, int]:
+        """The fewest and the most frames one clip of this model has (a model with a fixed-length temporal
+        position table makes exactly that length)."""
+        return 1, bundle.config.max_frames
+
     def latent_shape(self, bundle, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -116,6 +121,9 @@ class Family:
 
         pixels = to_pixels(image, height, width).unsqueeze(2).to(bundle.device, bundle.vae.dtype)
         return self.encode(bundle, pixels).float()
+
+    def check_cache(self, bundle, name: str) -> None:
+        """Refuse a step cache (first_block, taylorseer, pab) that this family's denoiser cannot run under."""
 
     def check_index(self, index: dict, uri: str) -> None:
         """Refuse a model_index.json this family's code cannot sample (before any weight is read)."""

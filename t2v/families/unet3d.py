@@ -12,7 +12,7 @@ import inspect
 import torch
 
 from ..sampling import DIFFUSION_SAMPLERS
-from .base import DenoisingObjective, Family
+from .per_frame import PerFrameDiffusionFamily
 
 PRESETS = {
     "tiny": {
@@ -31,19 +31,9 @@ PRESETS = {
 }
 
 
-class UNet3DFamily(Family):
-    def spatial_factor(self, bundle) -> int:
-        return 2 ** (len(bundle.vae.config.block_out_channels) - 1)
-
-    def temporal_factor(self, bundle) -> int:
-        return 1
-
+class UNet3DFamily(PerFrameDiffusionFamily):
     def size_multiple(self, bundle) -> int:
         return self.spatial_factor(bundle) * 2 ** (len(bundle.denoiser.config.block_out_channels) - 1)
-
-    def latent_shape(self, bundle, batch, num_frames, height, width):
-        s = self.spatial_factor(bundle)
-        return (batch, bundle.denoiser.config.in_channels, num_frames, height // s, width // s)
 
     def encode_prompt(self, bundle, prompts, max_length):
         tok = bundle.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
@@ -52,9 +42,6 @@ class UNet3DFamily(Family):
         use_mask = getattr(te.config, "use_attention_mask", False)
         mask = tok.attention_mask.to(te.device) if use_mask else None
         return te(tok.input_ids.to(te.device), attention_mask=mask)[0]
-
-    def init_latents(self, noise, scheduler):
-        return noise * scheduler.init_noise_sigma
 
     def predict(self, bundle, latents, t, embeds):
         model = bundle.denoiser
@@ -68,21 +55,6 @@ class UNet3DFamily(Family):
         kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
         out = scheduler.step(as_images(pred), t, as_images(latents), **kwargs).prev_sample
         return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
-
-    def decode(self, bundle, latents):
-        vae = bundle.vae
-        b, c, f, h, w = latents.shape
-        x = (latents / vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        frames = vae.decode(x.to(vae.device, vae.dtype)).sample
-        return frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4).float()
-
-    def encode(self, bundle, video, sample=False, generator=None):
-        vae = bundle.vae
-        b, c, f, h, w = video.shape
-        x = video.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(vae.device, vae.dtype)
-        dist = vae.encode(x).latent_dist
-        z = (dist.sample(generator) if sample else dist.mode()) * vae.config.scaling_factor
-        return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
 
     def lora_loader(self):
         # TextToVideoSDPipeline's own loader: LoRA files with "unet." keys, as save_lora_weights(unet_lora_layers=...)
@@ -102,56 +74,18 @@ class UNet3DFamily(Family):
         # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
         pipe.tokenizer.model_max_length = config.max_sequence_length
 
-    def vae_batch(self, x):
-        return x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # a per-frame image VAE: frames as a batch of images
-
-    def training_overrides(self, cfg):
-        return {"scheduler": {"prediction_type": cfg.prediction or "epsilon"}}
-
-    def training_objective(self, bundle, cfg=None):
-        """DDPM: the U-Net predicts the noise (epsilon) or v at an integer timestep of the training schedule."""
-        from diffusers import DDPMScheduler
-
-        sched = DDPMScheduler.from_config(bundle.scheduler.config)
-        prediction = (cfg.prediction if cfg is not None else None) or sched.config.prediction_type
-        steps = sched.config.num_train_timesteps
-
-        def alpha(t, like):
-            return sched.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.ndim - 1)))
-
-        def levels(batch, device):
-            return torch.rand(batch, device=device)
-
-        def pair(x0, noise, level):
-            t = (level * steps).long().clamp(0, steps - 1)
-            target = noise if prediction == "epsilon" else sched.get_velocity(x0, noise, t)
-            return sched.add_noise(x0, noise, t), t, target
-
-        def clean(x_t, pred, t):
-            a = alpha(t, x_t)
-            if prediction == "epsilon":
-                return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
-            return a.sqrt() * x_t - (1 - a).sqrt() * pred  # exact at zero terminal SNR too (no division by alpha)
-
-        return DenoisingObjective(levels, pair, clean)
-
-    def set_latent_statistics(self, vae, mean, std):
-        vae.register_to_config(scaling_factor=1.0 / float(sum(std) / len(std)))
-
     def build(self, preset: str = "tiny", text_dim: int = 384, text_encoder: bool = False, device=None,
               **overrides):
         """Random-initialised {unet, vae, scheduler} of a preset size (device="meta": shapes only). No preset
         here names its own text encoder (text_encoder is accepted for the families' common signature)."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+        from diffusers import DDIMScheduler, UNet3DConditionModel
 
         cfg = {k: dict(v) for k, v in PRESETS[preset].items()}
         for part, values in overrides.items():
             cfg.setdefault(part, {}).update(values)
-        n = len(cfg["vae"]["block_out_channels"])
         z = cfg["vae"].setdefault("latent_channels", 4)  # the denoiser works on the VAE's channels
         with torch.device(device or "cpu"):
-            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
-                                up_block_types=["UpDecoderBlock2D"] * n, **cfg["vae"])
+            vae = self.build_vae(cfg["vae"])
             unet = UNet3DConditionModel(in_channels=z, out_channels=z, cross_attention_dim=text_dim, **cfg["unet"])
         scheduler = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                                      "clip_sample": False, "set_alpha_to_one": False, **cfg.get("scheduler", {})})

@@ -8,7 +8,7 @@ two-object prompts. The diagnosis stages take the model apart:
   frame in which the scene shows it;
 - "vae": the VAE alone (`evaluate_vae`): the same scores on reconstructions of the rendered clips, and the
   per-frame error inside vs outside the objects;
-- "dit": text conditioning (`conditioning_losses`): the denoiser's flow-matching loss on the clips' latents
+- "dit": text conditioning (`conditioning_losses`): the denoiser's training loss on the clips' latents
   with the true caption, another clip's caption and the empty prompt, at the same noise. Losses that are close
   mean the text is not being used.
 """
@@ -203,19 +203,15 @@ SIGMAS = (0.3, 0.6, 0.8, 0.95)  # noise levels of the conditioning check: the te
 
 def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0, batch_size: int = 8,
                         sigmas=SIGMAS, progress=None) -> dict[str, dict[float, float]]:
-    """Stage "dit": {"true" | "shuffled" | "empty": {sigma: mean flow-matching loss}} on the latents of the
+    """Stage "dit": {"true" | "shuffled" | "empty": {level: mean training loss}} on the latents of the
     split's clips, every caption at the same noise and levels ("shuffled": the next clip's caption)."""
     import torch
 
-    from ..errors import InputError
     from ..data.stream import video_tensor
     from ..world import render
 
     bundle = pipe.bundle
     fam = bundle.family
-    if not fam.flow:
-        raise InputError("stage", f"the dit stage measures flow-matching loss; {fam.name} is not a flow family",
-                         "vae, video")
     cfg = bundle.config
     prompts = eval_prompts(split, n, seed, cfg.width, cfg.height, cfg.num_frames)
     generator = torch.Generator().manual_seed(seed)
@@ -243,7 +239,7 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
 
 def conditioning_table(losses: dict[str, dict[float, float]]) -> str:
     sigmas = list(losses["true"])
-    lines = ["flow-matching loss by noise level (sigma), the same noise for every caption",
+    lines = ["training loss by noise level (flow: sigma; diffusion: t / 1000), the same noise for every caption",
              f"{'caption':<10}" + "".join(f"{s:>9.2f}" for s in sigmas)]
     for name, per in losses.items():
         lines.append(f"{name:<10}" + "".join(f"{per[s]:>9.4f}" for s in sigmas))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import lora, storage
-from ..bundle import Bundle, from_components, load
+from ..bundle import Bundle, BundleConfig, from_components, load
 from ..data.stream import video_tensor
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
@@ -98,21 +98,28 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
         bundle.config = dataclasses.replace(bundle.config, **cfg.bundle_config)
         if "scheduler" in cfg.overrides:  # e.g. a zero-terminal-SNR schedule: the model is fine-tuned to it
             bundle.scheduler = type(bundle.scheduler).from_config(bundle.scheduler.config, **cfg.overrides["scheduler"])
-        if bundle.family.denoiser_key in cfg.overrides:
+        # A denoiser design in overrides: a fresh denoiser of it on init's trained VAE, of init's family or of
+        # another family whose models take the same VAE (a transformer on a U-Net model's per-frame VAE).
+        family = FAMILIES[cfg.family] if FAMILIES[cfg.family].denoiser_key in cfg.overrides else bundle.family
+        if family.denoiser_key in cfg.overrides:
             if cfg.lora_rank:
-                raise ValueError(f"overrides.{bundle.family.denoiser_key}: a LoRA run trains an adapter on init's "
+                raise ValueError(f"overrides.{family.denoiser_key}: a LoRA run trains an adapter on init's "
                                  "denoiser; a denoiser design in overrides would replace it")
-            log.info("a fresh %s of the given design on %s's VAE", bundle.family.denoiser_key, cfg.init)
-            fresh = bundle.family.build(cfg.preset, text_dim=bundle.text_encoder.config.hidden_size,
-                                        **_overrides(cfg, bundle.family))
+            log.info("a fresh %s %s of the given design on %s's VAE", family.name, family.denoiser_key, cfg.init)
+            fresh = family.build(cfg.preset, text_dim=bundle.text_encoder.config.hidden_size,
+                                 **_overrides(cfg, family))
+            if type(fresh["vae"]) is not type(bundle.vae):
+                raise ValueError(f"family: {family.name} models take a {type(fresh['vae']).__name__}; {cfg.init}'s "
+                                 f"VAE is a {type(bundle.vae).__name__}")
             side = bundle.family.spatial_factor(bundle)
             with torch.no_grad():
                 channels = bundle.family.encode(bundle, torch.zeros(1, 3, 1, side, side)).shape[1]
-            denoiser = fresh[bundle.family.denoiser_key].eval()
+            denoiser = fresh[family.denoiser_key].eval()
             if denoiser.config.in_channels != channels:
-                raise ValueError(f"overrides: the new {bundle.family.denoiser_key} takes {denoiser.config.in_channels} "
+                raise ValueError(f"overrides: the new {family.denoiser_key} takes {denoiser.config.in_channels} "
                                  f"latent channels; {cfg.init}'s VAE makes {channels}")
-            bundle.denoiser, bundle.scheduler = denoiser, fresh["scheduler"]
+            bundle = dataclasses.replace(bundle, family=family, denoiser=denoiser, scheduler=fresh["scheduler"],
+                                         config=BundleConfig.from_dict(family, dataclasses.asdict(bundle.config)))
         return bundle
     family = FAMILIES[cfg.family]
     return from_components(family, family.build(cfg.preset, **_overrides(cfg, family)), config=cfg.bundle_config)
