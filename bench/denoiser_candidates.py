@@ -26,6 +26,7 @@ _ATTENTION_16 = dict(down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlo
 _ATTENTION_8 = dict(down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
                     up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"))
 
+
 def _latte(patch: int, heads: int, layers: int) -> dict:
     return dict(patch_size=patch, num_attention_heads=heads, attention_head_dim=32, num_layers=layers,
                 sample_size=16, video_length=17)
