@@ -110,15 +110,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from t2v.bundle import load
-    from t2v.data.rendered import RenderedWorld, RenderSpec, encode_rendered
+    from t2v.data.rendered import RenderedWorld, RenderSpec, encode_rendered, load_encoded
 
     if args.latents:
-        import torch
-
-        from t2v.world import Scene
-
-        data = torch.load(args.latents)
-        latents, scenes = data["latents"], [Scene.from_json(s) for s in data["scenes"]]
+        latents, scenes = load_encoded(args.latents)
         args.clips = len(scenes)
     else:
         vae = load(args.vae)

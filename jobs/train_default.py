@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from t2v import storage
-from t2v.data.rendered import RenderedWorld, RenderSpec, encode_rendered, latent_batches
+from t2v.data.rendered import (RenderedWorld, RenderSpec, encode_rendered, latent_batches, load_encoded,
+                               save_encoded)
 from t2v.train.config import TrainConfig
 from t2v.train.loop import EMA, FolderCheckpoints, train
 
@@ -111,17 +112,13 @@ def vae_gate(vae_dir: str, n: int, path: str) -> bool:
 def encode_world(vae_dir: str, world, path: str) -> tuple[torch.Tensor, list]:
     """Latents of every clip world() renders and their scenes, computed once (kept in `path`)."""
     from t2v.bundle import load
-    from t2v.world import Scene
 
     if not os.path.exists(path):
         t0 = time.perf_counter()
         latents, scenes = encode_rendered(load(vae_dir), world())
         log.info("encoded %d clips in %.0f s", len(scenes), time.perf_counter() - t0)
-        tmp = path + ".tmp"
-        torch.save({"latents": latents, "scenes": [s.to_json() for s in scenes]}, tmp)
-        os.replace(tmp, path)  # a stop while saving leaves no half file
-    data = torch.load(path)
-    return data["latents"], [Scene.from_json(s) for s in data["scenes"]]
+        save_encoded(path, latents, scenes)
+    return load_encoded(path)
 
 
 def evaluate_model(model_dir: str, n: int, path: str) -> None:

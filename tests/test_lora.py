@@ -214,21 +214,26 @@ def test_a_unet3d_adapter_is_saved_as_texttovideosd_lora_and_loads_back_as_train
     state, _, metadata = diffusers.TextToVideoSDPipeline.lora_state_dict(cfg.out, return_lora_metadata=True)
     assert state and all(k.startswith("unet.") and ".lora_" in k for k in state)
     assert metadata["unet.r"] == 4
-    pipe = t2v.TextToVideoPipeline.from_pretrained(unet3d_dir)
+    pipe, base, call = assert_loads_back_as_trained(unet3d_dir, cfg.out, trained)
+    pipe.set_adapters(None)
+    assert torch.equal(pipe(PROMPT, **call).frames, base)
+
+
+def assert_loads_back_as_trained(base_dir, adapter_dir, trained):
+    """The adapter loaded into a fresh pipeline of base_dir holds the trained weights, and the video with it is the
+    trained model's and differs from the base's; returns (pipe, the base video, the call)."""
+    pipe = t2v.TextToVideoPipeline.from_pretrained(base_dir)
     call = dict(num_inference_steps=2, seed=3, output_type="pt")
     base = pipe(PROMPT, **call).frames
-    pipe.load_lora_weights(cfg.out, "desert")
-    # The loaded adapter holds the trained weights, and the video with it is the trained model's.
-    ours = lora.adapter_state(pipe.bundle, "desert")
-    want = lora.adapter_state(trained)
+    pipe.load_lora_weights(adapter_dir, "desert")
+    ours, want = lora.adapter_state(pipe.bundle, "desert"), lora.adapter_state(trained)
     assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k].float()) for k in want)
     pipe.set_adapters("desert", 1.0)
     adapted = pipe(PROMPT, **call).frames
     lora.activate(trained, lora.Choice("default", 1.0))
     assert torch.equal(adapted, t2v.TextToVideoPipeline(trained)(PROMPT, **call).frames)
     assert (adapted - base).abs().max() > 1e-3  # the adapter changes the video
-    pipe.set_adapters(None)
-    assert torch.equal(pipe(PROMPT, **call).frames, base)
+    return pipe, base, call
 
 
 def test_adapters_by_name_and_their_lru(tmp_path, wan_dir, adapter):
@@ -485,14 +490,4 @@ def test_a_latte_adapter_is_a_transformer_lora_in_diffusers_format_and_loads_bac
     state, metadata = diffusers.loaders.CogVideoXLoraLoaderMixin.lora_state_dict(cfg.out, return_lora_metadata=True)
     assert state and all(k.startswith("transformer.") and ".lora_" in k for k in state)
     assert metadata["transformer.r"] == 4
-    pipe = t2v.TextToVideoPipeline.from_pretrained(latte_dir)
-    call = dict(num_inference_steps=2, seed=3, output_type="pt")
-    base = pipe(PROMPT, **call).frames
-    pipe.load_lora_weights(cfg.out, "desert")
-    ours, want = lora.adapter_state(pipe.bundle, "desert"), lora.adapter_state(trained)
-    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k].float()) for k in want)
-    pipe.set_adapters("desert", 1.0)
-    adapted = pipe(PROMPT, **call).frames
-    lora.activate(trained, lora.Choice("default", 1.0))
-    assert torch.equal(adapted, t2v.TextToVideoPipeline(trained)(PROMPT, **call).frames)
-    assert (adapted - base).abs().max() > 1e-3
+    assert_loads_back_as_trained(latte_dir, cfg.out, trained)

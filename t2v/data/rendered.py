@@ -225,6 +225,25 @@ def encode_rendered(bundle, world: RenderedWorld, batch: int = 16):
     return torch.cat(latents), scenes
 
 
+def save_encoded(path: str, latents, scenes: list) -> None:
+    """Write encode_rendered's (latents, scenes) to one file, whole or not at all (a stop leaves no half file)."""
+    import torch
+
+    tmp = path + ".tmp"
+    torch.save({"latents": latents, "scenes": [s.to_json() for s in scenes]}, tmp)
+    os.replace(tmp, path)
+
+
+def load_encoded(path: str) -> tuple:
+    """(latents, scenes) as save_encoded wrote them."""
+    import torch
+
+    from ..world import Scene
+
+    data = torch.load(path)
+    return data["latents"], [Scene.from_json(s) for s in data["scenes"]]
+
+
 def latent_batches(latents, scenes: list, batch_size: int, seed: int = 0, split: str = "train") -> Iterator[dict]:
     """Endless random batches {"latents": [B, C, F, h, w] fp32, "caption": [B]} of encoded clips (encode_rendered),
     each caption freshly phrased; `seed` is the data position, so a resumed run draws new batches."""

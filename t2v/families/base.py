@@ -3,6 +3,7 @@ between families lives behind these methods: nothing outside families/ branches 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -139,8 +140,15 @@ class Family:
         return None
 
     def peft_denoiser(self, bundle):
-        """The bundle's denoiser, able to hold peft LoRA adapters (diffusers' PeftAdapterMixin); here it is already."""
-        return bundle.denoiser
+        """The bundle's denoiser, able to hold peft LoRA adapters (diffusers' PeftAdapterMixin). A diffusers model
+        class without that mixin (UNet3DConditionModel, LatteTransformer3DModel: their pipelines cannot load a LoRA)
+        gets it, as its sibling classes have it; the class name stays, so a saved bundle is unchanged."""
+        from diffusers.loaders.peft import PeftAdapterMixin
+
+        model = bundle.denoiser
+        if not isinstance(model, PeftAdapterMixin):
+            model.__class__ = _with_peft(type(model))
+        return model
 
     def pipeline_options(self, pipe) -> dict:
         """Bundle fields from the family's diffusers pipeline beyond its components (a mixture's second expert
@@ -149,6 +157,15 @@ class Family:
 
     def after_load(self, pipe, config) -> None:
         """Adjust a pipeline diffusers just loaded to the bundle's config (default: nothing to do)."""
+
+    def preset_config(self, preset: str, overrides: dict) -> dict:
+        """A preset's component configs (copies) with `overrides` merged into each component's."""
+        if preset not in self.presets:
+            raise KeyError(f"unknown {self.name} preset {preset!r} (known: {', '.join(self.presets)})")
+        cfg = {k: dict(v) for k, v in self.presets[preset].items()}
+        for part, values in overrides.items():
+            cfg.setdefault(part, {}).update(values)
+        return cfg
 
     # --- training -------------------------------------------------------------------------------
     def training_overrides(self, cfg) -> dict:
@@ -166,3 +183,10 @@ class Family:
     def set_latent_statistics(self, vae, mean: list[float], std: list[float]) -> None:
         """Store a trained VAE's per-channel latent statistics the way the family's pipeline normalizes."""
         raise NotImplementedError
+
+
+@functools.cache
+def _with_peft(cls: type) -> type:
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    return type(cls.__name__, (cls, PeftAdapterMixin), {"__module__": cls.__module__})

@@ -12,7 +12,6 @@ windows of it.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -89,24 +88,12 @@ class LatteFamily(PerFrameDiffusionFamily):
 
         return CogVideoXLoraLoaderMixin
 
-    def peft_denoiser(self, bundle):
-        # diffusers' LatteTransformer3DModel lacks PeftAdapterMixin: give the loaded model that mixin, as its
-        # sibling transformers have it; the class name stays, so a saved bundle is unchanged.
-        model = bundle.denoiser
-        if not isinstance(model, _peft_latte()):
-            model.__class__ = _peft_latte()
-        return model
-
     def build(self, preset: str = "tiny", text_dim: int = 384, text_encoder: bool = False, device=None,
               **overrides):
         """Random-initialised {transformer, vae, scheduler} of a preset size (device="meta": shapes only)."""
-        from diffusers import DDIMScheduler, LatteTransformer3DModel
+        from diffusers import LatteTransformer3DModel
 
-        if preset not in self.presets:
-            raise KeyError(f"unknown {self.name} preset {preset!r} (known: {', '.join(self.presets)})")
-        cfg = {k: dict(v) for k, v in self.presets[preset].items()}
-        for part, values in overrides.items():
-            cfg.setdefault(part, {}).update(values)
+        cfg = self.preset_config(preset, overrides)
         z = cfg["vae"].setdefault("latent_channels", 4)
         t = cfg["transformer"]
         width = t["num_attention_heads"] * t["attention_head_dim"]
@@ -115,17 +102,7 @@ class LatteFamily(PerFrameDiffusionFamily):
             transformer = LatteTransformer3DModel(**{
                 "in_channels": z, "out_channels": 2 * z, "caption_channels": text_dim, "cross_attention_dim": width,
                 **t})
-        scheduler = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                                     "clip_sample": False, "set_alpha_to_one": False, **cfg.get("scheduler", {})})
-        return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
-
-
-@functools.cache
-def _peft_latte():
-    from diffusers import LatteTransformer3DModel
-    from diffusers.loaders.peft import PeftAdapterMixin
-
-    return type("LatteTransformer3DModel", (LatteTransformer3DModel, PeftAdapterMixin), {"__module__": __name__})
+        return {"transformer": transformer, "vae": vae, "scheduler": self.build_scheduler(cfg.get("scheduler", {}))}
 
 
 LATTE = LatteFamily(

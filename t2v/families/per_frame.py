@@ -81,3 +81,10 @@ class PerFrameDiffusionFamily(Family):
         n = len(cfg["block_out_channels"])
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                              up_block_types=["UpDecoderBlock2D"] * n, **cfg)
+
+    def build_scheduler(self, overrides: dict):
+        """DDIM on Stable Diffusion's training schedule (ModelScope's and Latte's), with `overrides`."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                "clip_sample": False, "set_alpha_to_one": False, **overrides})

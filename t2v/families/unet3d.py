@@ -6,7 +6,6 @@ the scheduler steps frames as a batch of images, the VAE decodes frame by frame.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -62,14 +61,6 @@ class UNet3DFamily(PerFrameDiffusionFamily):
 
         return StableDiffusionLoraLoaderMixin
 
-    def peft_denoiser(self, bundle):
-        # diffusers' UNet3DConditionModel lacks PeftAdapterMixin (its pipeline cannot load a LoRA into it): give the
-        # loaded model that mixin, as its 2D sibling has it; the class name stays, so a saved bundle is unchanged.
-        unet = bundle.denoiser
-        if not isinstance(unet, _peft_unet3d()):
-            unet.__class__ = _peft_unet3d()
-        return unet
-
     def after_load(self, pipe, config):
         # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
         pipe.tokenizer.model_max_length = config.max_sequence_length
@@ -78,26 +69,14 @@ class UNet3DFamily(PerFrameDiffusionFamily):
               **overrides):
         """Random-initialised {unet, vae, scheduler} of a preset size (device="meta": shapes only). No preset
         here names its own text encoder (text_encoder is accepted for the families' common signature)."""
-        from diffusers import DDIMScheduler, UNet3DConditionModel
+        from diffusers import UNet3DConditionModel
 
-        cfg = {k: dict(v) for k, v in PRESETS[preset].items()}
-        for part, values in overrides.items():
-            cfg.setdefault(part, {}).update(values)
+        cfg = self.preset_config(preset, overrides)
         z = cfg["vae"].setdefault("latent_channels", 4)  # the denoiser works on the VAE's channels
         with torch.device(device or "cpu"):
             vae = self.build_vae(cfg["vae"])
             unet = UNet3DConditionModel(in_channels=z, out_channels=z, cross_attention_dim=text_dim, **cfg["unet"])
-        scheduler = DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                                     "clip_sample": False, "set_alpha_to_one": False, **cfg.get("scheduler", {})})
-        return {"unet": unet, "vae": vae, "scheduler": scheduler}
-
-
-@functools.cache
-def _peft_unet3d():
-    from diffusers import UNet3DConditionModel
-    from diffusers.loaders.peft import PeftAdapterMixin
-
-    return type("UNet3DConditionModel", (UNet3DConditionModel, PeftAdapterMixin), {"__module__": __name__})
+        return {"unet": unet, "vae": vae, "scheduler": self.build_scheduler(cfg.get("scheduler", {}))}
 
 
 UNET3D = UNet3DFamily(

@@ -240,11 +240,7 @@ class WanFamily(Family):
         import diffusers
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-        if preset not in self.presets:
-            raise KeyError(f"unknown {self.name} preset {preset!r} (known: {', '.join(self.presets)})")
-        cfg = {k: dict(v) for k, v in self.presets[preset].items()}
-        for part, values in overrides.items():
-            cfg.setdefault(part, {}).update(values)
+        cfg = self.preset_config(preset, overrides)
         transformer_cfg = {"text_dim": text_dim, **cfg["transformer"]}
         scheduler_cfg = {**({} if "_class_name" in cfg.get("scheduler", {}) else
                             {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}), **cfg.get("scheduler", {})}
