@@ -109,7 +109,9 @@ def start_local_ray():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # address="local": always a cluster of the suite's own. Without it, ray.init joins any Ray already running on
+    # the machine (another checkout's tests, a user's `ray start`) and refuses num_cpus.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     return ray
 
 

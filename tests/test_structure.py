@@ -142,6 +142,7 @@ def test_nothing_outside_families_branches_on_a_family(tmp_path):
 LOCAL_WRITES = {
     "storage.py:download_dir": "the storage layer: a downloaded model's folder, read by the process that made it",
     "data/rendered.py:start": "the one-machine recipe of the embedded model (jobs/train_default.py)",
+    "data/rendered.py:save_encoded": "the one-machine recipe's encoded clips (jobs/train_default.py, bench/)",
     "data/shards.py:write_shard": "into a BytesIO; the shard goes out through storage.write_bytes",
     "train/loop.py:save": "into a BytesIO; the checkpoint goes out through storage.write_bytes",
     "train/ray.py:fit": "the user's own local storage_path (one machine); a cluster gives s3://",
