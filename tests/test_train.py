@@ -14,7 +14,7 @@ from t2v.data.shards import WorldSpec, write_world
 from t2v.train import EMA, FolderCheckpoints, TrainConfig, shard_batches, train
 from t2v.video import probe
 from t2v.train.loop import build_bundle, data_columns, video_tensor
-from t2v.train.losses import flow_matching_pair, flow_x0, shifted_sigmas, temporal_difference_loss
+from t2v.train.losses import flow_matching_pair, flow_x0, offset_noise, shifted_sigmas, temporal_difference_loss
 
 TINY_BUNDLE = dict(num_frames=9, height=32, width=32, fps=8, num_inference_steps=4, max_sequence_length=64)
 
@@ -50,6 +50,17 @@ def test_flow_matching_algebra():
     assert torch.allclose(flow_x0(x_t, v, sigma), x0, atol=1e-6)
     assert torch.allclose(shifted_sigmas(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0]))
     assert temporal_difference_loss(x0, x0) == 0 and temporal_difference_loss(x0 + torch.randn_like(x0), x0) > 0
+
+
+def test_offset_noise_moves_whole_channels_by_the_offset():
+    """noise_offset: each sample's channel gets one shared shift of std `offset`; the rest stays unit noise."""
+    torch.manual_seed(0)
+    like = torch.zeros(256, 4, 5, 8, 8)
+    for offset, mean_std in ((0.0, 1 / 320 ** 0.5), (0.5, (0.25 + 1 / 320) ** 0.5)):
+        noise = offset_noise(like, offset)
+        means = noise.mean(dim=(2, 3, 4))
+        assert abs(means.std().item() - mean_std) < 0.1 * mean_std
+        assert abs((noise - means[..., None, None, None]).std().item() - 1.0) < 0.01
 
 
 def test_ema_tracks_weights():

@@ -38,6 +38,7 @@ class TrainConfig:
     text_dropout: float = 0.1  # captions replaced by "" so classifier-free guidance has an unconditional model
     prediction: str | None = None  # unet3d: "epsilon" or "v_prediction"; None: init's own (epsilon when fresh)
     flow_shift: float = 3.0  # wan: training timesteps sampled with the same shift as inference
+    noise_offset: float = 0.0  # denoiser stage: plus this x a per-sample, per-channel constant in the noise
     temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
     smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
     kl_weight: float = 1e-6  # VAE stage

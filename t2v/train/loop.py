@@ -23,7 +23,7 @@ from ..bundle import Bundle, BundleConfig, from_components, load
 from ..data.stream import video_tensor
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
-from .losses import object_pixel_weights, temporal_difference_loss, vae_loss
+from .losses import object_pixel_weights, offset_noise, temporal_difference_loss, vae_loss
 
 log = logging.getLogger("t2v.train")
 
@@ -191,7 +191,7 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
             x0 = torch.as_tensor(batch["latents"], device=device).float()
         else:
             x0 = fam.encode(bundle, video_tensor(batch, device))
-    noise = torch.randn_like(x0)
+    noise = offset_noise(x0, cfg.noise_offset)
     x_t, t, target = objective.pair(x0, noise, objective.levels(x0.shape[0], device))
     pred = fam.predict(bundle, x_t, t, text)
     pred_x0 = objective.clean(x_t, pred, t)

@@ -22,6 +22,17 @@ def flow_x0(x_t: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> t
     return x_t - sigma.view(-1, *([1] * (x_t.ndim - 1))) * velocity
 
 
+def offset_noise(like: torch.Tensor, offset: float) -> torch.Tensor:
+    """Gaussian noise plus `offset` x one Gaussian per sample and channel, shared by every frame and pixel
+    (diffusers' `--noise_offset`). A DDPM schedule whose last step still holds a little of the clip never teaches
+    the model to move a whole frame's mean; this does, so dark and bright backgrounds stop coming out grey."""
+    noise = torch.randn_like(like)
+    if offset:
+        noise = noise + offset * torch.randn(*like.shape[:2], *([1] * (like.ndim - 2)), device=like.device,
+                                             dtype=like.dtype)
+    return noise
+
+
 def temporal_difference_loss(pred_x0: torch.Tensor, x0: torch.Tensor, order: int = 1) -> torch.Tensor:
     """Match the frame-to-frame change (order 1: temporal consistency; order 2: motion smoothness) of the
     predicted clean latents [B, C, F, h, w] to the true ones."""
