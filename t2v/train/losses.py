@@ -25,7 +25,7 @@ def flow_x0(x_t: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> t
 def offset_noise(like: torch.Tensor, offset: float) -> torch.Tensor:
     """Gaussian noise plus `offset` x one Gaussian per sample and channel, shared by every frame and pixel
     (diffusers' `--noise_offset`). A DDPM schedule whose last step still holds a little of the clip never teaches
-    the model to move a whole frame's mean; this does, so dark and bright backgrounds stop coming out grey."""
+    the model to move a whole frame's mean (dark and bright backgrounds drift to grey); this noise does."""
     noise = torch.randn_like(like)
     if offset:
         noise = noise + offset * torch.randn(*like.shape[:2], *([1] * (like.ndim - 2)), device=like.device,
