@@ -88,21 +88,13 @@ class LatteFamily(PerFrameDiffusionFamily):
 
         return CogVideoXLoraLoaderMixin
 
-    def build(self, preset: str = "tiny", text_dim: int = 384, text_encoder: bool = False, device=None,
-              **overrides):
-        """Random-initialised {transformer, vae, scheduler} of a preset size (device="meta": shapes only)."""
+    def build_denoiser(self, cfg: dict, latent_channels: int, text_dim: int):
+        """Latte predicts noise and variance: twice the latent channels out (the prediction is the first half)."""
         from diffusers import LatteTransformer3DModel
 
-        cfg = self.preset_config(preset, overrides)
-        z = cfg["vae"].setdefault("latent_channels", 4)
-        t = cfg["transformer"]
-        width = t["num_attention_heads"] * t["attention_head_dim"]
-        with torch.device(device or "cpu"):
-            vae = self.build_vae(cfg["vae"])
-            transformer = LatteTransformer3DModel(**{
-                "in_channels": z, "out_channels": 2 * z, "caption_channels": text_dim, "cross_attention_dim": width,
-                **t})
-        return {"transformer": transformer, "vae": vae, "scheduler": self.build_scheduler(cfg.get("scheduler", {}))}
+        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        return LatteTransformer3DModel(**{"in_channels": latent_channels, "out_channels": 2 * latent_channels,
+                                          "caption_channels": text_dim, "cross_attention_dim": width, **cfg})
 
 
 LATTE = LatteFamily(

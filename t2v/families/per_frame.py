@@ -82,6 +82,21 @@ class PerFrameDiffusionFamily(Family):
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                              up_block_types=["UpDecoderBlock2D"] * n, **cfg)
 
+    def build(self, preset: str = "tiny", text_dim: int = 384, text_encoder: bool = False, device=None,
+              **overrides):
+        """Random-initialised {denoiser, vae, scheduler} of a preset size (device="meta": shapes only). No preset
+        here names its own text encoder (text_encoder is accepted for the families' common signature)."""
+        cfg = self.preset_config(preset, overrides)
+        z = cfg["vae"].setdefault("latent_channels", 4)  # the denoiser works on the VAE's channels
+        with torch.device(device or "cpu"):
+            vae = self.build_vae(cfg["vae"])
+            denoiser = self.build_denoiser(cfg[self.denoiser_key], z, text_dim)
+        return {self.denoiser_key: denoiser, "vae": vae, "scheduler": self.build_scheduler(cfg.get("scheduler", {}))}
+
+    def build_denoiser(self, cfg: dict, latent_channels: int, text_dim: int):
+        """The family's denoiser of config `cfg` on `latent_channels`, attending to text of `text_dim`."""
+        raise NotImplementedError
+
     def build_scheduler(self, overrides: dict):
         """DDIM on Stable Diffusion's training schedule (ModelScope's and Latte's), with `overrides`."""
         from diffusers import DDIMScheduler

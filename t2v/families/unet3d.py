@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-
 from ..sampling import DIFFUSION_SAMPLERS
 from .per_frame import PerFrameDiffusionFamily
 
@@ -65,18 +63,11 @@ class UNet3DFamily(PerFrameDiffusionFamily):
         # TextToVideoSDPipeline pads to model_max_length: make that the bundle's sequence length.
         pipe.tokenizer.model_max_length = config.max_sequence_length
 
-    def build(self, preset: str = "tiny", text_dim: int = 384, text_encoder: bool = False, device=None,
-              **overrides):
-        """Random-initialised {unet, vae, scheduler} of a preset size (device="meta": shapes only). No preset
-        here names its own text encoder (text_encoder is accepted for the families' common signature)."""
+    def build_denoiser(self, cfg: dict, latent_channels: int, text_dim: int):
         from diffusers import UNet3DConditionModel
 
-        cfg = self.preset_config(preset, overrides)
-        z = cfg["vae"].setdefault("latent_channels", 4)  # the denoiser works on the VAE's channels
-        with torch.device(device or "cpu"):
-            vae = self.build_vae(cfg["vae"])
-            unet = UNet3DConditionModel(in_channels=z, out_channels=z, cross_attention_dim=text_dim, **cfg["unet"])
-        return {"unet": unet, "vae": vae, "scheduler": self.build_scheduler(cfg.get("scheduler", {}))}
+        return UNet3DConditionModel(in_channels=latent_channels, out_channels=latent_channels,
+                                    cross_attention_dim=text_dim, **cfg)
 
 
 UNET3D = UNet3DFamily(
