@@ -47,6 +47,12 @@ class BundleConfig:
     description: str = ""
     vocabulary: str = "open"  # "world": trained on the synthetic world's captions only (the prompt optimizer
     # then rewrites prompts into that phrasing and adds no tags)
+    frame_noise_correlation: float = 0.0  # the share of the noise's variance a clip's frames share, in training
+    # and so in sampling (t2v.sampling.frame_correlated_noise)
+
+    def __post_init__(self):
+        if not 0.0 <= self.frame_noise_correlation < 1.0:
+            raise ValueError(f"frame_noise_correlation: {self.frame_noise_correlation} is not in [0, 1)")
 
     @classmethod
     def from_dict(cls, family: Family, values: dict | None) -> "BundleConfig":

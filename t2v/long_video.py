@@ -26,7 +26,7 @@ from .errors import InputError
 from .params import resolve
 from .pipeline import TextToVideoPipeline, VideoOutput, check_images, to_uint8
 from .runtime import step_predictor
-from .sampling import local_predictor, model_input, scheduler_for
+from .sampling import frame_correlated_noise, local_predictor, model_input, scheduler_for
 
 MAX_WINDOWS = 32
 
@@ -254,7 +254,8 @@ class LongVideoPipeline:
         # 4. Initial noise, FreeNoise-shared across windows.
         generator = torch.Generator("cpu").manual_seed(p.seed)
         shape = fam.latent_shape(b, 1, num_frames, p.height, p.width)
-        noise = freenoise(shape, window, generator)
+        noise = frame_correlated_noise(freenoise(shape, window, generator), b.config.frame_noise_correlation,
+                                       generator)
         latents = fam.init_latents(noise.to(b.device), scheduler)
         condition = self.pipe.image_condition(images, num_frames, p.height, p.width, noise.to(b.device))
         if condition.per_token_timesteps:  # its timesteps cover the whole video's tokens, not one window's

@@ -17,7 +17,8 @@ from .errors import InputError
 from .params import GenerationParams, resolve
 from .runtime import step_predictor
 from .images import check_aspect, image_size
-from .sampling import NO_IMAGE, Handover, ImageCondition, local_predictor, model_input, scheduler_for
+from .sampling import (NO_IMAGE, Handover, ImageCondition, frame_correlated_noise, local_predictor, model_input,
+                       scheduler_for)
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 
@@ -182,7 +183,9 @@ class TextToVideoPipeline:
             latents, noise = handover.latents.to(b.device), handover.noise.to(b.device)
             generator.set_state(handover.generator_state)
         elif latents is None:
-            noise = randn_tensor(shape, generator=generator, device=b.device, dtype=torch.float32)
+            noise = frame_correlated_noise(randn_tensor(shape, generator=generator, device=b.device,
+                                                        dtype=torch.float32),
+                                           b.config.frame_noise_correlation, generator)
             latents = fam.init_latents(noise, scheduler)
         elif tuple(latents.shape) != shape:
             raise InputError("latents", f"shape {tuple(latents.shape)} does not match the request", str(shape))

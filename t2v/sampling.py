@@ -187,6 +187,19 @@ class FirstFrame(ImageCondition):
         return with_first_frame(latents, self.latents)
 
 
+def frame_correlated_noise(noise: torch.Tensor, correlation: float,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise [B, C, F, h, w] whose frames share `correlation` of their variance (PYoCo's mixed noise prior): one
+    draw per clip shared by every frame plus each frame's own (`noise`), every value still unit-variance Gaussian.
+    A model trained on it starts every frame of a video from the same shared draw, so what it draws is drawn at
+    the same place in every frame. correlation 0 returns `noise` itself and draws nothing."""
+    if not correlation:
+        return noise
+    shared = torch.randn(*noise.shape[:2], 1, *noise.shape[3:], generator=generator, dtype=noise.dtype,
+                         device=generator.device if generator is not None else "cpu").to(noise.device)
+    return correlation ** 0.5 * shared + (1 - correlation) ** 0.5 * noise
+
+
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Ho & Salimans: move the conditional prediction away from the unconditional one by `scale`."""
     return uncond + scale * (cond - uncond)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,41 @@ def test_timings_and_params_are_reported(wan_pipe):
     assert out.seed == 1 and out.params.prompts == ["a red ball"]
     assert set(out.timings) >= {"encode_s", "denoise_s", "decode_s", "total_s"}
     assert out.timings["total_s"] >= out.timings["denoise_s"] > 0
+
+
+def _first_step_input(pipe, **kw) -> torch.Tensor:
+    """The latents the denoiser is given at the first step (its initial noise, scaled by the scheduler)."""
+    from t2v.sampling import as_predictor
+
+    seen = []
+    pipe("a red ball", predictor=as_predictor(lambda rs: seen.extend(r[0] for r in rs) or
+                                              [torch.zeros_like(r[0]) for r in rs]), **kw)
+    return seen[0]
+
+
+def test_a_bundle_trained_on_frame_correlated_noise_samples_from_it(unet3d_dir, tmp_path):
+    """model_index.json's frame_noise_correlation: the initial noise's frames correlate by it, as in training;
+    at 0 (every bundle until then) a seed draws exactly the noise it drew before."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    kw = dict(seed=3, num_frames=8, height=64, width=64, output_type="latent")
+    plain = t2v.TextToVideoPipeline.from_pretrained(unet3d_dir)
+    x = _first_step_input(plain, **kw)
+    sigma = plain.bundle.scheduler.init_noise_sigma
+    assert torch.equal(x, sigma * randn_tensor(x.shape, generator=torch.Generator().manual_seed(3)))
+
+    bundle = t2v.load(unet3d_dir)
+    bundle.config = dataclasses.replace(bundle.config, frame_noise_correlation=0.6)
+    bundle.save(str(tmp_path / "correlated"))
+    correlated = t2v.TextToVideoPipeline.from_pretrained(tmp_path / "correlated")
+    assert correlated.bundle.config.frame_noise_correlation == 0.6
+
+    def mean_frame_correlation(latents):
+        frames = latents[0].transpose(0, 1).flatten(1)  # [F, C*h*w]
+        r = torch.corrcoef(frames)
+        return r[~torch.eye(len(r), dtype=bool)].mean().item()
+
+    assert abs(mean_frame_correlation(x) - 0.0) < 0.1
+    assert abs(mean_frame_correlation(_first_step_input(correlated, **kw)) - 0.6) < 0.1
+    with pytest.raises(ValueError, match="frame_noise_correlation"):
+        dataclasses.replace(bundle.config, frame_noise_correlation=1.0)

@@ -14,6 +14,7 @@ from t2v.data.shards import WorldSpec, write_world
 from t2v.train import EMA, FolderCheckpoints, TrainConfig, shard_batches, train
 from t2v.video import probe
 from t2v.train.loop import build_bundle, data_columns, video_tensor
+from t2v.sampling import frame_correlated_noise
 from t2v.train.losses import flow_matching_pair, flow_x0, offset_noise, shifted_sigmas, temporal_difference_loss
 
 TINY_BUNDLE = dict(num_frames=9, height=32, width=32, fps=8, num_inference_steps=4, max_sequence_length=64)
@@ -63,6 +64,21 @@ def test_offset_noise_moves_whole_channels_by_the_offset():
         assert abs((noise - means[..., None, None, None]).std().item() - 1.0) < 0.01
 
 
+def test_frame_correlated_noise_shares_that_share_of_variance_between_frames():
+    """frame_noise_correlation: two frames of a clip correlate by it; every pixel stays unit-variance."""
+    torch.manual_seed(0)
+    noise = torch.randn(64, 4, 5, 16, 16)
+    assert frame_correlated_noise(noise, 0.0) is noise
+    for correlation in (0.25, 0.5, 0.9):
+        mixed = frame_correlated_noise(noise, correlation)
+        assert abs(mixed.std().item() - 1.0) < 0.01
+        for a, b in ((0, 1), (0, 4), (2, 3)):
+            r = torch.corrcoef(torch.stack([mixed[:, :, a].flatten(), mixed[:, :, b].flatten()]))[0, 1].item()
+            assert abs(r - correlation) < 0.03
+        across_clips = torch.corrcoef(torch.stack([mixed[0].flatten(), mixed[1].flatten()]))[0, 1].item()
+        assert abs(across_clips) < 0.05
+
+
 def test_ema_tracks_weights():
     m = torch.nn.Linear(2, 2)
     ema = EMA(m, decay=0.5)
@@ -89,6 +105,18 @@ def test_denoiser_loss_falls_and_bundle_loads(tmp_path, world32, family):
     pipe = t2v.TextToVideoPipeline.from_pretrained(cfg.out)
     assert pipe.bundle.family.name == family
     assert pipe("a red ball", seed=0).frames.shape[1:4] == (cfg.num_frames, 32, 32)
+
+
+def test_frame_noise_correlation_is_saved_with_the_bundle_and_kept_by_a_fine_tune(tmp_path, world32):
+    """frame_noise_correlation lives in the bundle: set by bundle_config, kept by a run from that bundle."""
+    first = config(tmp_path / "a", world32, family="unet3d", steps=2, checkpoint_every=2, num_frames=8,
+                   bundle_config={**TINY_BUNDLE, "num_frames": 8, "frame_noise_correlation": 0.5})
+    run(first)
+    assert t2v.load(first.out).config.frame_noise_correlation == 0.5
+    tuned = config(tmp_path / "b", world32, init=first.out, steps=2, checkpoint_every=2, num_frames=8,
+                   bundle_config={})
+    run(tuned)
+    assert t2v.load(tuned.out).config.frame_noise_correlation == 0.5
 
 
 def recon_error(vae, video) -> float:

@@ -208,6 +208,7 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
     import torch
 
     from ..data.stream import video_tensor
+    from ..sampling import frame_correlated_noise
     from ..world import render
 
     bundle = pipe.bundle
@@ -226,7 +227,8 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
             texts = {"true": captions, "shuffled": captions[1:] + captions[:1], "empty": [""] * len(chunk)}
             embeds = {k: pipe.encode_prompt(v) for k, v in texts.items()}
             for s in sigmas:
-                noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+                noise = frame_correlated_noise(torch.randn(x0.shape, generator=generator),
+                                               bundle.config.frame_noise_correlation, generator).to(x0.device)
                 sigma = torch.full((len(chunk),), s, device=x0.device)
                 x_t, timestep, target = objective.pair(x0, noise, sigma)
                 for name, e in embeds.items():

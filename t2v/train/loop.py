@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .. import lora, storage
 from ..bundle import Bundle, BundleConfig, from_components, load
 from ..data.stream import video_tensor
+from ..sampling import frame_correlated_noise
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
 from .losses import object_pixel_weights, offset_noise, temporal_difference_loss, vae_loss
@@ -191,7 +192,8 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
             x0 = torch.as_tensor(batch["latents"], device=device).float()
         else:
             x0 = fam.encode(bundle, video_tensor(batch, device))
-    noise = offset_noise(x0, cfg.noise_offset)
+    # the noise the bundle's sampling starts from (its config says how its frames correlate)
+    noise = frame_correlated_noise(offset_noise(x0, cfg.noise_offset), bundle.config.frame_noise_correlation)
     x_t, t, target = objective.pair(x0, noise, objective.levels(x0.shape[0], device))
     pred = fam.predict(bundle, x_t, t, text)
     pred_x0 = objective.clean(x_t, pred, t)
