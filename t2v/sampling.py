@@ -196,7 +196,7 @@ def frame_correlated_noise(noise: torch.Tensor, correlation: float,
     if not correlation:
         return noise
     shared = torch.randn(*noise.shape[:2], 1, *noise.shape[3:], generator=generator, dtype=noise.dtype,
-                         device=generator.device if generator is not None else "cpu").to(noise.device)
+                         device=generator.device if generator is not None else noise.device).to(noise.device)
     return correlation ** 0.5 * shared + (1 - correlation) ** 0.5 * noise
 
 
