@@ -42,7 +42,7 @@ DESIGNS = {
 }
 
 
-def train_design(name: str, vae: str, latents, scenes, out: str, args) -> tuple:
+def train_design(name: str, vae: str, encoded, out: str, args) -> tuple:
     import torch
 
     from t2v.bundle import load
@@ -57,7 +57,8 @@ def train_design(name: str, vae: str, latents, scenes, out: str, args) -> tuple:
     family, design = DESIGNS[name]
     schedule = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if args.zero_snr else {}
     cfg = TrainConfig(stage="denoiser", family=family, preset="small", init=vae, use_latents=True,
-                      overrides={FAMILIES[family].denoiser_key: design, "vae": {"latent_channels": latents.shape[1]},
+                      overrides={FAMILIES[family].denoiser_key: design,
+                                 "vae": {"latent_channels": encoded.latents.shape[1]},
                                  "scheduler": schedule},
                       prediction="v_prediction", batch_size=8, lr=5e-4, warmup_steps=50, ema_decay=0.99,
                       text_dropout=0.1, steps=100_000, time_budget_s=args.minutes * 60, checkpoint_every=100_000,
@@ -65,7 +66,7 @@ def train_design(name: str, vae: str, latents, scenes, out: str, args) -> tuple:
                       bundle_config=dict(guidance_scale=7.5, max_sequence_length=48))
     counted = []
     t0 = time.perf_counter()
-    train(cfg, lambda start: latent_batches(latents, scenes, cfg.batch_size, seed=start),
+    train(cfg, lambda start: latent_batches(encoded, cfg.batch_size, seed=start),
           FolderCheckpoints(cfg.checkpoint_dir), on_step=lambda s, m: counted.append(s))
     spent = (time.perf_counter() - t0) / 60
     pipe = TextToVideoPipeline(with_sampler(load(folder), args.sampler, args.spacing, args.steps))
@@ -113,22 +114,22 @@ def main() -> None:
     from t2v.data.rendered import RenderedWorld, RenderSpec, encode_rendered, load_encoded
 
     if args.latents:
-        latents, scenes = load_encoded(args.latents)
-        args.clips = len(scenes)
+        encoded = load_encoded(args.latents)
+        args.clips = len(encoded.scenes)
     else:
         vae = load(args.vae)
         cfg = vae.config
         world = RenderedWorld(args.clips, RenderSpec(num_frames=cfg.num_frames, size=cfg.height), workers=1).start()
         try:
             world.wait()
-            latents, scenes = encode_rendered(vae, world)
+            encoded = encode_rendered(vae, world)
         finally:
             world.close()
     out = args.out or tempfile.mkdtemp(prefix="t2v-denoiser-designs-")
     rows = []
     for name in DESIGNS:
         if not args.only or name in args.only:
-            rows.append(train_design(name, args.vae, latents, scenes, out, args))
+            rows.append(train_design(name, args.vae, encoded, out, args))
             print(table(rows, args), flush=True)  # after each design, so a stopped run still reports
 
 

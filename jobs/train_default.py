@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from t2v import storage
-from t2v.data.rendered import (RenderedWorld, RenderSpec, encode_rendered, latent_batches, load_encoded,
+from t2v.data.rendered import (Encoded, RenderedWorld, RenderSpec, encode_rendered, latent_batches, load_encoded,
                                save_encoded)
 from t2v.train.config import TrainConfig
 from t2v.train.loop import EMA, FolderCheckpoints, train
@@ -109,15 +109,15 @@ def vae_gate(vae_dir: str, n: int, path: str) -> bool:
     return "FAILED" not in text
 
 
-def encode_world(vae_dir: str, world, path: str) -> tuple[torch.Tensor, list]:
-    """Latents of every clip world() renders and their scenes, computed once (kept in `path`)."""
+def encode_world(vae_dir: str, world, path: str) -> Encoded:
+    """Latents of every clip world() renders, their scenes and objects, computed once (kept in `path`)."""
     from t2v.bundle import load
 
     if not os.path.exists(path):
         t0 = time.perf_counter()
-        latents, scenes = encode_rendered(load(vae_dir), world())
-        log.info("encoded %d clips in %.0f s", len(scenes), time.perf_counter() - t0)
-        save_encoded(path, latents, scenes)
+        encoded = encode_rendered(load(vae_dir), world())
+        log.info("encoded %d clips in %.0f s", len(encoded.scenes), time.perf_counter() - t0)
+        save_encoded(path, encoded)
     return load_encoded(path)
 
 
@@ -219,7 +219,7 @@ def main() -> None:
         latents_path = f"{out}/latents-vae{vae_step}-clips{args.clips}.pt"
         if not os.path.exists(latents_path):
             world().wait()
-        latents, scenes = encode_world(vae_cfg.out, world, latents_path)
+        encoded = encode_world(vae_cfg.out, world, latents_path)
     finally:
         if world.made:
             world().close()
@@ -227,7 +227,7 @@ def main() -> None:
     # 5. The denoiser.
     den_cfg = on_vae(den_cfg, vae_step)
     if trained_to(den_cfg) is None:
-        train(den_cfg, lambda start: latent_batches(latents, scenes, den_cfg.batch_size, seed=start),
+        train(den_cfg, lambda start: latent_batches(encoded, den_cfg.batch_size, seed=start),
               FolderCheckpoints(den_cfg.checkpoint_dir),
               on_step=Eta("denoiser", den_cfg.steps, args.eval_n * PACE["eval_clip"], den_cfg.log_every))
 

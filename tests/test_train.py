@@ -380,6 +380,74 @@ def test_vae_stage_with_object_weighting_trains_on_masked_rendered_clips(tmp_pat
               lambda start: iter(unmasked), FolderCheckpoints(str(tmp_path / "no-masks-ckpt")))
 
 
+def test_latent_object_share_is_the_share_of_each_latent_cell_the_objects_cover():
+    from t2v.train.losses import latent_object_share, weighted_mse
+
+    masks = torch.zeros(1, 4, 16, 16, dtype=torch.bool)
+    masks[0, :2, 0:4, 0:4] = True  # a whole 4x4 cell of a 4x4 grid, in the first two frames
+    masks[0, :, 8:10, 12:16] = True  # half of another cell, in every frame
+    share = latent_object_share(masks, (4, 4, 4))
+    assert share.shape == (1, 4, 4, 4)
+    assert share[0, :2, 0, 0].tolist() == [1.0, 1.0] and share[0, 2:, 0, 0].tolist() == [0.0, 0.0]
+    assert share[0, :, 2, 3].tolist() == [0.5] * 4
+    assert share.sum() == 2 * 1.0 + 4 * 0.5  # nothing else: the background's cells are 0
+    # a VAE that compresses time 2x: pairs of frames pool into one latent frame
+    assert latent_object_share(masks, (2, 4, 4))[0, :, 0, 0].tolist() == [1.0, 0.0]
+    # weighted MSE: a fully covered cell counts 1 + w times a background cell
+    pred, target = torch.zeros(1, 1, 1, 1, 4), torch.tensor([[[[[1.0, 0.0, 0.0, 0.0]]]]])
+    weight = torch.tensor([[[[[4.0, 1.0, 1.0, 1.0]]]]])
+    assert weighted_mse(pred, target, weight) == pytest.approx(4 / 7)
+    assert weighted_mse(pred, target, torch.ones_like(weight)) == weighted_mse(pred, target) == 0.25
+
+
+def test_denoiser_stage_weighs_the_latent_cells_its_objects_cover(tmp_path):
+    """object_weight on the denoiser stage: encoded clips carry their objects' share of each latent cell, batches
+    carry it beside the latents, and the step's MSE weighs those cells by 1 + object_weight x share."""
+    import random
+
+    from t2v.data.rendered import RenderedWorld, RenderSpec, encode_rendered, latent_batches
+    from t2v.families import FAMILIES
+    from t2v.train.loop import denoiser_step
+    from t2v.train.losses import latent_object_share
+
+    cfg = config(tmp_path, "", family="unet3d", use_latents=True, prediction="v_prediction", steps=3,
+                 checkpoint_every=3, object_weight=8.0)
+    bundle = build_bundle(cfg)
+    world = RenderedWorld(8, RenderSpec(num_frames=9, size=32, chunk=4, masks=True), workers=1).start()
+    try:
+        world.wait(timeout=120)
+        encoded = encode_rendered(bundle, world)
+        items = world.items()
+        grid = encoded.latents.shape[2:]
+        assert encoded.object_share.shape == (8, *grid)
+        for i, item in enumerate(items):
+            expected = latent_object_share(torch.as_tensor(world.mask(item))[None], grid)[0]
+            assert torch.allclose(encoded.object_share[i].float(), expected, atol=1e-3)
+            assert 0 < encoded.object_share[i].float().mean() < 0.5  # objects, on a background larger than they are
+    finally:
+        world.close()
+    batch = next(latent_batches(encoded, 3, seed=1))
+    for latents, share in zip(batch["latents"], batch["object_share"]):
+        row = next(i for i in range(8) if torch.equal(encoded.latents[i].float(), latents))
+        assert torch.equal(encoded.object_share[row].float(), share)
+
+    objective = FAMILIES["unet3d"].training_objective(bundle, cfg)
+
+    def mse(step_cfg, step_batch):
+        torch.manual_seed(0)
+        return denoiser_step(bundle, step_batch, step_cfg, random.Random(0), "cpu", objective)[1]["mse"]
+
+    plain = mse(dataclasses.replace(cfg, object_weight=0.0), batch)
+    assert mse(cfg, batch) != pytest.approx(plain, rel=1e-3)
+    assert mse(cfg, {**batch, "object_share": torch.zeros_like(batch["object_share"])}) == pytest.approx(plain)
+    losses = []
+    train(cfg, lambda start: latent_batches(encoded, cfg.batch_size, seed=start),
+          FolderCheckpoints(cfg.checkpoint_dir), on_step=lambda step, m: losses.append(m["loss"]))
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="object_weight: the denoiser stage needs the objects' masks"):
+        mse(cfg, {k: v for k, v in batch.items() if k != "object_share"})
+
+
 def test_a_unet3d_run_trains_the_prediction_its_model_makes_unless_told_otherwise():
     """A run from a v-prediction model (the embedded one) trains v, e.g. a LoRA on it; `prediction` overrides."""
     from diffusers import DDIMScheduler

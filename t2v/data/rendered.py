@@ -17,9 +17,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -209,51 +212,71 @@ def _roomy_tmp(needed_bytes: int) -> str | None:
     return None
 
 
-def encode_rendered(bundle, world: RenderedWorld, batch: int = 16):
-    """(fp16 normalized latents [N, C, F, h, w], scenes) of every clip `world` has rendered, by `bundle`'s VAE."""
+class Encoded(NamedTuple):
+    """A rendered world encoded once: fp16 normalized latents [N, C, F, h, w], the clips' scenes and, for a world
+    rendered with masks, the share of each latent cell its objects cover [N, F, h, w] (fp16, else None)."""
+    latents: "torch.Tensor"
+    scenes: list
+    object_share: "torch.Tensor | None" = None
+
+
+def encode_rendered(bundle, world: RenderedWorld, batch: int = 16) -> Encoded:
+    """Every clip `world` has rendered, encoded by `bundle`'s VAE (with its objects' shares of each latent cell
+    when the world has masks: the denoiser's object-weighted loss)."""
     import torch
 
+    from ..train.losses import latent_object_share
     from .stream import video_tensor
 
-    items, latents, scenes = world.items(), [], []
+    items, latents, scenes, shares = world.items(), [], [], []
     with torch.no_grad():
         for i in range(0, len(items), batch):
             clips = [world.clip(it) for it in items[i:i + batch]]
             video = video_tensor({"video": np.stack([v for v, _ in clips])}, bundle.device)
-            latents.append(bundle.family.encode(bundle, video).half().cpu())
+            z = bundle.family.encode(bundle, video)
+            latents.append(z.half().cpu())
             scenes += [s for _, s in clips]
-    return torch.cat(latents), scenes
+            if world.spec.masks:
+                masks = torch.as_tensor(np.stack([world.mask(it) for it in items[i:i + batch]]))
+                shares.append(latent_object_share(masks, z.shape[2:]).half())
+    return Encoded(torch.cat(latents), scenes, torch.cat(shares) if shares else None)
 
 
-def save_encoded(path: str, latents, scenes: list) -> None:
-    """Write encode_rendered's (latents, scenes) to one file, whole or not at all (a stop leaves no half file)."""
+def save_encoded(path: str, encoded: Encoded) -> None:
+    """Write encode_rendered's clips to one file, whole or not at all (a stop leaves no half file)."""
     import torch
 
     tmp = path + ".tmp"
-    torch.save({"latents": latents, "scenes": [s.to_json() for s in scenes]}, tmp)
+    torch.save({"latents": encoded.latents, "scenes": [s.to_json() for s in encoded.scenes],
+                "object_share": encoded.object_share}, tmp)
     os.replace(tmp, path)
 
 
-def load_encoded(path: str) -> tuple:
-    """(latents, scenes) as save_encoded wrote them."""
+def load_encoded(path: str) -> Encoded:
+    """The clips save_encoded wrote."""
     import torch
 
     from ..world import Scene
 
     data = torch.load(path)
-    return data["latents"], [Scene.from_json(s) for s in data["scenes"]]
+    return Encoded(data["latents"], [Scene.from_json(s) for s in data["scenes"]], data.get("object_share"))
 
 
-def latent_batches(latents, scenes: list, batch_size: int, seed: int = 0, split: str = "train") -> Iterator[dict]:
+def latent_batches(encoded: Encoded, batch_size: int, seed: int = 0, split: str = "train") -> Iterator[dict]:
     """Endless random batches {"latents": [B, C, F, h, w] fp32, "caption": [B]} of encoded clips (encode_rendered),
-    each caption freshly phrased; `seed` is the data position, so a resumed run draws new batches."""
+    each caption freshly phrased, with "object_share" [B, F, h, w] where the clips have it; `seed` is the data
+    position, so a resumed run draws new batches."""
     import torch
 
     from ..world import caption
 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
+    scenes = encoded.scenes
     while True:
         idx = torch.randint(len(scenes), (batch_size,), generator=gen)
-        yield {"latents": latents[idx].float(),
-               "caption": np.array([caption(scenes[i], rng, heldout=split == "heldout") for i in idx.tolist()])}
+        batch = {"latents": encoded.latents[idx].float(),
+                 "caption": np.array([caption(scenes[i], rng, heldout=split == "heldout") for i in idx.tolist()])}
+        if encoded.object_share is not None:
+            batch["object_share"] = encoded.object_share[idx].float()
+        yield batch

@@ -42,8 +42,9 @@ class TrainConfig:
     temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
     smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
     kl_weight: float = 1e-6  # VAE stage
-    object_weight: float = 0.0  # VAE stage: object pixels weigh 1 + this in the reconstruction loss (needs masks)
-    object_area_ref: float = 0.0  # VAE stage: > 0 scales a clip's object weight by this / its objects' pixel share
+    object_weight: float = 0.0  # object pixels (VAE) / latent cells (denoiser, by share covered) weigh 1 + this in
+    # the loss; needs the objects' masks (RenderSpec(masks=True))
+    object_area_ref: float = 0.0  # > 0 scales a clip's object weight by this / its objects' share of the clip
     edge_weight: float = 0.0  # VAE stage: plus this x the L1 of horizontal and vertical pixel differences
     object_crops: float = 0.0  # VAE stage: share of crops centred on an object pixel (needs masks)
     vae_trainable: str = "all"  # VAE stage: "all", or "decoder" (fine-tune the decoder of an `init` bundle; its

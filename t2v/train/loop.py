@@ -16,7 +16,6 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import lora, storage
 from ..bundle import Bundle, BundleConfig, from_components, load
@@ -24,7 +23,8 @@ from ..data.stream import video_tensor
 from ..sampling import frame_correlated_noise
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
-from .losses import object_pixel_weights, offset_noise, temporal_difference_loss, vae_loss
+from .losses import (latent_object_share, object_pixel_weights, offset_noise, temporal_difference_loss, vae_loss,
+                     weighted_mse)
 
 log = logging.getLogger("t2v.train")
 
@@ -197,7 +197,8 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
     x_t, t, target = objective.pair(x0, noise, objective.levels(x0.shape[0], device))
     pred = fam.predict(bundle, x_t, t, text)
     pred_x0 = objective.clean(x_t, pred, t)
-    mse = F.mse_loss(pred.float(), target.float())
+    weight = object_latent_weights(batch, x0, cfg) if cfg.object_weight else None
+    mse = weighted_mse(pred.float(), target.float(), weight)
     loss, parts = mse, {"mse": mse.item()}
     if cfg.temporal_loss_weight:
         tl = temporal_difference_loss(pred_x0.float(), x0, order=1)
@@ -206,6 +207,22 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
         sl = temporal_difference_loss(pred_x0.float(), x0, order=2)
         loss, parts["smoothness"] = loss + cfg.smoothness_loss_weight * sl, sl.item()
     return loss, parts
+
+
+def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Loss weights [B, 1, F, h, w] of a denoiser batch's latent cells: 1 + cfg.object_weight x the share of the
+    cell its objects cover (precomputed "object_share" of encoded clips, or the pixel masks pooled here)."""
+    if batch.get("object_share") is not None:
+        share = torch.as_tensor(batch["object_share"], device=x0.device).float()
+    elif batch.get("mask") is not None:
+        share = latent_object_share(torch.as_tensor(np.asarray(batch["mask"]), device=x0.device), x0.shape[2:])
+    else:
+        raise ValueError("object_weight: the denoiser stage needs the objects' masks in its batches (a world "
+                         "rendered with RenderSpec(masks=True), or clips encoded from one)")
+    if share.shape[1:] != x0.shape[2:]:
+        raise ValueError(f"object_share: {tuple(share.shape[1:])} per clip does not match the latents' grid "
+                         f"{tuple(x0.shape[2:])}")
+    return object_pixel_weights(share, cfg.object_weight, cfg.object_area_ref)
 
 
 @torch.no_grad()

@@ -71,12 +71,29 @@ def edge_error(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
 
 
 def object_pixel_weights(masks: torch.Tensor, object_weight: float, area_ref: float = 0.0) -> torch.Tensor:
-    """Per-pixel loss weights [B, 1, T, H, W] from object masks [B, T, H, W]: 1 on the background, 1 +
-    object_weight on objects; with area_ref > 0, a clip's object pixels weigh object_weight x area_ref / (its
-    objects' share of its pixels), clamped to 1/8..8 of that, so a small object counts as much as a large one."""
+    """Per-pixel loss weights [B, 1, T, H, W] from object masks [B, T, H, W] (bool, or the share of each cell an
+    object covers, latent_object_share): 1 on the background, 1 + object_weight on objects; with area_ref > 0, a
+    clip's object pixels weigh object_weight x area_ref / (its objects' share of its pixels), clamped to 1/8..8 of
+    that, so a small object counts as much as a large one."""
     objects = masks[:, None].float()
     scale = torch.ones(masks.shape[0], device=masks.device)
     if area_ref > 0:
         share = objects.flatten(1).mean(1)
         scale = (area_ref / share.clamp_min(1e-6)).clamp(1 / 8, 8)
     return 1 + object_weight * scale.view(-1, 1, 1, 1, 1) * objects
+
+
+def latent_object_share(masks: torch.Tensor, latent_size) -> torch.Tensor:
+    """The share of each latent cell [B, F, h, w] that objects cover, from pixel masks [B, T, H, W] (area
+    pooling to the latent grid `latent_size` (F, h, w); a VAE that compresses time pools frames the same way)."""
+    return F.adaptive_avg_pool3d(masks[:, None].float(), tuple(latent_size))[:, 0]
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error with per-element weights broadcast over channels (e.g. [B, 1, F, h, w]), normalized by
+    the weights' sum: the plain MSE where weight is None or all ones."""
+    err = (pred - target) ** 2
+    if weight is None:
+        return err.mean()
+    weight = weight.expand_as(err)
+    return (err * weight).sum() / weight.sum()
