@@ -12,7 +12,8 @@ same command continues from the last checkpoint of the stage it was in (a finish
 3. gate: its reconstructions of `--gate-n` held-out clips scored by the world analyzer (as `t2v eval --stage vae`)
    -> <out>/vae-gate.txt; the targets below are logged as passed or not (with --require-gate a failed gate stops
    the run before the denoiser);
-4. latents: every rendered clip encoded once -> <out>/latents.pt;
+4. latents: every rendered clip encoded once, with its objects' share of each latent cell (for a denoiser config
+   with `object_weight`) -> <out>/latents-*.pt;
 5. denoiser: the UNet3D (jobs/configs/default-denoiser.yaml, or another design's config: --denoiser-config) on
    those latents, each draw freshly captioned;
    -> <out>/model;
