@@ -49,8 +49,7 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: fl
     corners and edges that tell a small star from a blob), weighted the same."""
     if weight is None:
         weight = torch.ones_like(target[:, :1])
-    err = (recon - target).abs() + (recon - target) ** 2
-    rec = (err * weight).sum() / weight.expand_as(err).sum()
+    rec = weighted_mean((recon - target).abs() + (recon - target) ** 2, weight)
     parts = {"recon": rec.item()}
     if edge_weight:
         edge = edge_error(recon, target, weight)
@@ -65,8 +64,7 @@ def edge_error(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
     total = recon.new_zeros(())
     for dim in (-1, -2):
         err = (torch.diff(recon, dim=dim) - torch.diff(target, dim=dim)).abs()
-        w = weight.narrow(dim, 0, weight.shape[dim] - 1).expand_as(err)
-        total = total + (err * w).sum() / w.sum()
+        total = total + weighted_mean(err, weight.narrow(dim, 0, weight.shape[dim] - 1))
     return total / 2
 
 
@@ -89,11 +87,15 @@ def latent_object_share(masks: torch.Tensor, latent_size) -> torch.Tensor:
     return F.adaptive_avg_pool3d(masks[:, None].float(), tuple(latent_size))[:, 0]
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error with per-element weights broadcast over channels (e.g. [B, 1, F, h, w]), normalized by
-    the weights' sum: the plain MSE where weight is None or all ones."""
-    err = (pred - target) ** 2
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of `err` with per-element weights broadcast over it (e.g. [B, 1, F, h, w] over channels),
+    normalized by the weights' sum: the plain mean where weight is None or all ones."""
     if weight is None:
         return err.mean()
     weight = weight.expand_as(err)
     return (err * weight).sum() / weight.sum()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error weighted as weighted_mean does."""
+    return weighted_mean((pred - target) ** 2, weight)
