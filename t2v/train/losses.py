@@ -47,8 +47,6 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: fl
     [B, 1, T, H, W]) weighs pixels: objects that cover a few percent of a frame can count as much as its
     background. edge_weight: plus that times the L1 of the images' horizontal and vertical differences (the
     corners and edges that tell a small star from a blob), weighted the same."""
-    if weight is None:
-        weight = torch.ones_like(target[:, :1])
     rec = weighted_mean((recon - target).abs() + (recon - target) ** 2, weight)
     parts = {"recon": rec.item()}
     if edge_weight:
@@ -59,12 +57,12 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: fl
     return rec + kl_weight * kl, {**parts, "kl": kl.item()}
 
 
-def edge_error(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def edge_error(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean L1 between the images' finite differences along width and height (last two dims)."""
     total = recon.new_zeros(())
     for dim in (-1, -2):
         err = (torch.diff(recon, dim=dim) - torch.diff(target, dim=dim)).abs()
-        total = total + weighted_mean(err, weight.narrow(dim, 0, weight.shape[dim] - 1))
+        total = total + weighted_mean(err, None if weight is None else weight.narrow(dim, 0, weight.shape[dim] - 1))
     return total / 2
 
 
