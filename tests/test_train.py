@@ -500,3 +500,66 @@ def test_a_transformer_design_trains_on_a_unet_models_vae(unet3d_dir, wan_dir):
     assert torch.equal(LATTE.encode(bundle, video), init.family.encode(init, video))  # the same latents
     with pytest.raises(ValueError, match="family: latte.*AutoencoderKL.*AutoencoderKLWan"):
         build_bundle(dataclasses.replace(cfg, init=str(wan_dir)))
+
+
+def coded_latents(clips: list[int], frames: int, channels: int = 4, side: int = 4) -> dict:
+    """A latents batch whose every value tells its clip and frame (clip x 100 + frame), with captions and object
+    shares coded the same way."""
+    code = torch.tensor([[c * 100 + f for f in range(frames)] for c in clips], dtype=torch.float32)
+    return {"latents": code[:, None, :, None, None].expand(-1, channels, -1, side, side).clone(),
+            "object_share": code[:, :, None, None].expand(-1, -1, side, side).clone(),
+            "caption": np.array([f"clip {c}" for c in clips])}
+
+
+def test_stills_are_one_frame_of_each_clip_with_its_own_caption_and_object_share(tmp_path):
+    import itertools
+    import random
+
+    from t2v.train.loop import still_batch
+
+    bundle = build_bundle(config(tmp_path, "", family="unet3d", use_latents=True))
+    counter = itertools.count()
+    batches = iter(lambda: coded_latents([next(counter) for _ in range(3)], frames=5), None)
+    stills = still_batch(batches, 7, bundle, random.Random(0))  # 3 batches of 3 clips drawn, the first 7 kept
+    assert stills["latents"].shape == (7, 4, 1, 4, 4) and stills["object_share"].shape == (7, 1, 4, 4)
+    picked = []
+    for i, (latents, share, caption) in enumerate(zip(stills["latents"], stills["object_share"], stills["caption"])):
+        clip, frame = divmod(int(latents[0, 0, 0, 0]), 100)
+        assert clip == i and caption == f"clip {i}"  # each still comes from its own clip, in order
+        assert torch.all(latents == latents[0, 0, 0, 0]) and torch.all(share == clip * 100 + frame)
+        picked.append(frame)
+    many = still_batch(batches, 60, bundle, random.Random(1))
+    assert {int(v) % 100 for v in many["latents"][:, 0, 0, 0, 0]} == set(range(5))  # any frame of a per-frame VAE
+
+    # A causal VAE (wan) codes only its first frame alone: its stills are latent frame 0.
+    wan = build_bundle(config(tmp_path, ""))
+    assert list(wan.family.still_latent_frames(wan, 5)) == [0]
+    assert {int(v) % 100 for v in still_batch(batches, 30, wan, random.Random(2))["latents"][:, 0, 0, 0, 0]} == {0}
+
+    # Clips as pixels: any frame, with its mask.
+    video = np.arange(4 * 6, dtype=np.uint8).reshape(4, 6, 1, 1, 1) * np.ones((1, 1, 8, 8, 3), np.uint8)
+    pixels = still_batch(iter([{"video": video, "mask": video[..., 0] % 2 == 0, "caption": np.array(list("abcd"))}]),
+                         4, wan, random.Random(3))
+    assert pixels["video"].shape == (4, 1, 8, 8, 3) and pixels["mask"].shape == (4, 1, 8, 8)
+    for i, (frame, mask) in enumerate(zip(pixels["video"], pixels["mask"])):
+        assert int(frame[0, 0, 0, 0]) // 6 == i and torch.equal(mask, frame[..., 0] % 2 == 0)
+
+
+def test_every_image_every_th_step_trains_on_stills(tmp_path):
+    cfg = config(tmp_path, "", family="unet3d", use_latents=True, steps=6, checkpoint_every=6, image_every=3,
+                 image_batch=5)
+    frames, seen = [], []
+
+    def latents_batches(start):
+        while True:
+            yield {"latents": torch.randn(cfg.batch_size, 4, 3, 4, 4), "caption": np.array(["a red circle"] * 4)}
+
+    def record(step, metrics):
+        frames.append(metrics["frames"])
+        seen.append(metrics["samples_seen"])
+
+    train(cfg, latents_batches, FolderCheckpoints(cfg.checkpoint_dir), on_step=record)
+    assert frames == [3, 3, 1, 3, 3, 1]
+    assert seen == [4, 8, 13, 17, 21, 26]  # a step of stills counts the clips it drew a frame from
+    with pytest.raises(ValueError, match="image_every: stills train a denoiser"):
+        train(dataclasses.replace(cfg, stage="vae"), latents_batches, FolderCheckpoints(str(tmp_path / "c2")))

@@ -176,6 +176,12 @@ class Family:
         """The denoiser's training target; cfg None: the bundle's own schedule."""
         raise NotImplementedError
 
+    def still_latent_frames(self, bundle, latent_frames: int) -> range:
+        """The latent frames of a clip that each code one image alone (the stills joint image-video training draws,
+        `TrainConfig.image_every`): every one where the VAE codes frames one by one; frame 0 of a causal VAE, which
+        codes the first frame alone."""
+        return range(latent_frames) if self.temporal_factor(bundle) == 1 else range(1)
+
     def vae_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Video-shaped [B, C, T, H, W] tensors (clips, pixel weights) -> the layout the VAE itself takes."""
         return x

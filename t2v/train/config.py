@@ -39,6 +39,11 @@ class TrainConfig:
     prediction: str | None = None  # unet3d: "epsilon" or "v_prediction"; None: init's own (epsilon when fresh)
     flow_shift: float = 3.0  # wan: training timesteps sampled with the same shift as inference
     noise_offset: float = 0.0  # denoiser stage: plus this x a per-sample, per-channel constant in the noise
+    # Joint image-video training (denoiser stage): every image_every-th step trains on stills, one frame of each of
+    # image_batch clips (0: batch_size x num_frames, the pixels of a video step), as one-frame videos. A step of
+    # stills shows the words for colour, shape, size and place with that many captions instead of batch_size.
+    image_every: int = 0
+    image_batch: int = 0
     temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
     smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
     kl_weight: float = 1e-6  # VAE stage

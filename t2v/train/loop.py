@@ -199,7 +199,7 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
     pred_x0 = objective.clean(x_t, pred, t)
     weight = object_latent_weights(batch, x0, cfg) if cfg.object_weight else None
     mse = weighted_mse(pred.float(), target.float(), weight)
-    loss, parts = mse, {"mse": mse.item()}
+    loss, parts = mse, {"mse": mse.item(), "frames": x0.shape[2]}  # frames 1: a step of stills (image_every)
     if cfg.temporal_loss_weight:
         tl = temporal_difference_loss(pred_x0.float(), x0, order=1)
         loss, parts["temporal"] = loss + cfg.temporal_loss_weight * tl, tl.item()
@@ -207,6 +207,30 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
         sl = temporal_difference_loss(pred_x0.float(), x0, order=2)
         loss, parts["smoothness"] = loss + cfg.smoothness_loss_weight * sl, sl.item()
     return loss, parts
+
+
+def still_batch(batches: Iterator[dict], clips: int, bundle: Bundle, rng: random.Random) -> dict:
+    """A batch of stills for joint image-video training: one random frame of each of `clips` clips drawn from
+    `batches`, as one-frame clips (of latents, a frame the family's VAE codes alone)."""
+    drawn: list[dict] = []
+    while sum(len(b["caption"]) for b in drawn) < clips:
+        drawn.append(next(batches))
+    batch = {k: torch.cat([torch.as_tensor(np.asarray(b[k])) for b in drawn])[:clips]
+             if k in ("latents", "video", "mask", "object_share") else np.concatenate([b[k] for b in drawn])[:clips]
+             for k in drawn[0]}
+    if batch.get("latents") is not None:
+        frames = bundle.family.still_latent_frames(bundle, batch["latents"].shape[2])
+    else:
+        frames = range(batch["video"].shape[1])
+    pick = [rng.choice(frames) for _ in range(clips)]
+    for key, axis in (("latents", 1), ("video", 0), ("mask", 0), ("object_share", 0)):  # the frame axis of a clip
+        if batch.get(key) is not None:
+            batch[key] = torch.stack([clip.narrow(axis, j, 1) for clip, j in zip(batch[key], pick)])
+    return batch
+
+
+def is_still_step(cfg: TrainConfig, step: int) -> bool:
+    return bool(cfg.image_every) and (step + 1) % cfg.image_every == 0
 
 
 def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -291,6 +315,11 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
             part.requires_grad_(True)
     elif cfg.vae_trainable != "all":
         raise ValueError(f"vae_trainable must be 'all' or 'decoder' (stage vae), got {cfg.vae_trainable!r}")
+    if cfg.image_every:
+        low = bundle.family.frame_range(bundle)[0]
+        if cfg.stage != "denoiser" or low > 1:
+            raise ValueError(f"image_every: stills train a denoiser that takes one-frame clips; this is the "
+                             f"{cfg.stage} stage of a model whose clips have at least {low} frames")
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = EMA(trained, cfg.ema_decay, adapter_keys)
@@ -315,7 +344,8 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
             group["lr"] = lr_at(step, cfg)
         parts: dict = {}
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = (still_batch(batches, cfg.image_batch or cfg.batch_size * cfg.num_frames, bundle, rng)
+                     if is_still_step(cfg, step) else next(batches))
             with autocast:
                 loss, parts = step_fn(batch, cfg, rng, device)
             (loss / cfg.grad_accum).backward()
