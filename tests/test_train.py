@@ -563,3 +563,23 @@ def test_every_image_every_th_step_trains_on_stills(tmp_path):
     assert seen == [4, 8, 13, 17, 21, 26]  # a step of stills counts the clips it drew a frame from
     with pytest.raises(ValueError, match="image_every: stills train a denoiser"):
         train(dataclasses.replace(cfg, stage="vae"), latents_batches, FolderCheckpoints(str(tmp_path / "c2")))
+
+
+def test_object_weight_until_weighs_the_objects_in_the_steps_before_it_only(tmp_path):
+    """The weight needs each batch's object shares: batches that carry them for the first two steps only train
+    with object_weight_until=2, and fail on the third step without it."""
+    import itertools
+
+    def batches(start):
+        for i in itertools.count(start):
+            batch = {"latents": torch.randn(4, 4, 3, 4, 4), "caption": np.array(["a red circle"] * 4)}
+            yield {**batch, "object_share": torch.rand(4, 3, 4, 4)} if i < 2 else batch
+
+    cfg = config(tmp_path, "", family="unet3d", use_latents=True, steps=4, checkpoint_every=4, object_weight=3.0,
+                 object_weight_until=2)
+    steps = []
+    train(cfg, lambda start: batches(0), FolderCheckpoints(cfg.checkpoint_dir), on_step=lambda s, m: steps.append(s))
+    assert steps == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="object_weight: the denoiser stage needs the objects' masks"):
+        train(dataclasses.replace(cfg, object_weight_until=3, checkpoint_dir=str(tmp_path / "c2")),
+              lambda start: batches(0), FolderCheckpoints(str(tmp_path / "c2")))

@@ -49,6 +49,9 @@ class TrainConfig:
     kl_weight: float = 1e-6  # VAE stage
     object_weight: float = 0.0  # object pixels (VAE) / latent cells (denoiser, by share covered) weigh 1 + this in
     # the loss; needs the objects' masks (RenderSpec(masks=True))
+    object_weight_until: int = 0  # > 0: the object weight applies to the denoiser's steps before this one only (it
+    # teaches the objects' colours early; kept on, it tilts every uncertain cell towards "object": objects come out
+    # too large)
     object_area_ref: float = 0.0  # > 0 scales a clip's object weight by this / its objects' share of the clip
     edge_weight: float = 0.0  # VAE stage: plus this x the L1 of horizontal and vertical pixel differences
     object_crops: float = 0.0  # VAE stage: share of crops centred on an object pixel (needs masks)

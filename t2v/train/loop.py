@@ -343,11 +343,13 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         parts: dict = {}
+        step_cfg = (dataclasses.replace(cfg, object_weight=0.0) if cfg.object_weight_until and
+                    step >= cfg.object_weight_until and cfg.stage == "denoiser" else cfg)
         for _ in range(cfg.grad_accum):
             batch = (still_batch(batches, cfg.image_batch or cfg.batch_size * cfg.num_frames, bundle, rng)
                      if is_still_step(cfg, step) else next(batches))
             with autocast:
-                loss, parts = step_fn(batch, cfg, rng, device)
+                loss, parts = step_fn(batch, step_cfg, rng, device)
             (loss / cfg.grad_accum).backward()
             samples_seen += len(batch["caption"]) * world_size
         if sync_grads:
