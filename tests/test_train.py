@@ -561,8 +561,10 @@ def test_every_image_every_th_step_trains_on_stills(tmp_path):
     train(cfg, latents_batches, FolderCheckpoints(cfg.checkpoint_dir), on_step=record)
     assert frames == [3, 3, 1, 3, 3, 1]
     assert seen == [4, 8, 13, 17, 21, 26]  # a step of stills counts the clips it drew a frame from
-    with pytest.raises(ValueError, match="image_every: stills train a denoiser"):
+    with pytest.raises(ValueError, match="image_every: stills train the denoiser stage, not 'vae'"):
         train(dataclasses.replace(cfg, stage="vae"), latents_batches, FolderCheckpoints(str(tmp_path / "c2")))
+    with pytest.raises(ValueError, match="image_every: stills are one-frame clips; this latte model takes at least 5 frames"):
+        train(dataclasses.replace(cfg, family="latte"), latents_batches, FolderCheckpoints(str(tmp_path / "c3")))
 
 
 def test_object_weight_until_weighs_the_objects_in_the_steps_before_it_only(tmp_path):

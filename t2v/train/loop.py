@@ -315,11 +315,11 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
             part.requires_grad_(True)
     elif cfg.vae_trainable != "all":
         raise ValueError(f"vae_trainable must be 'all' or 'decoder' (stage vae), got {cfg.vae_trainable!r}")
-    if cfg.image_every:
-        low = bundle.family.frame_range(bundle)[0]
-        if cfg.stage != "denoiser" or low > 1:
-            raise ValueError(f"image_every: stills train a denoiser that takes one-frame clips; this is the "
-                             f"{cfg.stage} stage of a model whose clips have at least {low} frames")
+    if cfg.image_every and cfg.stage != "denoiser":
+        raise ValueError(f"image_every: stills train the denoiser stage, not {cfg.stage!r}")
+    if cfg.image_every and bundle.family.frame_range(bundle)[0] > 1:
+        raise ValueError(f"image_every: stills are one-frame clips; this {bundle.family.name} model takes at least "
+                         f"{bundle.family.frame_range(bundle)[0]} frames a clip")
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = EMA(trained, cfg.ema_decay, adapter_keys)
