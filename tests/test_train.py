@@ -522,12 +522,10 @@ def test_stills_are_one_frame_of_each_clip_with_its_own_caption_and_object_share
     batches = iter(lambda: coded_latents([next(counter) for _ in range(3)], frames=5), None)
     stills = still_batch(batches, 7, bundle, random.Random(0))  # 3 batches of 3 clips drawn, the first 7 kept
     assert stills["latents"].shape == (7, 4, 1, 4, 4) and stills["object_share"].shape == (7, 1, 4, 4)
-    picked = []
     for i, (latents, share, caption) in enumerate(zip(stills["latents"], stills["object_share"], stills["caption"])):
         clip, frame = divmod(int(latents[0, 0, 0, 0]), 100)
         assert clip == i and caption == f"clip {i}"  # each still comes from its own clip, in order
         assert torch.all(latents == latents[0, 0, 0, 0]) and torch.all(share == clip * 100 + frame)
-        picked.append(frame)
     many = still_batch(batches, 60, bundle, random.Random(1))
     assert {int(v) % 100 for v in many["latents"][:, 0, 0, 0, 0]} == set(range(5))  # any frame of a per-frame VAE
 
@@ -563,7 +561,8 @@ def test_every_image_every_th_step_trains_on_stills(tmp_path):
     assert seen == [4, 8, 13, 17, 21, 26]  # a step of stills counts the clips it drew a frame from
     with pytest.raises(ValueError, match="image_every: stills train the denoiser stage, not 'vae'"):
         train(dataclasses.replace(cfg, stage="vae"), latents_batches, FolderCheckpoints(str(tmp_path / "c2")))
-    with pytest.raises(ValueError, match="image_every: stills are one-frame clips; this latte model takes at least 5 frames"):
+    with pytest.raises(ValueError, match="image_every: stills are one-frame clips; this latte model takes at "
+                                         "least 5 frames"):
         train(dataclasses.replace(cfg, family="latte"), latents_batches, FolderCheckpoints(str(tmp_path / "c3")))
 
 

@@ -215,7 +215,7 @@ def still_batch(batches: Iterator[dict], clips: int, bundle: Bundle, rng: random
     drawn: list[dict] = []
     while sum(len(b["caption"]) for b in drawn) < clips:
         drawn.append(next(batches))
-    batch = {k: torch.cat([torch.as_tensor(np.asarray(b[k])) for b in drawn])[:clips]
+    batch = {k: torch.cat([torch.as_tensor(b[k]) for b in drawn])[:clips]
              if k in ("latents", "video", "mask", "object_share") else np.concatenate([b[k] for b in drawn])[:clips]
              for k in drawn[0]}
     if batch.get("latents") is not None:
@@ -317,9 +317,10 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
         raise ValueError(f"vae_trainable must be 'all' or 'decoder' (stage vae), got {cfg.vae_trainable!r}")
     if cfg.image_every and cfg.stage != "denoiser":
         raise ValueError(f"image_every: stills train the denoiser stage, not {cfg.stage!r}")
-    if cfg.image_every and bundle.family.frame_range(bundle)[0] > 1:
+    fewest_frames = bundle.family.frame_range(bundle)[0]
+    if cfg.image_every and fewest_frames > 1:
         raise ValueError(f"image_every: stills are one-frame clips; this {bundle.family.name} model takes at least "
-                         f"{bundle.family.frame_range(bundle)[0]} frames a clip")
+                         f"{fewest_frames} frames a clip")
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = EMA(trained, cfg.ema_decay, adapter_keys)
