@@ -566,6 +566,31 @@ def test_every_image_every_th_step_trains_on_stills(tmp_path):
         train(dataclasses.replace(cfg, family="latte"), latents_batches, FolderCheckpoints(str(tmp_path / "c3")))
 
 
+def test_object_weight_below_level_weighs_only_the_clips_noised_below_it():
+    from t2v.train.loop import object_latent_weights
+
+    share = torch.zeros(4, 2, 3, 3)
+    share[:, :, 1, 1] = 0.5  # an object covers half of one cell in each frame
+    batch = {"object_share": share}
+    x0 = torch.zeros(4, 8, 2, 3, 3)
+    levels = torch.tensor([0.1, 0.59, 0.6, 0.95])
+    cfg = TrainConfig(object_weight=4.0, object_weight_below_level=0.6)
+    weight = object_latent_weights(batch, x0, cfg, levels)
+    assert weight.shape == (4, 1, 2, 3, 3)
+    assert torch.allclose(weight[:2, 0, :, 1, 1], torch.full((2, 2), 3.0))  # 1 + 4 x 0.5 below the level
+    assert torch.equal(weight[2:], torch.ones(2, 1, 2, 3, 3))  # plain loss at and above it
+    assert torch.equal(weight[:, 0, :, 0, 0], torch.ones(4, 2))  # the background weighs 1 at every level
+    everywhere = object_latent_weights(batch, x0, TrainConfig(object_weight=4.0), levels)
+    assert torch.allclose(everywhere[:, 0, :, 1, 1], torch.full((4, 2), 3.0))
+
+
+def test_object_weight_below_level_outside_0_to_1_is_refused(tmp_path):
+    cfg = config(tmp_path, "", family="unet3d", use_latents=True, steps=1, object_weight=3.0,
+                 object_weight_below_level=60)
+    with pytest.raises(ValueError, match="object_weight_below_level: a noise level in 0..1 .*got 60"):
+        train(cfg, lambda start: iter(()), FolderCheckpoints(cfg.checkpoint_dir))
+
+
 def test_object_weight_until_weighs_the_objects_in_the_steps_before_it_only(tmp_path):
     """The weight needs each batch's object shares: batches that carry them for the first two steps only train
     with object_weight_until=2, and fail on the third step without it."""

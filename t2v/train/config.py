@@ -52,6 +52,9 @@ class TrainConfig:
     object_weight_until: int = 0  # > 0: the object weight applies to the denoiser's steps before this one only (it
     # teaches the objects' colours early; kept on, it tilts every uncertain cell towards "object": objects come out
     # too large)
+    object_weight_below_level: float = 0.0  # > 0: the denoiser's object weight applies at noise levels (0..1, the
+    # family's training levels) below this only; at higher noise whether a cell holds an object is not yet decided
+    # by the noised input, and a weight that depends on the answer tilts the prediction there
     object_area_ref: float = 0.0  # > 0 scales a clip's object weight by this / its objects' share of the clip
     edge_weight: float = 0.0  # VAE stage: plus this x the L1 of horizontal and vertical pixel differences
     object_crops: float = 0.0  # VAE stage: share of crops centred on an object pixel (needs masks)

@@ -194,10 +194,11 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
             x0 = fam.encode(bundle, video_tensor(batch, device))
     # the noise the bundle's sampling starts from (its config says how its frames correlate)
     noise = frame_correlated_noise(offset_noise(x0, cfg.noise_offset), bundle.config.frame_noise_correlation)
-    x_t, t, target = objective.pair(x0, noise, objective.levels(x0.shape[0], device))
+    levels = objective.levels(x0.shape[0], device)
+    x_t, t, target = objective.pair(x0, noise, levels)
     pred = fam.predict(bundle, x_t, t, text)
     pred_x0 = objective.clean(x_t, pred, t)
-    weight = object_latent_weights(batch, x0, cfg) if cfg.object_weight else None
+    weight = object_latent_weights(batch, x0, cfg, levels) if cfg.object_weight else None
     mse = weighted_mse(pred.float(), target.float(), weight)
     loss, parts = mse, {"mse": mse.item(), "frames": x0.shape[2]}  # frames 1: a step of stills (image_every)
     if cfg.temporal_loss_weight:
@@ -233,9 +234,11 @@ def is_still_step(cfg: TrainConfig, step: int) -> bool:
     return bool(cfg.image_every) and (step + 1) % cfg.image_every == 0
 
 
-def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig,
+                          levels: torch.Tensor | None = None) -> torch.Tensor:
     """Loss weights [B, 1, F, h, w] of a denoiser batch's latent cells: 1 + cfg.object_weight x the share of the
-    cell its objects cover (precomputed "object_share" of encoded clips, or the pixel masks pooled here)."""
+    cell its objects cover (precomputed "object_share" of encoded clips, or the pixel masks pooled here); with
+    cfg.object_weight_below_level, 1 for the clips noised to `levels` at or above it."""
     if batch.get("object_share") is not None:
         share = torch.as_tensor(batch["object_share"], device=x0.device).float()
     elif batch.get("mask") is not None:
@@ -246,7 +249,11 @@ def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig) -> to
     if share.shape[1:] != x0.shape[2:]:
         raise ValueError(f"object_share: {tuple(share.shape[1:])} per clip does not match the latents' grid "
                          f"{tuple(x0.shape[2:])}")
-    return object_pixel_weights(share, cfg.object_weight, cfg.object_area_ref)
+    weight = object_pixel_weights(share, cfg.object_weight, cfg.object_area_ref)
+    if cfg.object_weight_below_level and levels is not None:
+        weighed = (levels < cfg.object_weight_below_level).float().view(-1, 1, 1, 1, 1)
+        weight = 1 + (weight - 1) * weighed
+    return weight
 
 
 @torch.no_grad()
@@ -321,6 +328,9 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     if cfg.image_every and fewest_frames > 1:
         raise ValueError(f"image_every: stills are one-frame clips; this {bundle.family.name} model takes at least "
                          f"{fewest_frames} frames a clip")
+    if not 0 <= cfg.object_weight_below_level <= 1:
+        raise ValueError(f"object_weight_below_level: a noise level in 0..1 (0: every level), "
+                         f"got {cfg.object_weight_below_level}")
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = EMA(trained, cfg.ema_decay, adapter_keys)
