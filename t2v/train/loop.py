@@ -234,8 +234,7 @@ def is_still_step(cfg: TrainConfig, step: int) -> bool:
     return bool(cfg.image_every) and (step + 1) % cfg.image_every == 0
 
 
-def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig,
-                          levels: torch.Tensor | None = None) -> torch.Tensor:
+def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig, levels: torch.Tensor) -> torch.Tensor:
     """Loss weights [B, 1, F, h, w] of a denoiser batch's latent cells: 1 + cfg.object_weight x the share of the
     cell its objects cover (precomputed "object_share" of encoded clips, or the pixel masks pooled here); with
     cfg.object_weight_below_level, 1 for the clips noised to `levels` at or above it."""
@@ -250,9 +249,8 @@ def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig,
         raise ValueError(f"object_share: {tuple(share.shape[1:])} per clip does not match the latents' grid "
                          f"{tuple(x0.shape[2:])}")
     weight = object_pixel_weights(share, cfg.object_weight, cfg.object_area_ref)
-    if cfg.object_weight_below_level and levels is not None:
-        weighed = (levels < cfg.object_weight_below_level).float().view(-1, 1, 1, 1, 1)
-        weight = 1 + (weight - 1) * weighed
+    if cfg.object_weight_below_level:
+        weight = torch.where((levels < cfg.object_weight_below_level).view(-1, 1, 1, 1, 1), weight, 1.0)
     return weight
 
 
@@ -298,6 +296,12 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     """Train `cfg.stage` for cfg.steps optimizer steps. `make_batches(start)` yields this worker's batches
     from sample `start` on (the data position, so a resumed run sees no sample twice). Returns the bundle with
     EMA weights; rank 0 saves it to cfg.out."""
+    # settings refused before the bundle is built or loaded
+    if cfg.image_every and cfg.stage != "denoiser":
+        raise ValueError(f"image_every: stills train the denoiser stage, not {cfg.stage!r}")
+    if not 0 <= cfg.object_weight_below_level <= 1:
+        raise ValueError(f"object_weight_below_level: a noise level in 0..1 (0: every level), "
+                         f"got {cfg.object_weight_below_level}")
     device = torch.device(device or ("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
     bundle = build_bundle(cfg)
@@ -322,15 +326,10 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
             part.requires_grad_(True)
     elif cfg.vae_trainable != "all":
         raise ValueError(f"vae_trainable must be 'all' or 'decoder' (stage vae), got {cfg.vae_trainable!r}")
-    if cfg.image_every and cfg.stage != "denoiser":
-        raise ValueError(f"image_every: stills train the denoiser stage, not {cfg.stage!r}")
     fewest_frames = bundle.family.frame_range(bundle)[0]
     if cfg.image_every and fewest_frames > 1:
         raise ValueError(f"image_every: stills are one-frame clips; this {bundle.family.name} model takes at least "
                          f"{fewest_frames} frames a clip")
-    if not 0 <= cfg.object_weight_below_level <= 1:
-        raise ValueError(f"object_weight_below_level: a noise level in 0..1 (0: every level), "
-                         f"got {cfg.object_weight_below_level}")
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = EMA(trained, cfg.ema_decay, adapter_keys)
