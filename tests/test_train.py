@@ -310,6 +310,34 @@ def test_area_balanced_object_weights_count_a_small_object_as_much_as_a_large_on
     assert object_pixel_weights(tiny, 5.0, area_ref=0.5).max().item() == pytest.approx(1 + 5 * 8)
 
 
+def test_object_weight_margin_makes_drawing_an_object_too_large_cost_as_much_as_too_small():
+    from t2v.train.losses import object_pixel_weights, weighted_mse
+
+    masks = torch.zeros(1, 2, 16, 16, dtype=torch.bool)
+    masks[0, 0, 6:10, 6:10] = True  # a 4x4 object in frame 0 only
+    target = masks[:, None].float()
+    too_small, too_large = target.clone(), target.clone()
+    too_small[..., 0, 6:8, 6:8] = 0.0  # 4 of its cells missed
+    too_large[..., 0, 5, 6:10] = 1.0  # 4 cells of background beside it drawn as object
+
+    def cost(prediction, margin):
+        return weighted_mse(prediction, target, object_pixel_weights(masks, 5.0, area_ref=0.05, margin=margin)).item()
+
+    assert cost(too_small, 0) > 5 * cost(too_large, 0)  # a weight on the object alone: growing it is cheap
+    assert cost(too_small, 1) == pytest.approx(cost(too_large, 1))
+    weights = object_pixel_weights(masks, 5.0, area_ref=0.05, margin=1)[0, 0]
+    object_weight = object_pixel_weights(masks, 5.0, area_ref=0.05)[0, 0, 0, 6, 6]
+    assert (weights[0, 5:11, 5:11] == object_weight).all()  # the object and a ring of one cell, at the object's scale
+    assert weights[0, 4, 6] == 1.0 and weights[0, 11, 11] == 1.0  # beyond the ring, the background's 1
+    assert (weights[1] == 1.0).all()  # frames are not widened into each other
+
+
+def test_object_weight_margin_below_0_is_refused(tmp_path):
+    cfg = config(tmp_path, "", family="unet3d", use_latents=True, steps=1, object_weight=3.0, object_weight_margin=-1)
+    with pytest.raises(ValueError, match="object_weight_margin: .*0 or more, got -1"):
+        train(cfg, lambda start: iter(()), FolderCheckpoints(cfg.checkpoint_dir))
+
+
 def test_edge_loss_sees_a_rounded_corner_that_costs_little_in_pixels():
     """A square decoded with one corner pixel missing: few pixels wrong, but its edges are off."""
     from types import SimpleNamespace

@@ -171,7 +171,8 @@ def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Ran
                                _object_pixel(m, rng) if rng.random() < cfg.object_crops else None) for m in masks]
         x = torch.stack([v[:, f, y, xs] for v, (f, y, xs) in zip(video, windows)])
         cropped = torch.stack([m[f, y, xs] for m, (f, y, xs) in zip(masks, windows)])
-        weight = object_pixel_weights(cropped, cfg.object_weight, cfg.object_area_ref)  # [B, 1, T, H, W]
+        weight = object_pixel_weights(cropped, cfg.object_weight, cfg.object_area_ref,
+                                      cfg.object_weight_margin)  # [B, 1, T, H, W]
     else:
         x = random_crop(video, cfg.crop, cfg.crop_frames, rng)
     x = bundle.family.vae_batch(x)
@@ -248,7 +249,7 @@ def object_latent_weights(batch: dict, x0: torch.Tensor, cfg: TrainConfig, level
     if share.shape[1:] != x0.shape[2:]:
         raise ValueError(f"object_share: {tuple(share.shape[1:])} per clip does not match the latents' grid "
                          f"{tuple(x0.shape[2:])}")
-    weight = object_pixel_weights(share, cfg.object_weight, cfg.object_area_ref)
+    weight = object_pixel_weights(share, cfg.object_weight, cfg.object_area_ref, cfg.object_weight_margin)
     if cfg.object_weight_below_level:
         weight = torch.where((levels < cfg.object_weight_below_level).view(-1, 1, 1, 1, 1), weight, 1.0)
     return weight
@@ -299,6 +300,9 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     # settings refused before the bundle is built or loaded
     if cfg.image_every and cfg.stage != "denoiser":
         raise ValueError(f"image_every: stills train the denoiser stage, not {cfg.stage!r}")
+    if cfg.object_weight_margin < 0:
+        raise ValueError(f"object_weight_margin: pixels (VAE) or latent cells (denoiser), 0 or more, "
+                         f"got {cfg.object_weight_margin}")
     if not 0 <= cfg.object_weight_below_level <= 1:
         raise ValueError(f"object_weight_below_level: a noise level in 0..1 (0: every level), "
                          f"got {cfg.object_weight_below_level}")

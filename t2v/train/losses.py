@@ -66,16 +66,21 @@ def edge_error(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
     return total / 2
 
 
-def object_pixel_weights(masks: torch.Tensor, object_weight: float, area_ref: float = 0.0) -> torch.Tensor:
+def object_pixel_weights(masks: torch.Tensor, object_weight: float, area_ref: float = 0.0,
+                         margin: int = 0) -> torch.Tensor:
     """Per-pixel loss weights [B, 1, T, H, W] from object masks [B, T, H, W] (bool, or the share of each cell an
     object covers, latent_object_share): 1 on the background, 1 + object_weight on objects; with area_ref > 0, a
     clip's object pixels weigh object_weight x area_ref / (its objects' share of its pixels), clamped to 1/8..8 of
-    that, so a small object counts as much as a large one."""
+    that, so a small object counts as much as a large one. With margin > 0, the pixels within `margin` of an
+    object (in its frame) weigh as the object does: drawing it larger then costs as much as drawing it smaller."""
     objects = masks[:, None].float()
     scale = torch.ones(masks.shape[0], device=masks.device)
     if area_ref > 0:
         share = objects.flatten(1).mean(1)
         scale = (area_ref / share.clamp_min(1e-6)).clamp(1 / 8, 8)
+    if margin > 0:
+        window = (1, 2 * margin + 1, 2 * margin + 1)
+        objects = F.max_pool3d(objects, window, stride=1, padding=(0, margin, margin))
     return 1 + object_weight * scale.view(-1, 1, 1, 1, 1) * objects
 
 
