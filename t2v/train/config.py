@@ -56,7 +56,8 @@ class TrainConfig:
     # family's training levels) below this only; at higher noise whether a cell holds an object is not yet decided
     # by the noised input, and a weight that depends on the answer tilts the prediction there
     object_weight_margin: int = 0  # > 0: the pixels (VAE) / latent cells (denoiser) within this many of an object
-    # weigh as the object does; a weight on the object alone makes drawing it too large cheap, and objects grow
+    # weigh as the object does: a weight on the object alone makes drawing it too large cheap (in the one run
+    # measured, the margin did not bring the objects to their size either: docs/training.md)
     object_area_ref: float = 0.0  # > 0 scales a clip's object weight by this / its objects' share of the clip
     edge_weight: float = 0.0  # VAE stage: plus this x the L1 of horizontal and vertical pixel differences
     object_crops: float = 0.0  # VAE stage: share of crops centred on an object pixel (needs masks)
