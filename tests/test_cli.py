@@ -113,8 +113,8 @@ def test_info_lists_components_and_sizes(wan_dir, unet3d_dir):
     ("a red ball bouncing on a black background", "black"),
     ("a white square sliding to the right on a gray background", "gray"),
     pytest.param("a yellow star spinning under a blue sky over green grass", "sky", marks=pytest.mark.xfail(
-        strict=True, reason="the embedded model draws this sky as the desert's (background: 52% / 74% of held-out "
-                            "prompts, docs/model-card.md#known-limits)")),
+        strict=True, reason="the embedded model draws this sky as the desert's (background: 70% / 73% of held-out "
+                            "prompts through the prompt optimizer, docs/model-card.md#quality)")),
 ])
 def test_the_embedded_default_model_shows_the_background_asked_for(tmp_path, prompt, background):
     """The README's main job: no --model, the shipped bundle, default settings (17 frames, 64x64, 8 fps)."""
@@ -134,8 +134,8 @@ def test_the_embedded_default_model_shows_the_background_asked_for(tmp_path, pro
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="the target, not met yet: the embedded model shows exactly one red object "
-                   "in 59 of these 85 frames (69%; the previous model 29%), with a second red or white blob in the "
-                   "rest (docs/model-card.md#known-limits)")
+                   "in 74 of these 85 frames (87%; the model before it 69%), with a second red or orange blob in "
+                   "the rest (docs/model-card.md#quality)")
 def test_the_readme_example_shows_one_red_ball_in_every_frame(tmp_path):
     """The README's first command as a new user runs it, seeds 0-4: in every frame the colour judge finds exactly
     one object, and it is red."""

@@ -24,6 +24,8 @@ TINY = [
     "--denoiser", "steps=20", "checkpoint_every=2", "log_every=2", "batch_size=2", "size=32", "num_frames=9",
     "overrides={unet: {block_out_channels: [16, 32], down_block_types: [CrossAttnDownBlock3D, DownBlock3D], "
     "up_block_types: [UpBlock3D, CrossAttnUpBlock3D], norm_num_groups: 4}, vae: {latent_channels: 8}}",
+    "--stills", "steps=4", "checkpoint_every=2", "log_every=2", "batch_size=2", "image_batch=4", "size=32",
+    "num_frames=9",
 ]
 
 
@@ -85,20 +87,25 @@ def test_the_recipe_killed_in_each_training_stage_continues_from_its_last_checkp
     for line in third.splitlines():  # every step logged after the resume is past the checkpoint
         if "denoiser: step" in line:
             assert int(line.split("denoiser: step ")[1].split("/")[0]) > resumed[0]
-    # Each stage left what it makes: the VAE's gate scores, the latents, a model that loads, the same weights with
-    # the shipped sampling, its held-out scores.
+    # The stills fine-tune ran after the denoiser, on every second step's one-frame clips.
+    assert "stills: step 4/4" in third
+    # Each stage left what it makes: the VAE's gate scores, the latents, a model that loads, its stills fine-tune,
+    # the same weights with the shipped sampling, its held-out scores.
     assert "prompt adherence" in (out / "vae-gate-step20.txt").read_text()
     assert (out / "latents-vae20-clips64.pt").exists()
     bundle = load(out / "model")
     assert bundle.family.name == "unet3d" and bundle.config.height == 32
     assert list(bundle.denoiser.config.block_out_channels) == [16, 32]
+    stills = load(out / "model-stills")
+    assert any(not torch.equal(weight, stills.denoiser.state_dict()[name])
+               for name, weight in bundle.denoiser.state_dict().items())
     shipped = load(out / "shipped")
     assert type(shipped.scheduler).__name__ == "UniPCMultistepScheduler"
     assert shipped.scheduler.config.timestep_spacing == "trailing" and shipped.config.num_inference_steps == 2
     assert shipped.scheduler.config.beta_schedule == bundle.scheduler.config.beta_schedule  # the training schedule
     shipped_weights = shipped.denoiser.state_dict()
-    for name, weight in bundle.denoiser.state_dict().items():
+    for name, weight in stills.denoiser.state_dict().items():
         assert torch.equal(weight, shipped_weights[name]), name
-    text = (out / "eval-vae20-step20-unipc-trailing-2.txt").read_text()
+    text = (out / "eval-vae20-step20-stills4-unipc-trailing-2.txt").read_text()
     assert "prompt adherence, heldout split, 2 prompts" in text
     assert "ETA" in second and "recipe ETA" in third
