@@ -241,9 +241,10 @@ def main() -> None:
               FolderCheckpoints(den_cfg.checkpoint_dir),
               on_step=Eta("denoiser", den_cfg.steps, later_stills, den_cfg.log_every))
     trained = den_cfg
-    # 6. The stills fine-tune of that denoiser.
+    # 6. The stills fine-tune of that denoiser, kept per denoiser step: a denoiser trained further gets its own.
     if stills_cfg is not None:
         trained = on_vae(stills_cfg, vae_step)
+        trained = dataclasses.replace(trained, checkpoint_dir=f"{trained.checkpoint_dir}-denoiser{trained_to(den_cfg)}")
         if trained_to(trained) is None:
             train(trained, lambda start: latent_batches(encoded, trained.batch_size, seed=start),
                   FolderCheckpoints(trained.checkpoint_dir),

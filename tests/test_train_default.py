@@ -87,8 +87,9 @@ def test_the_recipe_killed_in_each_training_stage_continues_from_its_last_checkp
     for line in third.splitlines():  # every step logged after the resume is past the checkpoint
         if "denoiser: step" in line:
             assert int(line.split("denoiser: step ")[1].split("/")[0]) > resumed[0]
-    # The stills fine-tune ran after the denoiser, on every second step's one-frame clips.
+    # The stills fine-tune ran after the denoiser, to its step count, its checkpoints kept per denoiser step.
     assert "stills: step 4/4" in third
+    assert (out / "checkpoints-stills-vae20-denoiser20" / "step-000004.pt").exists()
     # Each stage left what it makes: the VAE's gate scores, the latents, a model that loads, its stills fine-tune,
     # the same weights with the shipped sampling, its held-out scores.
     assert "prompt adherence" in (out / "vae-gate-step20.txt").read_text()
