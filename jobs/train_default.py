@@ -236,19 +236,13 @@ def main() -> None:
 
     # 5. The denoiser.
     den_cfg = on_vae(den_cfg, vae_step)
-    if trained_to(den_cfg) is None:
-        train(den_cfg, lambda start: latent_batches(encoded, den_cfg.batch_size, seed=start),
-              FolderCheckpoints(den_cfg.checkpoint_dir),
-              on_step=Eta("denoiser", den_cfg.steps, later_stills, den_cfg.log_every))
+    train_on_latents("denoiser", den_cfg, encoded, later_stills)
     trained = den_cfg
     # 6. The stills fine-tune of that denoiser, kept per denoiser step: a denoiser trained further gets its own.
     if stills_cfg is not None:
         trained = on_vae(stills_cfg, vae_step)
         trained = dataclasses.replace(trained, checkpoint_dir=f"{trained.checkpoint_dir}-denoiser{trained_to(den_cfg)}")
-        if trained_to(trained) is None:
-            train(trained, lambda start: latent_batches(encoded, trained.batch_size, seed=start),
-                  FolderCheckpoints(trained.checkpoint_dir),
-                  on_step=Eta("stills", trained.steps, args.eval_n * PACE["eval_clip"], trained.log_every))
+        train_on_latents("stills", trained, encoded, args.eval_n * PACE["eval_clip"])
 
     # 7. The sampling it ships with.
     shipped = f"{out}/shipped"
@@ -259,6 +253,13 @@ def main() -> None:
                                          f"{args.sampler}-{args.spacing}-{args.steps}.txt")
     log.info("done: %s (%s this run); copy it to t2v/models/default to ship it", shipped,
              minutes(time.perf_counter() - t_start))
+
+
+def train_on_latents(stage: str, cfg: TrainConfig, encoded: Encoded, later_s: float) -> None:
+    """A denoiser stage on the encoded clips, unless its model is saved: continued from its last checkpoint."""
+    if trained_to(cfg) is None:
+        train(cfg, lambda start: latent_batches(encoded, cfg.batch_size, seed=start),
+              FolderCheckpoints(cfg.checkpoint_dir), on_step=Eta(stage, cfg.steps, later_s, cfg.log_every))
 
 
 def ship(model_dir: str, out: str, sampler: str, spacing: str, steps: int) -> None:
