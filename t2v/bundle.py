@@ -49,10 +49,15 @@ class BundleConfig:
     # then rewrites prompts into that phrasing and adds no tags)
     frame_noise_correlation: float = 0.0  # the share of the noise's variance a clip's frames share, in training
     # and so in sampling (t2v.sampling.frame_correlated_noise)
+    guidance_range: list | None = None  # [lowest, highest]: a denoiser that takes the guidance scale as an input
+    # (a guidance-distilled student, TrainConfig.guidance_range) was trained on these scales and takes no others
 
     def __post_init__(self):
         if not 0.0 <= self.frame_noise_correlation < 1.0:
             raise ValueError(f"frame_noise_correlation: {self.frame_noise_correlation} is not in [0, 1)")
+        if self.guidance_range is not None and not (
+                len(self.guidance_range) == 2 and 0.0 <= self.guidance_range[0] <= self.guidance_range[1]):
+            raise ValueError(f"guidance_range: [lowest, highest] guidance scale, got {self.guidance_range}")
 
     @classmethod
     def from_dict(cls, family: Family, values: dict | None) -> "BundleConfig":

@@ -160,6 +160,9 @@ def attach(bundle, layout: ParallelLayout, start_peers: StartRequests | None) ->
 
     if bundle.runtime is None:
         bundle.runtime = Runtime()
+    if layout.cfg > 1 and bundle.family.guidance_input(bundle):
+        raise InputError("parallel.cfg", "this model takes the guidance scale as an input: one forward a step, no "
+                         "guidance halves to split over ranks", "1")
     here = local_requests(bundle)
     bundle.runtime.layout = layout
     if layout.cfg > 1:

@@ -30,14 +30,16 @@ class GenerationParams:
     fps: float
     seed: int
     guidance_scale_2: float | None = None  # the low-noise expert's (a mixture of experts only)
+    guidance_input: bool = False  # the denoiser takes the scale as an input (a guidance-distilled student)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance on: the negative prompts are encoded and every forward is doubled."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance on: the negative prompts are encoded and every forward is doubled (never for
+        a denoiser that takes the scale as an input: one forward a step)."""
+        return self.guidance_scale > 1.0 and not self.guidance_input
 
     def guidance(self, expert: int) -> float:
         """The guidance scale of a step taken by this expert (`Family.expert`)."""
@@ -118,6 +120,9 @@ def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=Non
     guidance = _float("guidance_scale", cfg.guidance_scale if guidance_scale is None else guidance_scale, 0.0,
                       MAX_GUIDANCE)
     guidance_2 = _guidance_2(bundle, guidance, guidance_scale_2)
+    guidance_input = fam.guidance_input(bundle)
+    if guidance_input:
+        _check_guidance_input(bundle, guidance, negatives)
     if seed is None:
         seed = random.randrange(2**31)
     return GenerationParams(
@@ -134,7 +139,20 @@ def resolve(bundle, prompt, *, negative_prompt=None, num_frames=None, height=Non
         fps=_float("fps", cfg.fps if fps is None else fps, 0.0, MAX_FPS, lo_open=True),
         seed=_int("seed", seed, 0, MAX_SEED),
         guidance_scale_2=guidance_2,
+        guidance_input=guidance_input,
     )
+
+
+def _check_guidance_input(bundle, guidance: float, negatives: list[str]) -> None:
+    """A denoiser that takes the guidance scale as an input was trained on a range of scales, and has no
+    unconditional forward for a negative prompt to steer."""
+    if any(n.strip() for n in negatives):
+        raise InputError("negative_prompt", "this model takes the guidance scale as an input (one forward a step, "
+                         "distilled from classifier-free guidance) and has no unconditional pass to steer", "unset")
+    low, high = bundle.config.guidance_range or (1.0, 1.0)
+    if not low <= guidance <= high:
+        raise InputError("guidance_scale", f"{guidance:g} is outside the scales this model was trained on",
+                         f"{low:g}..{high:g}")
 
 
 def _guidance_2(bundle, guidance: float, value) -> float | None:

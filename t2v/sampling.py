@@ -7,6 +7,7 @@ config's training schedule (timesteps, betas or flow shift, prediction type), as
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,12 +206,26 @@ def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: fl
     return uncond + scale * (cond - uncond)
 
 
+def guidance_scale_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of guidance scales [B], as a guidance-distilled UNet takes them through its
+    `time_cond_proj_dim` input: diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding of
+    w = scale - 1 (the LCM convention)."""
+    w = (scale.float() - 1.0) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    angles = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 # -- predictions (the denoising loops call these through a `predictor`, so a server may batch or fan out) --
 
 def predict_guided(bundle, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float):
     """One prediction for latents x (already scaled by the scheduler), guided when guidance_scale > 1; then
     embeds holds the negative prompts' embeddings first, as the pipeline encodes them."""
     fam = bundle.family
+    if fam.guidance_input(bundle):  # the scale is the denoiser's input: one forward, no negative half
+        return fam.predict(bundle, x, t, embeds, guidance=torch.full((x.shape[0],), float(guidance_scale)))
     if guidance_scale > 1.0:
         return classifier_free_guidance(*fam.predict(bundle, torch.cat([x, x]), t, embeds).chunk(2),
                                         guidance_scale)
@@ -252,6 +267,8 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
     one batch (per-step batching of concurrent jobs, where a forward is launch-bound, as on a GPU). Requests
     for different experts of a mixture go to separate forwards."""
     fam, out = bundle.family, [None] * len(requests)
+    if fam.guidance_input(bundle):  # the scale is the denoiser's input: requests ride as they are
+        return predict_batch_guidance_input(bundle, requests)
     groups: dict[tuple, list[int]] = {}
     for i, (x, t, e, _) in enumerate(requests):  # a mixture of experts: only steps of the same expert share one
         key = (tuple(x.shape[1:]), tuple(e.shape[1:]), fam.expert(bundle, t), t.ndim == 2 and t.shape[1])
@@ -271,4 +288,22 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
         for i, part in zip(members, pred.split(sizes)):
             g = requests[i][3]
             out[i] = classifier_free_guidance(*part.chunk(2), g) if g > 1.0 else part
+    return out
+
+
+def predict_batch_guidance_input(bundle, requests: list) -> list[torch.Tensor]:
+    """predict_batch for a denoiser that takes the guidance scale as an input: one forward per group of requests
+    whose latents and embeddings share a shape, each sample with its own timestep and scale."""
+    fam, out = bundle.family, [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, t, e, _) in enumerate(requests):
+        groups.setdefault((tuple(x.shape[1:]), tuple(e.shape[1:])), []).append(i)
+    for members in groups.values():
+        xs = [requests[i][0] for i in members]
+        ts = [requests[i][1].to(x.device).reshape(-1)[:1].expand(x.shape[0]) for i, x in zip(members, xs)]
+        gs = [torch.full((x.shape[0],), float(requests[i][3])) for i, x in zip(members, xs)]
+        pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat([requests[i][2] for i in members]),
+                           guidance=torch.cat(gs))
+        for i, part in zip(members, pred.split([x.shape[0] for x in xs])):
+            out[i] = part
     return out

@@ -183,3 +183,77 @@ def test_a_bundle_trained_on_frame_correlated_noise_samples_from_it(unet3d_dir, 
     assert abs(mean_frame_correlation(_first_step_input(correlated, **kw)) - 0.6) < 0.1
     with pytest.raises(ValueError, match="frame_noise_correlation"):
         dataclasses.replace(bundle.config, frame_noise_correlation=1.0)
+
+
+def guidance_student(seed: int = 0) -> t2v.Bundle:
+    """A tiny unet3d bundle whose denoiser takes the guidance scale as an input, with that input's weights drawn
+    (as after distillation) rather than zero (as at its start)."""
+    from conftest import build_tiny
+
+    bundle = build_tiny(UNET3D, seed)
+    bundle.denoiser = UNET3D.with_guidance_input(bundle.denoiser).eval()
+    torch.nn.init.normal_(bundle.denoiser.time_embedding.cond_proj.weight, std=0.5)
+    bundle.config = dataclasses.replace(bundle.config, guidance_range=[1.0, 8.0])
+    return bundle
+
+
+def test_a_denoiser_that_takes_the_guidance_scale_runs_one_unguided_forward_a_step(tmp_path):
+    """A guidance-distilled student: every step is one forward of the prompt alone (no negative half), with the
+    scale as diffusers' LCM embedding; the scale changes the video; saved and loaded, it samples the same."""
+    from t2v.sampling import guidance_scale_embedding
+
+    pipe = t2v.TextToVideoPipeline(guidance_student())
+    calls = []
+    handle = pipe.bundle.denoiser.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((args[0].shape[0], kwargs["timestep_cond"])), with_kwargs=True)
+    try:
+        low = pipe("a red ball", seed=1, guidance_scale=2.0, num_inference_steps=3, output_type="pt").frames
+    finally:
+        handle.remove()
+    assert [batch for batch, _ in calls] == [1, 1, 1]
+    assert all(torch.equal(cond, guidance_scale_embedding(torch.tensor([2.0]), 256)) for _, cond in calls)
+    high = pipe("a red ball", seed=1, guidance_scale=7.5, num_inference_steps=3, output_type="pt").frames
+    assert (low - high).abs().max() > 1e-3
+
+    pipe.bundle.save(str(tmp_path / "student"))
+    loaded = t2v.TextToVideoPipeline.from_pretrained(tmp_path / "student")
+    assert loaded.bundle.denoiser.config.time_cond_proj_dim == 256 and loaded.bundle.config.guidance_range == [1, 8]
+    again = loaded("a red ball", seed=1, guidance_scale=7.5, num_inference_steps=3, output_type="pt").frames
+    assert (again - high).abs().max() < 1e-5
+
+
+def test_a_denoiser_that_takes_the_guidance_scale_refuses_a_negative_prompt_and_scales_it_was_not_trained_on():
+    from t2v.errors import InputError
+
+    pipe = t2v.TextToVideoPipeline(guidance_student())
+    with pytest.raises(InputError, match="negative_prompt") as err:
+        pipe("a red ball", negative_prompt="a blue square", num_inference_steps=2)
+    assert err.value.allowed == "unset"
+    with pytest.raises(InputError, match="guidance_scale.*9") as err:
+        pipe("a red ball", guidance_scale=9.0, num_inference_steps=2)
+    assert err.value.allowed == "1..8"
+    pipe("a red ball", negative_prompt="", guidance_scale=1.0, num_inference_steps=1)  # blank and 1: accepted
+
+
+def test_batched_steps_of_a_guidance_input_denoiser_keep_each_requests_scale():
+    """Per-step batching (predict_batch): requests at different scales in one forward give what each gives alone."""
+    from t2v.sampling import predict_batch, predict_guided
+
+    bundle = guidance_student()
+    e = bundle.family.encode_prompt(bundle, ["a red ball", "a blue square"], 32)
+    x = torch.randn(2, 4, 4, 16, 16)
+    requests = [(x[:1], torch.tensor(700), e[:1], 2.0), (x[1:], torch.tensor(300), e[1:], 6.0)]
+    with torch.no_grad():
+        batched = predict_batch(bundle, requests)
+        for got, request in zip(batched, requests):
+            assert (got - predict_guided(bundle, *request)).abs().max() < 1e-5
+
+
+def test_a_guidance_parallel_layout_is_refused_for_a_denoiser_that_takes_the_guidance_scale():
+    from t2v.errors import InputError
+    from t2v.parallel import ParallelLayout, attach
+
+    bundle = guidance_student()
+    with pytest.raises(InputError, match="parallel.cfg: this model takes the guidance scale as an input"):
+        attach(bundle, ParallelLayout(cfg=2), None)
+    attach(bundle, ParallelLayout(cfg=1), None)  # one rank: its forwards run here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -637,3 +638,69 @@ def test_object_weight_until_weighs_the_objects_in_the_steps_before_it_only(tmp_
     with pytest.raises(ValueError, match="object_weight: the denoiser stage needs the objects' masks"):
         train(dataclasses.replace(cfg, object_weight_until=3, checkpoint_dir=str(tmp_path / "c2")),
               lambda start: batches(0), FolderCheckpoints(str(tmp_path / "c2")))
+
+
+def test_guidance_distillation_trains_a_student_to_the_teachers_guided_prediction(tmp_path, unet3d_dir):
+    """guidance_range: the denoiser becomes a student that takes the scale; it starts as the teacher's
+    conditional prediction (the scale's input weighs nothing yet) and learns the teacher's classifier-free
+    guidance at each scale; the bundle it saves records the range."""
+    from t2v.sampling import classifier_free_guidance, predict_guided
+    from t2v.train.distill import guided_target
+
+    teacher = t2v.load(unet3d_dir)
+    x0 = torch.randn(4, 4, 4, 16, 16)
+    batch = {"latents": x0, "caption": np.array(["a red ball", "a blue square", "a green ring", "a red ball"])}
+    cfg = TrainConfig(family="unet3d", init=str(unet3d_dir), use_latents=True, guidance_range=[1.0, 6.0], steps=60,
+                      batch_size=4, lr=1e-3, warmup_steps=3, ema_decay=0.0, text_dropout=0.0, num_frames=4,
+                      size=32, checkpoint_every=60, out=str(tmp_path / "student"),
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    e = teacher.family.encode_prompt(teacher, list(batch["caption"]), 32)
+    empty = teacher.family.encode_prompt(teacher, [""] * 4, 32)
+    objective = teacher.family.training_objective(teacher, cfg)
+
+    def distillation_error(student) -> tuple[float, float]:
+        """Mean squared distance of the student's prediction, and of the teacher's conditional one, from the
+        teacher's guided prediction, over noised copies of the batch at random levels and scales."""
+        g = torch.Generator().manual_seed(0)
+        ours, conds = [], []
+        with torch.no_grad():
+            for _ in range(6):
+                x_t, t, _ = objective.pair(x0, torch.randn(x0.shape, generator=g), torch.rand(4, generator=g))
+                scale = 1.0 + 5.0 * torch.rand(4, generator=g)
+                want = guided_target(teacher, x_t, t, e, scale)
+                cond = teacher.family.predict(teacher, x_t, t, e)
+                assert torch.allclose(want, classifier_free_guidance(teacher.family.predict(teacher, x_t, t, empty),
+                                                                     cond, scale.view(-1, 1, 1, 1, 1)), atol=1e-5)
+                ours.append((student.family.predict(student, x_t, t, e, guidance=scale) - want).pow(2).mean())
+                conds.append((cond - want).pow(2).mean())
+        return float(torch.stack(ours).mean()), float(torch.stack(conds).mean())
+
+    start = build_bundle(cfg)
+    start.denoiser = start.family.with_guidance_input(start.denoiser).eval()
+    before, cond_error = distillation_error(start)
+    assert before == pytest.approx(cond_error, rel=1e-4) and cond_error > 0  # it starts as the conditional one
+    student = train(cfg, lambda start: itertools.repeat(batch), FolderCheckpoints(cfg.checkpoint_dir))
+    after, _ = distillation_error(student)
+    assert after < 0.5 * before
+    # and it follows the scale: between scales 1 and 6 its prediction moves as the teacher's guided one does
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        x_t, t, _ = objective.pair(x0, torch.randn(x0.shape, generator=g), torch.rand(4, generator=g))
+        ones = torch.ones(4)
+        moved = (student.family.predict(student, x_t, t, e, guidance=6 * ones)
+                 - student.family.predict(student, x_t, t, e, guidance=ones))
+        want_moved = guided_target(teacher, x_t, t, e, 6 * ones) - guided_target(teacher, x_t, t, e, ones)
+    # (one that ignores the scale does not move: its error is the whole move; 60 steps learn about a third of it)
+    assert (moved - want_moved).pow(2).mean() < 0.8 * want_moved.pow(2).mean()
+    saved = t2v.load(cfg.out)
+    assert saved.config.guidance_range == [1.0, 6.0] and saved.family.guidance_input(saved)
+    x_t, t = torch.randn(1, 4, 4, 16, 16), torch.tensor([500])
+    with torch.no_grad():  # the pipeline's prediction at 5: the student's one forward
+        assert torch.allclose(predict_guided(saved, x_t, t, e[:1], 5.0),
+                              student.family.predict(student, x_t, t, e[:1], guidance=torch.tensor([5.0])), atol=1e-4)
+    with pytest.raises(ValueError, match="guidance_range: distils a trained denoiser"):
+        train(dataclasses.replace(cfg, init=None), lambda start: itertools.repeat(batch),
+              FolderCheckpoints(str(tmp_path / "c2")))
+    with pytest.raises(ValueError, match=r"guidance_range: \[lowest, highest\]"):
+        train(dataclasses.replace(cfg, guidance_range=[0.5, 6.0]), lambda start: itertools.repeat(batch),
+              FolderCheckpoints(str(tmp_path / "c3")))

@@ -86,6 +86,18 @@ class Family:
     def step(self, scheduler, pred: torch.Tensor, t, latents: torch.Tensor, generator=None, eta: float = 0.0):
         raise NotImplementedError
 
+    # --- guidance as an input (a guidance-distilled student) -----------------------------------------
+    def guidance_input(self, bundle) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (`predict(..., guidance=)`): one forward a
+        step instead of classifier-free guidance's two. Here: no denoiser of this family does."""
+        return False
+
+    def with_guidance_input(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `denoiser` that also takes the guidance scale, computing what `denoiser` does until trained
+        (`TrainConfig.guidance_range` distils classifier-free guidance into it)."""
+        raise ValueError(f"guidance_range: a {self.name} denoiser ({type(denoiser).__name__}) takes no guidance "
+                         "scale as an input")
+
     def decode(self, bundle, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> video in [-1, 1], shape [B, 3, F, H, W]."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 
-from ..sampling import DIFFUSION_SAMPLERS
+from ..sampling import DIFFUSION_SAMPLERS, guidance_scale_embedding
 from .per_frame import PerFrameDiffusionFamily
 
 PRESETS = {
@@ -40,9 +40,31 @@ class UNet3DFamily(PerFrameDiffusionFamily):
         mask = tok.attention_mask.to(te.device) if use_mask else None
         return te(tok.input_ids.to(te.device), attention_mask=mask)[0]
 
-    def predict(self, bundle, latents, t, embeds):
+    def predict(self, bundle, latents, t, embeds, guidance=None):
+        """guidance: the scale of each sample [B], for a denoiser that takes it (`guidance_input`)."""
         model = bundle.denoiser
-        return model(latents.to(model.dtype), t, encoder_hidden_states=embeds.to(model.dtype), return_dict=False)[0]
+        cond = None
+        if guidance is not None:
+            cond = guidance_scale_embedding(guidance.to(latents.device), model.config.time_cond_proj_dim)
+            cond = cond.to(model.dtype)
+        return model(latents.to(model.dtype), t, encoder_hidden_states=embeds.to(model.dtype), timestep_cond=cond,
+                     return_dict=False)[0]
+
+    def guidance_input(self, bundle) -> bool:
+        # diffusers' UNets take a guidance embedding through time_cond_proj_dim (the LCM convention)
+        return bool(getattr(bundle.denoiser.config, "time_cond_proj_dim", None))
+
+    def with_guidance_input(self, denoiser, embedding_dim: int = 256):
+        import torch
+        from diffusers import UNet3DConditionModel
+
+        student = UNet3DConditionModel.from_config(dict(denoiser.config), time_cond_proj_dim=embedding_dim)
+        missing, unexpected = student.load_state_dict(denoiser.state_dict(), strict=False)
+        if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+            raise ValueError(f"with_guidance_input: weights that do not carry over: {missing + unexpected}")
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # the guidance adds nothing until trained
+        student = student.to(denoiser.device)
+        return student if denoiser.dtype == student.dtype else student.to(dtype=denoiser.dtype)
 
     def step(self, scheduler, pred, t, latents, generator=None, eta=0.0):
         # ModelScope steps each frame as an image; stochastic samplers then draw noise in that layout.

@@ -208,7 +208,7 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
     import torch
 
     from ..data.stream import video_tensor
-    from ..sampling import frame_correlated_noise
+    from ..sampling import frame_correlated_noise, predict_guided
     from ..world import render
 
     bundle = pipe.bundle
@@ -232,7 +232,7 @@ def conditioning_losses(pipe, split: str = "heldout", n: int = 64, seed: int = 0
                 sigma = torch.full((len(chunk),), s, device=x0.device)
                 x_t, timestep, target = objective.pair(x0, noise, sigma)
                 for name, e in embeds.items():
-                    pred = fam.predict(bundle, x_t, timestep, e).float()
+                    pred = predict_guided(bundle, x_t, timestep, e, 1.0).float()  # unguided: the prompt alone
                     sums[name][s] += float(((pred - target) ** 2).mean((1, 2, 3, 4)).sum())
         if progress:
             progress(min(start + batch_size, n))

@@ -44,6 +44,11 @@ class TrainConfig:
     # stills shows the words for colour, shape, size and place with that many captions instead of batch_size.
     image_every: int = 0
     image_batch: int = 0
+    # Guidance distillation (denoiser stage, from `init`): [lowest, highest] guidance scale. The denoiser becomes
+    # a student that takes the scale as an input, trained to predict what init's classifier-free guidance predicts
+    # at a scale drawn from that range: then one forward a step instead of two (Meng et al., "On Distillation of
+    # Guided Diffusion Models").
+    guidance_range: list = field(default_factory=list)
     temporal_loss_weight: float = 0.0  # match frame-to-frame differences of predicted and true clean latents
     smoothness_loss_weight: float = 0.0  # match second differences (motion smoothness)
     kl_weight: float = 1e-6  # VAE stage

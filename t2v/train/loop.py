@@ -20,9 +20,10 @@ import torch
 from .. import lora, storage
 from ..bundle import Bundle, BundleConfig, from_components, load
 from ..data.stream import video_tensor
-from ..sampling import frame_correlated_noise
+from ..sampling import frame_correlated_noise, predict_guided
 from ..families import FAMILIES, DenoisingObjective
 from .config import TrainConfig
+from . import distill
 from .losses import (latent_object_share, object_pixel_weights, offset_noise, temporal_difference_loss, vae_loss,
                      weighted_mse)
 
@@ -183,8 +184,8 @@ def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Ran
 
 
 def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Random, device,
-                  objective: DenoisingObjective) -> tuple:
-    """Flow-matching / diffusion loss of bundle.denoiser (the trained module) on one batch."""
+                  objective: DenoisingObjective, teacher: torch.nn.Module | None = None) -> tuple:
+    """Flow-matching / diffusion loss of bundle.denoiser (the trained module) on one batch; a teacher's: distill."""
     fam = bundle.family
     captions = ["" if rng.random() < cfg.text_dropout else str(c) for c in batch["caption"]]
     with torch.no_grad():
@@ -197,7 +198,11 @@ def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Ran
     noise = frame_correlated_noise(offset_noise(x0, cfg.noise_offset), bundle.config.frame_noise_correlation)
     levels = objective.levels(x0.shape[0], device)
     x_t, t, target = objective.pair(x0, noise, levels)
-    pred = fam.predict(bundle, x_t, t, text)
+    if teacher is not None:
+        mse = distill.distillation_loss(bundle, teacher, x_t, t, text, cfg.guidance_range)
+        return mse, {"mse": mse.item(), "frames": x0.shape[2]}
+    # a denoiser that takes the guidance scale learns the denoising loss unguided (scale 1: the prompt alone)
+    pred = predict_guided(bundle, x_t, t, text, 1.0)
     pred_x0 = objective.clean(x_t, pred, t)
     weight = object_latent_weights(batch, x0, cfg, levels) if cfg.object_weight else None
     mse = weighted_mse(pred.float(), target.float(), weight)
@@ -300,6 +305,8 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     # settings refused before the bundle is built or loaded
     if cfg.image_every and cfg.stage != "denoiser":
         raise ValueError(f"image_every: stills train the denoiser stage, not {cfg.stage!r}")
+    if cfg.guidance_range:
+        distill.check(cfg)
     if cfg.object_weight_margin < 0:
         raise ValueError(f"object_weight_margin: pixels (VAE) or latent cells (denoiser), 0 or more, "
                          f"got {cfg.object_weight_margin}")
@@ -313,6 +320,7 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     rng = random.Random(cfg.seed * 1000 + rank)
     for module in (bundle.text_encoder, bundle.vae, bundle.denoiser):
         module.to(device).requires_grad_(False).eval()
+    teacher = distill.make_student(bundle, cfg.guidance_range) if cfg.guidance_range else None  # guidance distillation
     trained = bundle.vae if cfg.stage == "vae" else bundle.denoiser
     adapter_keys = None
     if cfg.lora_rank:
@@ -349,7 +357,8 @@ def train(cfg: TrainConfig, make_batches: Callable[[int], Iterator[dict]], store
     if cfg.stage == "vae":
         step_fn = functools.partial(vae_step, bundle, trained)
     else:
-        step_fn = functools.partial(denoiser_step, bundle, objective=bundle.family.training_objective(bundle, cfg))
+        step_fn = functools.partial(denoiser_step, bundle, objective=bundle.family.training_objective(bundle, cfg),
+                                    teacher=teacher)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     t0, window, first_step, probe_elapsed = time.perf_counter(), [], step, 0.0
