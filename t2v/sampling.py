@@ -222,7 +222,8 @@ def guidance_scale_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
 
 def predict_guided(bundle, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance_scale: float):
     """One prediction for latents x (already scaled by the scheduler), guided when guidance_scale > 1; then
-    embeds holds the negative prompts' embeddings first, as the pipeline encodes them."""
+    embeds holds the negative prompts' embeddings first, as the pipeline encodes them. A denoiser that takes the
+    scale as an input gets it so, with the prompts' embeddings alone."""
     fam = bundle.family
     if fam.guidance_input(bundle):  # the scale is the denoiser's input: one forward, no negative half
         return fam.predict(bundle, x, t, embeds, guidance=torch.full((x.shape[0],), float(guidance_scale)))

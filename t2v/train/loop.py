@@ -185,7 +185,7 @@ def vae_step(bundle: Bundle, vae, batch: dict, cfg: TrainConfig, rng: random.Ran
 
 def denoiser_step(bundle: Bundle, batch: dict, cfg: TrainConfig, rng: random.Random, device,
                   objective: DenoisingObjective, teacher: torch.nn.Module | None = None) -> tuple:
-    """Flow-matching / diffusion loss of bundle.denoiser (the trained module) on one batch; a teacher's: distill."""
+    """bundle.denoiser's loss on one batch: flow matching / diffusion, or with a teacher, guidance distillation."""
     fam = bundle.family
     captions = ["" if rng.random() < cfg.text_dropout else str(c) for c in batch["caption"]]
     with torch.no_grad():
