@@ -257,3 +257,20 @@ def test_a_guidance_parallel_layout_is_refused_for_a_denoiser_that_takes_the_gui
     with pytest.raises(InputError, match="parallel.cfg: this model takes the guidance scale as an input"):
         attach(bundle, ParallelLayout(cfg=2), None)
     attach(bundle, ParallelLayout(cfg=1), None)  # one rank: its forwards run here
+
+
+def test_a_long_video_of_a_denoiser_that_takes_the_guidance_scale_runs_one_forward_a_window_step():
+    """Co-denoised windows (LongVideoPipeline) pass each window's step to the student unguided, with its scale."""
+    from t2v.long_video import LongVideoPipeline
+
+    pipe = t2v.TextToVideoPipeline(guidance_student())
+    batches = []
+    handle = pipe.bundle.denoiser.register_forward_hook(
+        lambda m, args, kwargs, out: batches.append((args[0].shape[0], kwargs["timestep_cond"] is not None)),
+        with_kwargs=True)
+    try:
+        long = LongVideoPipeline(pipe)("a red ball", num_frames=10, seed=0, num_inference_steps=2, guidance_scale=4.0)
+    finally:
+        handle.remove()
+    assert long.frames.shape[1] == 10
+    assert len(batches) > 2 and all(batch == 1 and cond for batch, cond in batches)  # windows x steps, one clip each
