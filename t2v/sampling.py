@@ -266,45 +266,28 @@ def predict_batch(bundle, requests: list[tuple[torch.Tensor, torch.Tensor, torch
     long video -- with one forward per group of requests whose latents and embeddings share a shape. Each
     request keeps its own timestep, prompts and guidance: the same results as `predict_guided` on each, in
     one batch (per-step batching of concurrent jobs, where a forward is launch-bound, as on a GPU). Requests
-    for different experts of a mixture go to separate forwards."""
+    for different experts of a mixture go to separate forwards. A denoiser that takes the scale as an input gets
+    each request's scale so, one copy of each request."""
     fam, out = bundle.family, [None] * len(requests)
-    if fam.guidance_input(bundle):  # the scale is the denoiser's input: requests ride as they are
-        return predict_batch_guidance_input(bundle, requests)
+    scale_input = fam.guidance_input(bundle)
     groups: dict[tuple, list[int]] = {}
     for i, (x, t, e, _) in enumerate(requests):  # a mixture of experts: only steps of the same expert share one
         key = (tuple(x.shape[1:]), tuple(e.shape[1:]), fam.expert(bundle, t), t.ndim == 2 and t.shape[1])
         groups.setdefault(key, []).append(i)
     for members in groups.values():
-        xs, ts, es, sizes = [], [], [], []
+        xs, ts, es, gs, sizes = [], [], [], [], []
         for i in members:
             x, t, e, g = requests[i]
-            copies = 2 if g > 1.0 else 1  # guided: negative and positive halves ride together
+            copies = 2 if g > 1.0 and not scale_input else 1  # guided: negative and positive halves ride together
             xs += [x] * copies
             es.append(e)
             t = t.to(x.device)  # one timestep, or one per token ([1, tokens])
             n = copies * x.shape[0]
             ts.append(t.expand(n, -1) if t.ndim == 2 else t.reshape(-1)[:1].expand(n))
-            sizes.append(copies * x.shape[0])
-        pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat(es))
-        for i, part in zip(members, pred.split(sizes)):
-            g = requests[i][3]
-            out[i] = classifier_free_guidance(*part.chunk(2), g) if g > 1.0 else part
-    return out
-
-
-def predict_batch_guidance_input(bundle, requests: list) -> list[torch.Tensor]:
-    """predict_batch for a denoiser that takes the guidance scale as an input: one forward per group of requests
-    whose latents and embeddings share a shape, each sample with its own timestep and scale."""
-    fam, out = bundle.family, [None] * len(requests)
-    groups: dict[tuple, list[int]] = {}
-    for i, (x, t, e, _) in enumerate(requests):
-        groups.setdefault((tuple(x.shape[1:]), tuple(e.shape[1:])), []).append(i)
-    for members in groups.values():
-        xs = [requests[i][0] for i in members]
-        ts = [requests[i][1].to(x.device).reshape(-1)[:1].expand(x.shape[0]) for i, x in zip(members, xs)]
-        gs = [torch.full((x.shape[0],), float(requests[i][3])) for i, x in zip(members, xs)]
-        pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat([requests[i][2] for i in members]),
-                           guidance=torch.cat(gs))
-        for i, part in zip(members, pred.split([x.shape[0] for x in xs])):
-            out[i] = part
+            gs.append(torch.full((n,), float(g)))
+            sizes.append(n)
+        scales = {"guidance": torch.cat(gs)} if scale_input else {}
+        pred = fam.predict(bundle, torch.cat(xs), torch.cat(ts), torch.cat(es), **scales)
+        for i, part, n in zip(members, pred.split(sizes), sizes):
+            out[i] = classifier_free_guidance(*part.chunk(2), requests[i][3]) if n > requests[i][0].shape[0] else part
     return out
