@@ -21,7 +21,9 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from t2v.errors import InputError
 from t2v.serve.api import Settings, create_app
+from t2v.serve.deployments import answered, build_app
 from t2v.video import probe
 from test_serve_api import Server
 
@@ -243,6 +245,47 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise ValueError(pid)
+
+
+class HandleCall:
+    """A Serve handle call as `answered` uses it (`DeploymentResponse.result(timeout_s=...)`, which raises
+    TimeoutError once timeout_s passes unanswered, and `cancel()`): `value` None is a response lost on the way."""
+
+    def __init__(self, value=None):
+        self.value, self.waited, self.cancelled = value, [], False
+
+    def result(self, timeout_s=None):
+        self.waited.append(timeout_s)
+        if self.value is None:
+            raise TimeoutError("Timed out resolving to ObjectRef.")
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_lost_window_answer_is_sent_again_and_window_timeout_s_must_be_positive():
+    # A composed job once waited for ever on a window that its replica had predicted (Serve lost the answer).
+    sent = []
+
+    def send(value):
+        sent.append(HandleCall(value))
+        return sent[-1]
+
+    lost = HandleCall()
+    assert answered(lost, lambda: send(7), 2.5) == 7
+    assert lost.waited == [2.5] and lost.cancelled and len(sent) == 1 and not sent[0].cancelled
+    # Answered at once: sent once, never cancelled.
+    first = HandleCall(3)
+    assert answered(first, lambda: send(4), 2.5) == 3 and len(sent) == 1 and not first.cancelled
+    # Never answered: three sends in all, each cancelled, then an error naming the setting.
+    lost, sent[:] = HandleCall(), []
+    with pytest.raises(TimeoutError, match=r"in 2.5 s, 3 times \(window_timeout_s\)"):
+        answered(lost, lambda: send(None), 2.5)
+    assert len(sent) == 2 and lost.cancelled and all(call.cancelled for call in sent)
+    with pytest.raises(InputError) as e:  # refused when the application is built, before any replica starts
+        build_app({"window_timeout_s": 0})
+    assert (e.value.field, e.value.allowed) == ("window_timeout_s", "> 0 seconds")
 
 
 @pytest.fixture(scope="module")

@@ -69,13 +69,17 @@ class Denoiser:
     in an LRU of max_per_replica per replica by Serve's model multiplexing, which also routes a job to a replica
     that has its adapter loaded. A batch of steps never mixes two adapters.
 
+    window_timeout_s: a long video's window sent to a replica and not answered in this long is cancelled and
+    sent again (`answered`).
+
     expert (a mixture of experts served split, `experts: split`): 0 or 1, the one expert whose weights this
     deployment holds and whose steps it takes; expert 0 streams ("sampled", Sampled with the handover), and
     expert 1's `denoise` goes on from it."""
 
     def __init__(self, model: str | None = None, precision: str = "fp32", threads: int | None = None,
                  fan_out: bool = True, step_batching: dict | None = None, runtime: dict | None = None,
-                 parallel: dict | None = None, adapters: dict | None = None, expert: int | None = None):
+                 parallel: dict | None = None, adapters: dict | None = None, expert: int | None = None,
+                 window_timeout_s: float = 300.0):
         layout, rank_options = parse_parallel(parallel)
         adapter_root, per_replica = parse_adapters(adapters)
         if adapter_root and layout.ranks > 1:
@@ -100,6 +104,7 @@ class Denoiser:
         self._version = stages.model_version(self.pipe.bundle)
         self._lock = threading.Lock()  # one sampling loop at a time, or one VAE user when steps are batched
         self.fan_out = fan_out  # long videos: each step's windows go to every Denoiser replica
+        self.window_timeout_s = float(window_timeout_s)
         self.step_batching = step_batching
         if step_batching:
             unknown = set(step_batching) - {"max_batch_size", "wait_s"}
@@ -176,9 +181,10 @@ class Denoiser:
                 handle = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
                 peers.append(handle.options(multiplexed_model_id=choice.name) if choice else handle)
             strength = choice.strength if choice else 1.0
-            calls = [peers[0].predict_window.remote(x.cpu(), t.cpu(), e.cpu(), guidance, strength)
-                     for x, e in zip(xs, embeds)]
-            return [c.result().to(device) for c in calls]
+            senders = [lambda x=x, e=e: peers[0].predict_window.remote(x.cpu(), t.cpu(), e.cpu(), guidance, strength)
+                       for x, e in zip(xs, embeds)]
+            calls = [send() for send in senders]
+            return [answered(c, send, self.window_timeout_s).to(device) for c, send in zip(calls, senders)]
 
         return predict
 
@@ -244,6 +250,23 @@ class Denoiser:
         yield ("served_by", {**parallel.layout_of(self.pipe.bundle).describe(),
                              "node": ray.get_runtime_context().get_node_id()})
         yield ("sampled", sampled)
+
+
+def answered(call, send, timeout_s: float, sends: int = 3):
+    """The result of a handle call (`call`, sent by `send`) that is safe to send again: one not answered within
+    timeout_s is cancelled and sent again, `sends` times in all. A window's response has been seen lost between
+    replicas, leaving its job waiting for ever; a window is a pure function of its inputs, so a second send
+    gives the same prediction."""
+    for attempt in range(1, sends + 1):
+        try:
+            return call.result(timeout_s=timeout_s)
+        except TimeoutError:
+            call.cancel()
+            if attempt == sends:
+                raise TimeoutError(f"no answer from a Denoiser replica in {timeout_s} s, {sends} times "
+                                   "(window_timeout_s)") from None
+            log.warning("a window was not answered in %s s (window_timeout_s): sent again", timeout_s)
+            call = send()
 
 
 def parse_adapters(options: dict | None) -> tuple[str | None, int]:
@@ -386,8 +409,8 @@ class Ingress:
 def build_app(args: dict):
     """`serve run` / `serve deploy` entry point: args are the application's `args` in the YAML config."""
     args = dict(args or {})
-    allowed = {"model", "precision", "threads", "fan_out", "step_batching", "runtime", "parallel", "adapters",
-               "settings", "experts"}
+    allowed = {"model", "precision", "threads", "fan_out", "window_timeout_s", "step_batching", "runtime", "parallel",
+               "adapters", "settings", "experts"}
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
@@ -409,10 +432,13 @@ def build_app(args: dict):
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
     denoiser_args = (*stage, args.get("fan_out", True), args.get("step_batching"), runtime, args.get("parallel"),
                      adapters)
+    timeout = {"window_timeout_s": float(args.get("window_timeout_s", 300.0))}
+    if timeout["window_timeout_s"] <= 0:
+        raise InputError("window_timeout_s", f"is {timeout['window_timeout_s']}", "> 0 seconds")
     if experts == "single":
-        denoiser, low_noise = Denoiser.bind(*denoiser_args), None
+        denoiser, low_noise = Denoiser.bind(*denoiser_args, **timeout), None
     else:  # the high-noise expert's replicas hand each job over to the low-noise expert's
-        denoiser = Denoiser.bind(*denoiser_args, expert=0)
-        low_noise = Denoiser.options(name="LowNoiseDenoiser").bind(*denoiser_args, expert=1)
+        denoiser = Denoiser.bind(*denoiser_args, expert=0, **timeout)
+        low_noise = Denoiser.options(name="LowNoiseDenoiser").bind(*denoiser_args, expert=1, **timeout)
     return Ingress.bind(TextEncoder.bind(*stage, runtime), denoiser, Decoder.bind(*stage, runtime), settings,
                         low_noise)
