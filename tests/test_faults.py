@@ -283,9 +283,10 @@ def test_a_lost_window_answer_is_sent_again_and_window_timeout_s_must_be_positiv
     with pytest.raises(TimeoutError, match=r"in 2.5 s, 3 times \(window_timeout_s\)"):
         answered(lost, lambda: send(None), 2.5)
     assert len(sent) == 2 and lost.cancelled and all(call.cancelled for call in sent)
-    with pytest.raises(InputError) as e:  # refused when the application is built, before any replica starts
-        build_app({"window_timeout_s": 0})
-    assert (e.value.field, e.value.allowed) == ("window_timeout_s", "> 0 seconds")
+    for bad in (0, -1.5, "300"):  # refused when the application is built, before any replica starts
+        with pytest.raises(InputError) as e:
+            build_app({"window_timeout_s": bad})
+        assert (e.value.field, e.value.allowed) == ("window_timeout_s", "a number of seconds > 0")
 
 
 @pytest.fixture(scope="module")

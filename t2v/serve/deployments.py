@@ -432,9 +432,10 @@ def build_app(args: dict):
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
     denoiser_args = (*stage, args.get("fan_out", True), args.get("step_batching"), runtime, args.get("parallel"),
                      adapters)
-    timeout = {"window_timeout_s": float(args.get("window_timeout_s", 300.0))}
-    if timeout["window_timeout_s"] <= 0:
-        raise InputError("window_timeout_s", f"is {timeout['window_timeout_s']}", "> 0 seconds")
+    window_timeout_s = args.get("window_timeout_s", 300.0)
+    if isinstance(window_timeout_s, bool) or not isinstance(window_timeout_s, (int, float)) or window_timeout_s <= 0:
+        raise InputError("window_timeout_s", f"is {window_timeout_s!r}", "a number of seconds > 0")
+    timeout = {"window_timeout_s": float(window_timeout_s)}
     if experts == "single":
         denoiser, low_noise = Denoiser.bind(*denoiser_args, **timeout), None
     else:  # the high-noise expert's replicas hand each job over to the low-noise expert's
