@@ -17,7 +17,6 @@ windows, a programme's clips, per-step batches -- uses it.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -206,10 +205,10 @@ def thread_peer(rank: Rank) -> StartRequests:
 # --- sequence-parallel ------------------------------------------------------------------------------------
 
 def free_address(host: str = "127.0.0.1") -> str:
-    """host:port for a process group's rendezvous, a port free on this node now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return f"{host}:{s.getsockname()[1]}"
+    """host:port for a process group's rendezvous, a port free on this node now (`t2v.ports.free_port`)."""
+    from .ports import free_port
+
+    return f"{host}:{free_port(host)}"
 
 
 def join_sequence_parallel(bundle, rank: int, world: int, address: str, layout: ParallelLayout) -> None:

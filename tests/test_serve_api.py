@@ -4,7 +4,6 @@ by the official `openai` client and plain httpx."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 
+from t2v.ports import free_port
 from t2v.quality.assess import WEIGHTS
 from t2v.serve.api import Settings, create_app
 from t2v.serve.requests import video_fields
@@ -28,9 +28,7 @@ class Server:
     def __init__(self, app):
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

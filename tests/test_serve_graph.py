@@ -22,6 +22,7 @@ import openai
 import pytest
 import yaml
 
+from t2v.ports import free_port
 from t2v.serve.process import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +101,13 @@ def test_the_ingress_builds_its_app_through_serve_ingress_late_bound_hook():
     assert callable(getattr(Ingress.func_or_class, "__serve_build_asgi_app__", None)), hint
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_free_ports_are_drawn_outside_the_kernels_ephemeral_range_and_rays_worker_ports():
+    # A port the kernel hands out is where Ray's processes get theirs too: serve run once lost its HTTP port so.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(40)]
+    assert all(19999 < p < low for p in ports) and len(set(ports)) > 30
+    with socket.socket() as held:  # each is free: it binds
+        held.bind(("127.0.0.1", ports[0]))
 
 
 @contextlib.contextmanager

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from ..ports import free_port
 
 
 class ServeProcess:
@@ -84,9 +85,7 @@ def serve_shipped_config(folder: str | Path, model: str | None = None, denoiser_
 
     root = Path(root or Path(__file__).resolve().parents[2])
     folder = Path(folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = yaml.safe_load((root / "serve_configs" / config).read_text())
     config["http_options"].update(host="127.0.0.1", port=port)
     app = config["applications"][0]
