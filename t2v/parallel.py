@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .errors import InputError
+from .ports import free_port
 from .sampling import classifier_free_guidance, local_requests
 
 Request = tuple  # (x, t, embeds, guidance_scale), as sampling.predict_batch takes them
@@ -206,8 +207,6 @@ def thread_peer(rank: Rank) -> StartRequests:
 
 def free_address(host: str = "127.0.0.1") -> str:
     """host:port for a process group's rendezvous, a port free on this node now (`t2v.ports.free_port`)."""
-    from .ports import free_port
-
     return f"{host}:{free_port(host)}"
 
 
