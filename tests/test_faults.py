@@ -23,7 +23,8 @@ import pytest
 
 from t2v.errors import InputError
 from t2v.serve.api import Settings, create_app
-from t2v.serve.deployments import answered, build_app
+from t2v.serve.deployments import ServeGenerator, answered, build_app
+from t2v.serve.faults import ReplicaStalled, failure, replica_died, until_stalled
 from t2v.video import probe
 from test_serve_api import Server
 
@@ -287,6 +288,71 @@ def test_a_lost_window_answer_is_sent_again_and_window_timeout_s_must_be_positiv
         with pytest.raises(InputError) as e:
             build_app({"window_timeout_s": bad})
         assert (e.value.field, e.value.allowed) == ("window_timeout_s", "a number of seconds > 0")
+
+
+class DenoiserStream:
+    """A Denoiser's stream as the Ingress reads it (`denoiser.options(stream=True, ...).denoise.remote(...)`, an
+    async iterator with `cancel()`): `events` are (seconds to wait, event) pairs; then it ends, or with `hang` it
+    goes silent as a stream whose answer was lost."""
+
+    def __init__(self, events, hang=False, error=None):
+        self.events, self.hang, self.error, self.cancelled = events, hang, error, False
+
+    def options(self, **_):
+        return self
+
+    @property
+    def denoise(self):
+        return self
+
+    def remote(self, *args):
+        return self
+
+    def cancel(self):
+        self.cancelled = True
+
+    async def __aiter__(self):
+        import asyncio
+
+        for wait_s, event in self.events:
+            await asyncio.sleep(wait_s)
+            yield event
+        if self.error is not None:
+            raise self.error
+        if self.hang:
+            await asyncio.Event().wait()
+
+
+def test_a_job_whose_replica_goes_silent_mid_stream_is_retried_and_stall_timeout_s_must_be_positive():
+    import asyncio
+
+    def run(stream, stall_timeout_s=0.3):
+        generator = ServeGenerator(None, stream, None, "unused", stall_timeout_s=stall_timeout_s)
+        seen = []
+        try:
+            return asyncio.run(generator._denoise(stream, "", lambda i, n: seen.append(i), {})), seen
+        except Exception as e:
+            return e, seen
+
+    # Events within stall_timeout_s of each other, the first later than that (queued behind other jobs): no stall.
+    ok = DenoiserStream([(0.5, ("progress", 1, 2)), (0.1, ("progress", 2, 2)), (0.1, ("sampled", "latents"))])
+    assert run(ok) == ({"sampled": "latents"}, [1, 2]) and not ok.cancelled
+    # Silent after its first step: ends in ReplicaStalled, the replica told to stop, the job retried as a dead
+    # replica's is, and its user told so in one line.
+    lost = DenoiserStream([(0.0, ("progress", 1, 3))], hang=True)
+    t0 = time.monotonic()
+    error, seen = run(lost)
+    assert isinstance(error, ReplicaStalled) and seen == [1] and lost.cancelled
+    assert 0.3 <= time.monotonic() - t0 < 3 and "stall_timeout_s" in str(error)
+    assert replica_died(error) and failure(error)["code"] == "replica_died"
+    # A TimeoutError the replica raised itself (its windows unanswered) is its own error, not a stall.
+    own = DenoiserStream([(0.0, ("progress", 1, 3))], error=TimeoutError("no answer (window_timeout_s)"))
+    error, _ = run(own)
+    assert type(error) is TimeoutError and not replica_died(error)
+    for bad in (0, -1, "1800", True):  # refused when the application is built, before any replica starts
+        with pytest.raises(InputError) as e:
+            build_app({"settings": {"stall_timeout_s": bad}})
+        assert (e.value.field, e.value.allowed) == ("stall_timeout_s", "a number of seconds > 0")
 
 
 @pytest.fixture(scope="module")

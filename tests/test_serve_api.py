@@ -540,8 +540,15 @@ def ray_actor_died():
     return Died()
 
 
+def replica_stalled():
+    from t2v.serve.faults import ReplicaStalled
+
+    return ReplicaStalled(NOISY)
+
+
 @pytest.mark.parametrize("error, code", [(lambda: RuntimeError(NOISY), "internal_error"),
-                                         (ActorDiedError, "replica_died"), (ray_actor_died, "replica_died")])
+                                         (ActorDiedError, "replica_died"), (ray_actor_died, "replica_died"),
+                                         (replica_stalled, "replica_died")])
 def test_a_failed_job_tells_a_code_and_one_clean_line(generator, tmp_path, error, code, caplog):
     failing = FailingGenerator(generator, error, fails=5)
     srv = Server(create_app(failing, Settings(store=str(tmp_path / "store"), max_attempts=2)))
@@ -553,7 +560,7 @@ def test_a_failed_job_tells_a_code_and_one_clean_line(generator, tmp_path, error
         message = v["error"]["message"]
         assert message and "\n" not in message and "\x1b" not in message
         assert "4242" not in message and "10.1.2.3" not in message and "Traceback" not in message
-        assert failing.calls == (2 if code == "replica_died" else 1)  # only a dead replica is retried
+        assert failing.calls == (2 if code == "replica_died" else 1)  # only a dead (or silent) replica is retried
         assert "pid=4242" in caplog.text  # the details are in the log
     finally:
         srv.stop()

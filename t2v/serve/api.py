@@ -23,7 +23,8 @@ from ..errors import InputError, StorageError
 from .auth import ANONYMOUS
 from .requests import IMAGE_FIELDS, invalid, program_fields, video_fields
 from .store import VideoJob
-from .service import APIError, JobService, Settings, replica_died
+from .faults import replica_died
+from .service import APIError, JobService, Settings
 
 log = logging.getLogger("t2v.serve")
 UI = Path(__file__).with_name("ui.html")

@@ -24,9 +24,9 @@ from ..runtime import RuntimeOptions
 from ..sampling import bundle_forward
 from . import stages
 from .api import create_app
-from .auth import refuse_keys_in_args
 from .ranks import parse_parallel, start_ranks
 from .store import JobStore
+from .faults import until_stalled
 from .service import Settings
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
@@ -308,9 +308,9 @@ class ServeGenerator:
     """The job service's generator over the graph's handles (the Decoder stores the content itself). low_noise:
     a mixture's low-noise expert's Denoiser when the experts are served split (`denoiser` is the high-noise one)."""
 
-    def __init__(self, encoder, denoiser, decoder, store: str, low_noise=None):
+    def __init__(self, encoder, denoiser, decoder, store: str, low_noise=None, stall_timeout_s: float = 1800.0):
         self.encoder, self.denoiser, self.decoder, self.store = encoder, denoiser, decoder, store
-        self.low_noise = low_noise
+        self.low_noise, self.stall_timeout_s = low_noise, stall_timeout_s
         self.version = None
 
     async def validate(self, fields: dict) -> dict:
@@ -369,18 +369,17 @@ class ServeGenerator:
         return stages.GeneratedVideo(video=None, thumbnail=None, quality_later=quality(), timings=timings,
                                      served_by=result.get("served_by"))
 
-    @staticmethod
-    async def _denoise(denoiser, adapter: str, progress, *args) -> dict:
+    async def _denoise(self, denoiser, adapter: str, progress, *args) -> dict:
         """A Denoiser's stream for one job: progress forwarded, the other events collected by name."""
         result = {}
         stream = denoiser.options(stream=True, multiplexed_model_id=adapter).denoise.remote(*args)
         try:
-            async for event in stream:
+            async for event in until_stalled(stream, self.stall_timeout_s):
                 if event[0] == "progress":
                     progress(event[1], event[2])
                 else:
                     result[event[0]] = event[1]
-        except asyncio.CancelledError:  # the job was cancelled or deleted: tell the replica (CancelledError there)
+        except (asyncio.CancelledError, TimeoutError):  # cancelled, deleted or stalled: tell the replica to stop
             stream.cancel()
             raise
         return result
@@ -394,7 +393,8 @@ class Ingress:
 
     def __init__(self, encoder, denoiser, decoder, settings: dict | None = None, low_noise=None):
         self.settings = Settings.from_dict(settings)
-        self.generator = ServeGenerator(encoder, denoiser, decoder, self.settings.store, low_noise)
+        self.generator = ServeGenerator(encoder, denoiser, decoder, self.settings.store, low_noise,
+                                        self.settings.stall_timeout_s)
 
     def __serve_build_asgi_app__(self):
         self._asgi = create_app(self.generator, self.settings)  # ("app" is taken by serve.ingress)
@@ -414,7 +414,7 @@ def build_app(args: dict):
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
-    refuse_keys_in_args(args.get("settings"))  # at build time, before any replica starts (Settings refuses too)
+    Settings.from_dict(args.get("settings"))  # at build time, before any replica starts: keys, bad values
     runtime = args.get("runtime") or {}
     RuntimeOptions.parse(**runtime)  # a bad option fails the deploy here, naming it, not in every replica
     parse_parallel(args.get("parallel"))

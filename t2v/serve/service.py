@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from fastapi.responses import JSONResponse
 from .. import lora
 from ..errors import InputError, StorageError
 from .auth import ANONYMOUS, APIKeys, refuse_keys_in_args
+from .faults import failure, replica_died
 from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
 
 log = logging.getLogger("t2v.serve")
@@ -45,8 +45,12 @@ class Settings:
     presign_expiry_s: int = 3600  # S3 stores: finished jobs carry a presigned download URL valid this long
     queue_weights: QueueWeights = field(default_factory=QueueWeights)
     max_attempts: int = 2  # tries of a job whose replica dies under it (a replacement replica takes the next)
+    stall_timeout_s: float = 1800.0  # a job's replica silent this long mid-job is taken for dead (ReplicaStalled)
 
     def __post_init__(self):
+        if (isinstance(self.stall_timeout_s, bool) or not isinstance(self.stall_timeout_s, (int, float))
+                or self.stall_timeout_s <= 0):
+            raise InputError("stall_timeout_s", f"is {self.stall_timeout_s!r}", "a number of seconds > 0")
         if not isinstance(self.api_keys, APIKeys):
             self.api_keys = APIKeys(self.api_keys)
 
@@ -73,36 +77,6 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-# Ray's errors for an actor (a Serve replica) that died or became unreachable, by name: the service itself
-# runs without Ray too. A RayTaskError made from one subclasses it, so the names are looked for in the MRO.
-REPLICA_DIED = {"RayActorError", "ActorDiedError", "ActorUnavailableError"}
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def replica_died(e: BaseException) -> bool:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if REPLICA_DIED & {k.__name__ for k in type(e).__mro__}:
-            return True
-        e = getattr(e, "cause", None) or e.__cause__
-    return False
-
-
-def failure(e: BaseException) -> dict:
-    """A failed job's error for its user: a stable code and one clean line. Internal errors tell nothing of
-    their text (it carries pids, addresses, tracebacks, terminal colours): that goes to the log only."""
-    cause = getattr(e, "cause", None)  # a replica's own exception arrives inside Ray's task error
-    if isinstance(e, InputError) or isinstance(cause, InputError):
-        text = ANSI.sub("", str(e if isinstance(e, InputError) else cause)).strip()
-        return {"code": "invalid_value", "message": text.splitlines()[0][:500] if text else "invalid request"}
-    if replica_died(e):
-        return {"code": "replica_died", "message": "the server running this job stopped; submit it again"}
-    if isinstance(e, StorageError) or isinstance(cause, StorageError):
-        return {"code": "storage_error", "message": "the video could not be stored; submit it again"}
-    return {"code": "internal_error", "message": "the job failed on an internal error; submit it again"}
 
 
 CANCELLED = {"code": "cancelled", "message": "the job was cancelled"}
