@@ -414,7 +414,8 @@ def build_app(args: dict):
     if set(args) - allowed:
         raise ValueError(f"unknown application args: {', '.join(sorted(set(args) - allowed))} "
                          f"(allowed: {', '.join(sorted(allowed))})")
-    Settings.from_dict(args.get("settings"))  # at build time, before any replica starts: keys, bad values
+    # Checked at build time, before any replica starts (keys in args, bad values); the keys file may exist only
+    Settings.from_dict(args.get("settings"), environ={})  # where the replicas run, so no environment here
     runtime = args.get("runtime") or {}
     RuntimeOptions.parse(**runtime)  # a bad option fails the deploy here, naming it, not in every replica
     parse_parallel(args.get("parallel"))

@@ -55,14 +55,15 @@ class Settings:
             self.api_keys = APIKeys(self.api_keys)
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "Settings":
-        """The Serve config's settings; API keys from T2V_API_KEYS / T2V_API_KEYS_FILE (auth.py)."""
+    def from_dict(cls, values: dict | None, environ: dict | None = None) -> "Settings":
+        """The Serve config's settings; API keys from T2V_API_KEYS / T2V_API_KEYS_FILE (auth.py) in `environ`
+        (default: this process's environment)."""
         values = dict(values or {})
         refuse_keys_in_args(values)
         values.pop("api_keys", None)  # an empty one, left from older configs
         if "queue_weights" in values:
             values["queue_weights"] = QueueWeights(**values["queue_weights"])
-        return cls(**values, api_keys=APIKeys.from_environment())
+        return cls(**values, api_keys=APIKeys.from_environment(environ))
 
 
 class APIError(Exception):
