@@ -296,7 +296,7 @@ class DenoiserStream:
     goes silent as a stream whose answer was lost."""
 
     def __init__(self, events, hang=False, error=None):
-        self.events, self.hang, self.error, self.cancelled = events, hang, error, False
+        self.events, self.hang, self.error, self.cancelled, self.abandoned = events, hang, error, False, False
 
     def options(self, **_):
         return self
@@ -320,7 +320,11 @@ class DenoiserStream:
         if self.error is not None:
             raise self.error
         if self.hang:
-            await asyncio.Event().wait()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:  # the reader stopped waiting for it
+                self.abandoned = True
+                raise
 
 
 def test_a_job_whose_replica_goes_silent_mid_stream_is_retried_and_stall_timeout_s_must_be_positive(monkeypatch):
@@ -329,10 +333,16 @@ def test_a_job_whose_replica_goes_silent_mid_stream_is_retried_and_stall_timeout
     def run(stream, stall_timeout_s=0.3):
         generator = ServeGenerator(None, stream, None, "unused", stall_timeout_s=stall_timeout_s)
         seen = []
-        try:
-            return asyncio.run(generator._denoise(stream, "", lambda i, n: seen.append(i), {})), seen
-        except Exception as e:
-            return e, seen
+
+        async def denoise():
+            try:
+                return await generator._denoise(stream, "", lambda i, n: seen.append(i), {})
+            except Exception as e:
+                await asyncio.sleep(0.05)  # whatever the reader left waiting on the stream, it has stopped by now
+                stream.abandoned_in_loop = stream.abandoned  # (asyncio.run cancels all that is left on return)
+                return e
+
+        return asyncio.run(denoise()), seen
 
     # Events within stall_timeout_s of each other, the first later than that (queued behind other jobs): no stall.
     ok = DenoiserStream([(0.5, ("progress", 1, 2)), (0.1, ("progress", 2, 2)), (0.1, ("sampled", "latents"))])
@@ -342,7 +352,7 @@ def test_a_job_whose_replica_goes_silent_mid_stream_is_retried_and_stall_timeout
     lost = DenoiserStream([(0.0, ("progress", 1, 3))], hang=True)
     t0 = time.monotonic()
     error, seen = run(lost)
-    assert isinstance(error, ReplicaStalled) and seen == [1] and lost.cancelled
+    assert isinstance(error, ReplicaStalled) and seen == [1] and lost.cancelled and lost.abandoned_in_loop
     assert 0.3 <= time.monotonic() - t0 < 3 and "stall_timeout_s" in str(error)
     assert replica_died(error) and failure(error)["code"] == "replica_died"
     # A TimeoutError the replica raised itself (its windows unanswered) is its own error, not a stall.

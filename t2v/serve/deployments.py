@@ -26,7 +26,7 @@ from . import stages
 from .api import create_app
 from .ranks import parse_parallel, start_ranks
 from .store import JobStore
-from .faults import until_stalled
+from .faults import ReplicaStalled, until_stalled
 from .service import Settings
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
@@ -379,7 +379,7 @@ class ServeGenerator:
                     progress(event[1], event[2])
                 else:
                     result[event[0]] = event[1]
-        except (asyncio.CancelledError, TimeoutError):  # cancelled, deleted or stalled: tell the replica to stop
+        except (asyncio.CancelledError, ReplicaStalled):  # cancelled, deleted or stalled: the replica stops
             stream.cancel()
             raise
         return result

@@ -23,20 +23,21 @@ async def until_stalled(stream, stall_timeout_s: float):
     """A job's stream of events, ended by ReplicaStalled when the next event does not come within
     stall_timeout_s of the last. The first may take longer: a job can wait behind others for a replica.
     An answer lost between replicas would otherwise keep its job in progress until the service restarts."""
-    iterator = aiter(stream)
+    iterator, next_event = aiter(stream), None
     try:
         event = await anext(iterator)
         while True:
             yield event
             # asyncio.wait, not wait_for: a TimeoutError the replica raised is its own error, not a stall
-            done, _ = await asyncio.wait({next_event := asyncio.ensure_future(anext(iterator))},
-                                         timeout=stall_timeout_s)
-            if not done:
-                next_event.cancel()
+            next_event = asyncio.ensure_future(anext(iterator))
+            if not (await asyncio.wait({next_event}, timeout=stall_timeout_s))[0]:
                 raise ReplicaStalled(f"no word from the replica in {stall_timeout_s} s (stall_timeout_s)")
             event = next_event.result()
     except StopAsyncIteration:
         return
+    finally:  # stalled, or the job cancelled while waiting: stop waiting
+        if next_event is not None and not next_event.done():
+            next_event.cancel()
 
 
 def replica_died(e: BaseException) -> bool:
