@@ -26,7 +26,7 @@ from . import stages
 from .api import create_app
 from .ranks import parse_parallel, start_ranks
 from .store import JobStore
-from .faults import ReplicaStalled, until_stalled
+from .faults import ReplicaStalled, seconds, until_stalled
 from .service import Settings
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
@@ -433,10 +433,7 @@ def build_app(args: dict):
     stage = (args.get("model"), args.get("precision", "fp32"), args.get("threads"))
     denoiser_args = (*stage, args.get("fan_out", True), args.get("step_batching"), runtime, args.get("parallel"),
                      adapters)
-    window_timeout_s = args.get("window_timeout_s", 300.0)
-    if isinstance(window_timeout_s, bool) or not isinstance(window_timeout_s, (int, float)) or window_timeout_s <= 0:
-        raise InputError("window_timeout_s", f"is {window_timeout_s!r}", "a number of seconds > 0")
-    timeout = {"window_timeout_s": float(window_timeout_s)}
+    timeout = {"window_timeout_s": seconds("window_timeout_s", args.get("window_timeout_s", 300.0))}
     if experts == "single":
         denoiser, low_noise = Denoiser.bind(*denoiser_args, **timeout), None
     else:  # the high-noise expert's replicas hand each job over to the low-noise expert's

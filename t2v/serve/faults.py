@@ -40,6 +40,13 @@ async def until_stalled(stream, stall_timeout_s: float):
             next_event.cancel()
 
 
+def seconds(field: str, value) -> float:
+    """A timeout setting (window_timeout_s, stall_timeout_s): a number of seconds > 0, or InputError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InputError(field, f"is {value!r}", "a number of seconds > 0")
+    return float(value)
+
+
 def replica_died(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:

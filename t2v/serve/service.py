@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from .. import lora
 from ..errors import InputError, StorageError
 from .auth import ANONYMOUS, APIKeys, refuse_keys_in_args
-from .faults import failure, replica_died
+from .faults import failure, replica_died, seconds
 from .store import JobStore, PriorityQueue, QueueWeights, VideoJob, canonical_hash, credit_cost, parse_priority
 
 log = logging.getLogger("t2v.serve")
@@ -48,9 +48,7 @@ class Settings:
     stall_timeout_s: float = 1800.0  # a job's replica silent this long mid-job is taken for dead (ReplicaStalled)
 
     def __post_init__(self):
-        if (isinstance(self.stall_timeout_s, bool) or not isinstance(self.stall_timeout_s, (int, float))
-                or self.stall_timeout_s <= 0):
-            raise InputError("stall_timeout_s", f"is {self.stall_timeout_s!r}", "a number of seconds > 0")
+        self.stall_timeout_s = seconds("stall_timeout_s", self.stall_timeout_s)
         if not isinstance(self.api_keys, APIKeys):
             self.api_keys = APIKeys(self.api_keys)
 
