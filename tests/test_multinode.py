@@ -159,11 +159,21 @@ def serve_on(cluster: LocalCluster, folder: Path, model: str, denoiser: dict, ar
     # graph if it is still there (`serve run` against a running cluster would join it, keeping its HTTP port).
     context._set_global_client(None)
     serve.shutdown()
-    return serve_shipped_config(
+    served = serve_shipped_config(
         folder, model, args=args, deployments={**ON_HEAD, "Denoiser": {**DENOISER_ON_WORKERS, **denoiser}},
         settings={"store": f"s3://{BUCKET}/store/{folder.name}", "max_attempts": 3, "poll_after_ms": 100,
                   "concurrency": 2},
         env={"RAY_ADDRESS": cluster.address})
+    # /healthz answers once the Ingress runs; the Denoiser replicas on the worker nodes may still be starting.
+    wait_for(app_running, 240, "every deployment running")
+    return served
+
+
+def app_running() -> bool:
+    from ray import serve
+
+    app = serve.status().applications.get("t2v")
+    return app is not None and app.status == "RUNNING"
 
 
 def stop_graph(served) -> None:
