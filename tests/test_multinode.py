@@ -133,11 +133,22 @@ def replica_nodes(deployment: str) -> list[str]:
     return actor_nodes(f"ServeReplica:t2v:{deployment}")
 
 
-def running_replicas(deployment: str) -> int:
+def t2v_status():
+    """The t2v application's status from Serve's controller (None until it is deployed)."""
     from ray import serve
 
-    app = serve.status().applications.get("t2v")
+    return serve.status().applications.get("t2v")
+
+
+def running_replicas(deployment: str) -> int:
+    app = t2v_status()
     return app.deployments[deployment].replica_states.get("RUNNING", 0) if app else 0
+
+
+def app_running() -> bool:
+    """Serve reports the app RUNNING once every deployment's replicas run."""
+    app = t2v_status()
+    return app is not None and app.status == "RUNNING"
 
 
 def wait_for(check, timeout: float, what: str, every: float = 0.5):
@@ -167,13 +178,6 @@ def serve_on(cluster: LocalCluster, folder: Path, model: str, denoiser: dict, ar
     # /healthz answers once the Ingress runs; the Denoiser replicas on the worker nodes may still be starting.
     wait_for(app_running, 240, "every deployment running")
     return served
-
-
-def app_running() -> bool:
-    from ray import serve
-
-    app = serve.status().applications.get("t2v")
-    return app is not None and app.status == "RUNNING"
 
 
 def stop_graph(served) -> None:
